@@ -1,0 +1,408 @@
+//! Node configuration: one TOML file per node.
+//!
+//! Every problem is reported as one [`ConfigError`] line naming the file, the field and what is
+//! wrong, so an operator can fix it without reading code. Parsing is strict: unknown fields are
+//! errors (a typo must not silently fall back to a default).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Smallest and largest dirty-bitmap region (design: power of two, 4 KiB .. 64 MiB).
+pub const MIN_REGION_SIZE: u64 = 4096;
+pub const MAX_REGION_SIZE: u64 = 64 << 20;
+/// Largest queue depth a volume may ask for; bounds every per-queue table.
+pub const MAX_QUEUE_DEPTH: u16 = 1024;
+/// Largest number of queues (one thread and one ring each).
+pub const MAX_QUEUES: u16 = 16;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}: {}", self.file.display(), self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.file.display(), self.field, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    Primary,
+    Secondary,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Primary => "primary",
+            Role::Secondary => "secondary",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IoMode {
+    /// Through the page cache; FLUSH/FUA make it durable.
+    Buffered,
+    /// O_DIRECT: bypasses the page cache (buffers must be 4 KiB aligned).
+    Direct,
+}
+
+/// A byte size written as an integer (bytes) or a string with a binary suffix ("64KiB", "1GiB").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(ByteSize(n)),
+            Raw::Str(s) => parse_size(&s).map(ByteSize).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Parses "4096", "64KiB", "64K", "1GiB", "2G" (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size (use bytes or a suffix like 64KiB, 1GiB)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" | "kb" => 10,
+        "m" | "mib" | "mb" => 20,
+        "g" | "gib" | "gb" => 30,
+        "t" | "tib" | "tb" => 40,
+        other => return Err(format!("unknown size unit '{other}' in '{s}'")),
+    };
+    n.checked_mul(1u64 << shift).ok_or_else(|| format!("size '{s}' is too large"))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    node: RawNode,
+    #[serde(default)]
+    volume: Vec<RawVolume>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    name: String,
+    control_socket: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVolume {
+    name: String,
+    uuid: Option<String>,
+    size: ByteSize,
+    backing_file: PathBuf,
+    metadata_file: PathBuf,
+    region_size: Option<ByteSize>,
+    block_size: Option<u32>,
+    listen: String,
+    role: Role,
+    io_mode: Option<IoMode>,
+    queues: Option<u16>,
+    depth: Option<u16>,
+    ublk_id: Option<i32>,
+    peer: RawPeer,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    name: String,
+    address: String,
+    authkey_file: PathBuf,
+}
+
+/// A validated node configuration.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub path: PathBuf,
+    pub name: String,
+    pub control_socket: PathBuf,
+    pub volumes: Vec<VolumeConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct VolumeConfig {
+    pub name: String,
+    pub uuid: uuid::Uuid,
+    pub size: u64,
+    pub backing_file: PathBuf,
+    pub metadata_file: PathBuf,
+    pub region_size: u64,
+    /// Logical block size: the unit every offset and length must be a multiple of.
+    pub block_size: u32,
+    pub listen: SocketAddr,
+    pub role: Role,
+    pub io_mode: IoMode,
+    pub queues: u16,
+    pub depth: u16,
+    /// ublk device id; -1 lets the kernel pick.
+    pub ublk_id: i32,
+    pub peer: PeerConfig,
+    /// The authkey read from `peer.authkey_file` (never logged).
+    pub authkey: Vec<u8>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    pub name: String,
+    pub address: SocketAddr,
+    pub authkey_file: PathBuf,
+}
+
+/// UUIDv5 namespace for volume uuids derived from the volume name, so that two nodes whose
+/// configs name the same volume agree on its uuid without an extra field.
+const VOLUME_UUID_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6d65_7472_6f62_6c6b_0000_0000_0000_0001);
+
+impl NodeConfig {
+    pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            field: String::new(),
+            message: format!("cannot read config: {e}"),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<NodeConfig, ConfigError> {
+        let err =
+            |field: &str, message: String| ConfigError { file: path.to_path_buf(), field: field.to_string(), message };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            // toml's message is multi-line (it quotes the source); keep it to one line.
+            let msg = e.message().to_string();
+            let at = e
+                .span()
+                .map(|s| {
+                    let line = text[..s.start.min(text.len())].lines().count().max(1);
+                    format!(" (line {line})")
+                })
+                .unwrap_or_default();
+            err("", format!("{msg}{at}"))
+        })?;
+        check_name(&raw.node.name).map_err(|m| err("node.name", m))?;
+        if raw.volume.is_empty() {
+            return Err(err("volume", "no [[volume]] is configured".into()));
+        }
+        let mut volumes = Vec::with_capacity(raw.volume.len());
+        for (i, v) in raw.volume.into_iter().enumerate() {
+            let f = |name: &str| format!("volume[{i}].{name}");
+            check_name(&v.name).map_err(|m| err(&f("name"), m))?;
+            if volumes.iter().any(|o: &VolumeConfig| o.name == v.name) {
+                return Err(err(&f("name"), format!("volume '{}' is configured twice", v.name)));
+            }
+            let uuid = match &v.uuid {
+                Some(s) => {
+                    uuid::Uuid::parse_str(s).map_err(|e| err(&f("uuid"), format!("'{s}' is not a uuid: {e}")))?
+                }
+                None => uuid::Uuid::new_v5(&VOLUME_UUID_NAMESPACE, v.name.as_bytes()),
+            };
+            let block_size = v.block_size.unwrap_or(512);
+            if block_size != 512 && block_size != 4096 {
+                return Err(err(&f("block_size"), format!("{block_size} is not 512 or 4096")));
+            }
+            let size = v.size.0;
+            if size == 0 || size % 4096 != 0 {
+                return Err(err(&f("size"), format!("{size} bytes is not a positive multiple of 4096")));
+            }
+            let region_size = v.region_size.map(|r| r.0).unwrap_or(64 << 10);
+            if !region_size.is_power_of_two() || !(MIN_REGION_SIZE..=MAX_REGION_SIZE).contains(&region_size) {
+                return Err(err(
+                    &f("region_size"),
+                    format!("{region_size} is not a power of two between 4KiB and 64MiB"),
+                ));
+            }
+            let listen: SocketAddr = v
+                .listen
+                .parse()
+                .map_err(|_| err(&f("listen"), format!("'{}' is not an address like 0.0.0.0:7789", v.listen)))?;
+            let queues = v.queues.unwrap_or(0);
+            if queues > MAX_QUEUES {
+                return Err(err(&f("queues"), format!("{queues} is above the limit of {MAX_QUEUES}")));
+            }
+            let depth = v.depth.unwrap_or(128);
+            if depth == 0 || depth > MAX_QUEUE_DEPTH {
+                return Err(err(&f("depth"), format!("{depth} is not between 1 and {MAX_QUEUE_DEPTH}")));
+            }
+            check_name(&v.peer.name).map_err(|m| err(&f("peer.name"), m))?;
+            if v.peer.name == raw.node.name {
+                return Err(err(&f("peer.name"), "the peer has this node's own name".into()));
+            }
+            let address: SocketAddr = v.peer.address.parse().map_err(|_| {
+                err(&f("peer.address"), format!("'{}' is not an address like 10.0.0.2:7789", v.peer.address))
+            })?;
+            let authkey_file = resolve(path, &v.peer.authkey_file);
+            let authkey = read_authkey(&authkey_file).map_err(|m| err(&f("peer.authkey_file"), m))?;
+            volumes.push(VolumeConfig {
+                name: v.name,
+                uuid,
+                size,
+                backing_file: resolve(path, &v.backing_file),
+                metadata_file: resolve(path, &v.metadata_file),
+                region_size,
+                block_size,
+                listen,
+                role: v.role,
+                io_mode: v.io_mode.unwrap_or(IoMode::Buffered),
+                queues,
+                depth,
+                ublk_id: v.ublk_id.unwrap_or(-1),
+                peer: PeerConfig { name: v.peer.name, address, authkey_file },
+                authkey,
+            });
+        }
+        Ok(NodeConfig {
+            path: path.to_path_buf(),
+            name: raw.node.name,
+            control_socket: resolve(path, &raw.node.control_socket),
+            volumes,
+        })
+    }
+}
+
+/// Relative paths in a config are relative to the config file's directory, not the cwd, so a
+/// config means the same thing whoever starts the daemon.
+fn resolve(config: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        config.parent().unwrap_or(Path::new(".")).join(p)
+    }
+}
+
+fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 {
+        return Err(format!("'{name}' must be 1 to 64 characters"));
+    }
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.') {
+        return Err(format!("'{name}' may hold only letters, digits, '-', '_' and '.'"));
+    }
+    Ok(())
+}
+
+/// An authkey is the file's content with surrounding whitespace trimmed; at least 16 bytes so a
+/// placeholder like "secret" is refused.
+fn read_authkey(path: &Path) -> Result<Vec<u8>, String> {
+    let raw = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let key = raw.trim_ascii().to_vec();
+    if key.len() < 16 {
+        return Err(format!("{} holds {} bytes; an authkey needs at least 16", path.display(), key.len()));
+    }
+    Ok(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_key(dir: &Path) {
+        std::fs::write(dir.join("key"), "0123456789abcdef0123\n").unwrap();
+    }
+
+    fn good(dir: &Path) -> String {
+        write_key(dir);
+        r#"
+[node]
+name = "alpha"
+control_socket = "alpha.sock"
+
+[[volume]]
+name = "vol0"
+size = "64MiB"
+backing_file = "vol0.img"
+metadata_file = "vol0.meta"
+listen = "127.0.0.1:7789"
+role = "primary"
+[volume.peer]
+name = "beta"
+address = "127.0.0.1:7790"
+authkey_file = "key"
+"#
+        .to_string()
+    }
+
+    #[test]
+    fn parses_a_good_config_with_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alpha.toml");
+        let c = NodeConfig::parse(&path, &good(dir.path())).unwrap();
+        let v = &c.volumes[0];
+        assert_eq!(v.size, 64 << 20);
+        assert_eq!(v.region_size, 64 << 10);
+        assert_eq!(v.block_size, 512);
+        assert_eq!(v.depth, 128);
+        assert_eq!(v.backing_file, dir.path().join("vol0.img"));
+        assert_eq!(v.authkey, b"0123456789abcdef0123");
+        // Both nodes derive the same uuid from the name.
+        assert_eq!(v.uuid, uuid::Uuid::new_v5(&VOLUME_UUID_NAMESPACE, b"vol0"));
+    }
+
+    #[test]
+    fn errors_name_file_field_and_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alpha.toml");
+        let cases = [
+            ("size = \"64MiB\"", "size = \"1000\"", "volume[0].size: 1000 bytes is not a positive multiple of 4096"),
+            ("size = \"64MiB\"", "size = \"12XB\"", "unknown size unit"),
+            ("role = \"primary\"", "role = \"boss\"", "unknown variant `boss`"),
+            ("listen = \"127.0.0.1:7789\"", "listen = \"nowhere\"", "volume[0].listen: 'nowhere' is not an address"),
+            ("authkey_file = \"key\"", "authkey_file = \"nokey\"", "volume[0].peer.authkey_file: cannot read"),
+            ("role = \"primary\"", "role = \"primary\"\nregion_size = \"3KiB\"", "volume[0].region_size"),
+            ("role = \"primary\"", "role = \"primary\"\ncolour = 1", "unknown field `colour`"),
+            ("name = \"beta\"", "name = \"alpha\"", "the peer has this node's own name"),
+        ];
+        for (from, to, want) in cases {
+            let text = good(dir.path()).replace(from, to);
+            let e = NodeConfig::parse(&path, &text).unwrap_err().to_string();
+            assert!(e.contains(want), "{e:?} should contain {want:?}");
+            assert!(e.starts_with(&path.display().to_string()), "{e}");
+            assert!(!e.contains('\n'), "one line: {e:?}");
+        }
+    }
+
+    #[test]
+    fn short_authkey_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alpha.toml");
+        let text = good(dir.path());
+        std::fs::write(dir.path().join("key"), "secret").unwrap();
+        let e = NodeConfig::parse(&path, &text).unwrap_err().to_string();
+        assert!(e.contains("at least 16"), "{e}");
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("64KiB").unwrap(), 65536);
+        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("99999999999999T").is_err());
+    }
+}

@@ -1,0 +1,14 @@
+//! metroblk: a synchronous two-site block-device mirror.
+//!
+//! Start at `ARCHITECTURE.md` in the repository root for the map. In short:
+//! - `config`: the node's TOML file, validated into `NodeConfig`.
+//! - `volume`: the engine (backing file, per-queue write-path state machine, counters).
+//! - `peer`: links between the two data nodes (dial, accept, frame I/O, the replica side).
+//! - `node`: `metroblk node run` — wires a config to volumes, links and the control socket.
+//! - `control`: the control socket and the `status` report.
+
+pub mod config;
+pub mod control;
+pub mod node;
+pub mod peer;
+pub mod volume;

@@ -1,0 +1,152 @@
+//! The volume engine: one mirrored block device, independent of the frontend that drives it.
+//!
+//! A [`Volume`] owns the backing file, the volume's identity and counters, and one link
+//! hand-off per queue. Each frontend queue thread owns one [`queue::Queue`]: the per-request
+//! state machine of the primary's write path (local I/O and peer I/O of that queue, on that
+//! queue's ring). The secondary's side of the write path is `peer::replica`.
+
+pub mod queue;
+pub mod ring;
+pub mod stats;
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use metroblk_protocol::{Geometry, MAX_PAYLOAD};
+
+use crate::config::{IoMode, Role, VolumeConfig};
+use crate::peer::connector::{self, LinkHandoff};
+use stats::QueueStats;
+
+pub use queue::{Queue, QueueDriver, ReqKind, Request};
+
+/// Largest single request the engine accepts (one WRITE frame's payload).
+pub const MAX_IO_BYTES: u32 = MAX_PAYLOAD;
+
+/// What every part of the engine shares about one volume. Read-mostly: the hot path touches
+/// only the epoch (a relaxed load) and its own queue's counters.
+pub struct VolumeShared {
+    pub config: VolumeConfig,
+    pub node_name: String,
+    pub geometry: Geometry,
+    /// Fencing token carried by every replicated write (raised by the witness; constant until
+    /// that exists).
+    pub epoch: AtomicU64,
+    pub file: File,
+    pub queue_stats: Vec<Arc<QueueStats>>,
+}
+
+impl VolumeShared {
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Relaxed)
+    }
+}
+
+/// A volume opened on this node in one role.
+pub struct Volume {
+    pub shared: Arc<VolumeShared>,
+    handoffs: Vec<Arc<LinkHandoff>>,
+    connectors: Vec<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("volume {volume}: backing file {path}: {message}")]
+    Backing { volume: String, path: String, message: String },
+    #[error("volume {volume}: {message}")]
+    Other { volume: String, message: String },
+}
+
+/// Opens (creating if missing) the backing file and checks its size against the volume's.
+/// A file of another size is refused, never resized: it may be another volume's data.
+pub fn open_backing_file(cfg: &VolumeConfig) -> Result<File, OpenError> {
+    let err = |message: String| OpenError::Backing {
+        volume: cfg.name.clone(),
+        path: cfg.backing_file.display().to_string(),
+        message,
+    };
+    let mut opts = OpenOptions::new();
+    opts.read(true).write(true);
+    if cfg.io_mode == IoMode::Direct {
+        opts.custom_flags(libc::O_DIRECT);
+    }
+    let file = match opts.open(&cfg.backing_file) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let f = opts.create_new(true).open(&cfg.backing_file).map_err(|e| err(format!("cannot create: {e}")))?;
+            f.set_len(cfg.size).map_err(|e| err(format!("cannot size to {} bytes: {e}", cfg.size)))?;
+            tracing::info!(volume = %cfg.name, path = %cfg.backing_file.display(), size = cfg.size, "created backing file");
+            f
+        }
+        Err(e) => return Err(err(format!("cannot open: {e}"))),
+    };
+    let meta = file.metadata().map_err(|e| err(format!("cannot stat: {e}")))?;
+    if meta.is_file() && meta.len() != cfg.size {
+        return Err(err(format!(
+            "is {} bytes but the volume is {} bytes (refusing to resize existing data)",
+            meta.len(),
+            cfg.size
+        )));
+    }
+    Ok(file)
+}
+
+impl Volume {
+    /// Opens the volume as primary: queues can be created and the links to the peer are
+    /// dialled (one TCP connection per queue, so no queue shares a socket with another).
+    pub fn open_primary(cfg: &VolumeConfig, node_name: &str, queues: u16) -> Result<Volume, OpenError> {
+        assert!(queues >= 1);
+        let file = open_backing_file(cfg)?;
+        let queue_stats = (0..queues).map(|_| Arc::new(QueueStats::default())).collect();
+        let shared = Arc::new(VolumeShared {
+            config: cfg.clone(),
+            node_name: node_name.to_string(),
+            geometry: geometry(cfg),
+            epoch: AtomicU64::new(1),
+            file,
+            queue_stats,
+        });
+        debug_assert_eq!(cfg.role, Role::Primary);
+        let mut handoffs = Vec::new();
+        let mut connectors = Vec::new();
+        for q in 0..queues {
+            let h = Arc::new(LinkHandoff::new().map_err(|e| OpenError::Other {
+                volume: cfg.name.clone(),
+                message: format!("cannot create eventfd: {e}"),
+            })?);
+            connectors.push(connector::spawn(shared.clone(), q, h.clone()));
+            handoffs.push(h);
+        }
+        Ok(Volume { shared, handoffs, connectors })
+    }
+
+    /// The engine state machine of queue `qid`, to be driven by one thread.
+    pub fn queue(&self, qid: u16, depth: u16) -> Queue {
+        Queue::new(self.shared.clone(), qid, depth, self.handoffs[qid as usize].clone())
+    }
+
+    pub fn handoff(&self, qid: u16) -> &Arc<LinkHandoff> {
+        &self.handoffs[qid as usize]
+    }
+
+    pub fn handoffs(&self) -> &[Arc<LinkHandoff>] {
+        &self.handoffs
+    }
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        for h in &self.handoffs {
+            h.shut_down();
+        }
+        for c in self.connectors.drain(..) {
+            let _ = c.join();
+        }
+    }
+}
+
+pub fn geometry(cfg: &VolumeConfig) -> Geometry {
+    Geometry { volume_size: cfg.size, block_size: cfg.block_size, max_payload: MAX_IO_BYTES }
+}

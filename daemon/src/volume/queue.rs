@@ -1,0 +1,712 @@
+//! The primary's write path for one queue: a state machine over request slots.
+//!
+//! A slot is one request tag (the ublk tag under ublk). A replicated request (WRITE, FLUSH,
+//! DISCARD, WRITE_ZEROES) has two halves, the local I/O and the peer's acknowledgement, issued
+//! at the same time; it completes when both are done (protocol C). A READ is local only.
+//!
+//! While the link is down, the peer half of every replicated request is *held*: not failed,
+//! not completed. When a new connection arrives through the [`LinkHandoff`], held requests
+//! are sent again in sequence order. Nothing is completed that the peer has not acknowledged
+//! (design: "a primary never completes a write that its peer has not acknowledged").
+//!
+//! Everything here runs on the queue's thread; the steady state allocates nothing and takes
+//! no lock (the hand-off mutex is touched only when a link comes up or goes down).
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use io_uring::{opcode, types, IoUring};
+use metroblk_protocol::{Frame, FrameKind, HEADER_LEN};
+
+use super::ring::{self, op, OwnRing, Submitter};
+use super::stats::{LinkState, QueueStats};
+use super::VolumeShared;
+use crate::peer::connector::LinkHandoff;
+use crate::peer::receiver::FrameReceiver;
+use crate::peer::sender::{FrameSender, SendItem};
+
+/// How often the queue checks the link and sends a keepalive PING.
+pub const TICK: Duration = Duration::from_millis(500);
+/// A peer that has not answered a PING for this long is declared lost.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReqKind {
+    Read,
+    Write,
+    Flush,
+    Discard,
+    WriteZeroes,
+}
+
+/// One block request. `buf` must stay valid (and, for WRITE, unchanged) until the request
+/// completes; for O_DIRECT volumes it must be 4 KiB aligned.
+#[derive(Debug, Clone, Copy)]
+pub struct Request {
+    pub kind: ReqKind,
+    pub offset: u64,
+    pub len: u32,
+    pub fua: bool,
+    pub buf: *mut u8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Half {
+    /// Not part of this request.
+    None,
+    /// Issued, waiting for its completion.
+    Pending,
+    /// Peer half only: waiting for a link to be sent on.
+    Held,
+    Done,
+}
+
+struct Slot {
+    busy: bool,
+    req: Request,
+    seq: u64,
+    local: Half,
+    /// Bytes of a READ/WRITE already transferred (short transfers are resumed).
+    local_done: u32,
+    local_res: i32,
+    peer: Half,
+    header: [u8; HEADER_LEN],
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LinkPhase {
+    Down,
+    Up,
+    /// Shut down; waiting for the socket's in-flight operations to finish before closing it.
+    Closing,
+}
+
+struct Link {
+    phase: LinkPhase,
+    sock: Option<OwnedFd>,
+    generation: u16,
+    sender: FrameSender,
+    receiver: FrameReceiver,
+    ping_header: [u8; HEADER_LEN],
+    pong_header: [u8; HEADER_LEN],
+    /// Frame number of the PONG in flight, if any (its header may not be rewritten before).
+    pong_frame: Option<u64>,
+    ping_frame: Option<u64>,
+    ping_sent: Option<(u64, Instant)>,
+    last_heard: Instant,
+    ping_seq: u64,
+}
+
+pub struct Queue {
+    qid: u16,
+    shared: Arc<VolumeShared>,
+    stats: Arc<QueueStats>,
+    fd: RawFd,
+    slots: Box<[Slot]>,
+    link: Link,
+    handoff: Arc<LinkHandoff>,
+    eventfd_buf: Box<u64>,
+    tick_ts: Box<types::Timespec>,
+    next_seq: u64,
+    started: bool,
+    inflight: usize,
+}
+
+// SAFETY: the raw buffer pointers in slots belong to the driver of this queue and are only
+// used on the thread that owns the queue; the queue is moved to that thread before use.
+unsafe impl Send for Queue {}
+
+/// Why a request was refused before any I/O was issued (returned as a negative errno).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("offset {offset} length {len} is not aligned to the block size")]
+    Misaligned { offset: u64, len: u32 },
+    #[error("offset {offset} length {len} ends past the volume end")]
+    OutOfRange { offset: u64, len: u32 },
+    #[error("length {len} is zero or above the largest request")]
+    BadLength { len: u32 },
+}
+
+impl RequestError {
+    pub fn errno(&self) -> i32 {
+        -libc::EINVAL
+    }
+}
+
+impl Queue {
+    pub fn new(shared: Arc<VolumeShared>, qid: u16, depth: u16, handoff: Arc<LinkHandoff>) -> Queue {
+        assert!(depth > 0 && depth <= crate::config::MAX_QUEUE_DEPTH);
+        let slots = (0..depth)
+            .map(|_| Slot {
+                busy: false,
+                req: Request { kind: ReqKind::Read, offset: 0, len: 0, fua: false, buf: std::ptr::null_mut() },
+                seq: 0,
+                local: Half::None,
+                local_done: 0,
+                local_res: 0,
+                peer: Half::None,
+                header: [0; HEADER_LEN],
+            })
+            .collect();
+        let stats = shared.queue_stats[qid as usize].clone();
+        stats.set_link(LinkState::Connecting);
+        Queue {
+            qid,
+            fd: shared.file.as_raw_fd(),
+            shared,
+            stats,
+            slots,
+            link: Link {
+                phase: LinkPhase::Down,
+                sock: None,
+                generation: 0,
+                // A frame per slot plus PING and PONG.
+                sender: FrameSender::new(depth as usize + 2),
+                receiver: FrameReceiver::default(),
+                ping_header: [0; HEADER_LEN],
+                pong_header: [0; HEADER_LEN],
+                pong_frame: None,
+                ping_frame: None,
+                ping_sent: None,
+                last_heard: Instant::now(),
+                ping_seq: 0,
+            },
+            handoff,
+            eventfd_buf: Box::new(0),
+            tick_ts: Box::new(types::Timespec::from(TICK)),
+            next_seq: 1,
+            started: false,
+            inflight: 0,
+        }
+    }
+
+    pub fn depth(&self) -> u16 {
+        self.slots.len() as u16
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.inflight
+    }
+
+    pub fn link_is_up(&self) -> bool {
+        self.link.phase == LinkPhase::Up
+    }
+
+    /// Arms the queue's standing operations and asks for a link. Call once, before submit.
+    pub fn start(&mut self, s: &mut impl Submitter) {
+        assert!(!self.started);
+        self.started = true;
+        self.arm_eventfd(s);
+        self.arm_tick(s);
+        self.handoff.request();
+    }
+
+    fn arm_eventfd(&mut self, s: &mut impl Submitter) {
+        let buf = &mut *self.eventfd_buf as *mut u64 as *mut u8;
+        s.push(opcode::Read::new(types::Fd(self.handoff.eventfd()), buf, 8).build().user_data(ring::user_data(
+            op::LINK_READY,
+            0,
+            0,
+        )));
+    }
+
+    fn arm_tick(&mut self, s: &mut impl Submitter) {
+        s.push(opcode::Timeout::new(&*self.tick_ts).build().user_data(ring::user_data(op::TICK, 0, 0)));
+    }
+
+    /// Starts request `tag`. On `Err` nothing was issued and the caller completes the request
+    /// with `err.errno()`; the engine never touches bytes outside the volume.
+    pub fn submit(&mut self, s: &mut impl Submitter, tag: u16, req: Request) -> Result<(), RequestError> {
+        let geo = self.shared.geometry;
+        if req.kind != ReqKind::Flush {
+            let bs = geo.block_size as u64;
+            if req.len == 0 || (req.len > super::MAX_IO_BYTES && matches!(req.kind, ReqKind::Read | ReqKind::Write)) {
+                return Err(RequestError::BadLength { len: req.len });
+            }
+            if req.offset % bs != 0 || req.len as u64 % bs != 0 {
+                return Err(RequestError::Misaligned { offset: req.offset, len: req.len });
+            }
+            match req.offset.checked_add(req.len as u64) {
+                Some(end) if end <= geo.volume_size => {}
+                _ => return Err(RequestError::OutOfRange { offset: req.offset, len: req.len }),
+            }
+        }
+        let slot = &mut self.slots[tag as usize];
+        assert!(!slot.busy, "tag {tag} submitted twice");
+        slot.busy = true;
+        slot.req = req;
+        slot.seq = (self.next_seq << 16) | tag as u64;
+        self.next_seq += 1;
+        slot.local = Half::Pending;
+        slot.local_done = 0;
+        slot.local_res = 0;
+        slot.peer = if req.kind == ReqKind::Read { Half::None } else { Half::Held };
+        self.inflight += 1;
+        QueueStats::add(&self.stats.inflight, 1);
+        self.issue_local(s, tag);
+        if self.slots[tag as usize].peer == Half::Held {
+            self.encode_frame(tag);
+            if self.link.phase == LinkPhase::Up {
+                self.send_slot(tag);
+                self.kick_send(s);
+            } else {
+                QueueStats::add(&self.stats.held, 1);
+            }
+        }
+        Ok(())
+    }
+
+    fn issue_local(&mut self, s: &mut impl Submitter, tag: u16) {
+        let slot = &self.slots[tag as usize];
+        let r = slot.req;
+        let fd = types::Fd(self.fd);
+        let ud = ring::user_data(op::LOCAL, tag, 0);
+        let done = slot.local_done;
+        let sqe = match r.kind {
+            ReqKind::Read => {
+                // SAFETY: `done < len` and the caller's buffer holds `len` bytes.
+                let p = unsafe { r.buf.add(done as usize) };
+                opcode::Read::new(fd, p, r.len - done).offset(r.offset + done as u64).build()
+            }
+            ReqKind::Write => {
+                // SAFETY: as above.
+                let p = unsafe { r.buf.add(done as usize) };
+                let flags = if r.fua { libc::RWF_DSYNC } else { 0 };
+                opcode::Write::new(fd, p, r.len - done).offset(r.offset + done as u64).rw_flags(flags).build()
+            }
+            ReqKind::Flush => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
+            // Both become holes: reads of a punched range return zeros, which is what
+            // WRITE_ZEROES promises, and the file keeps its size.
+            ReqKind::Discard | ReqKind::WriteZeroes => opcode::Fallocate::new(fd, r.len as u64)
+                .offset(r.offset)
+                .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+                .build(),
+        };
+        s.push(sqe.user_data(ud));
+    }
+
+    fn encode_frame(&mut self, tag: u16) {
+        let epoch = self.shared.epoch();
+        let slot = &mut self.slots[tag as usize];
+        let r = slot.req;
+        let frame = match r.kind {
+            ReqKind::Write => {
+                // SAFETY: the caller's buffer holds `len` initialised bytes until completion.
+                let payload = unsafe { std::slice::from_raw_parts(r.buf, r.len as usize) };
+                Frame::write(slot.seq, epoch, r.offset, payload, r.fua)
+            }
+            ReqKind::Flush => Frame::flush(slot.seq, epoch),
+            ReqKind::Discard => Frame::discard(slot.seq, epoch, r.offset, r.len),
+            ReqKind::WriteZeroes => Frame::write_zeroes(slot.seq, epoch, r.offset, r.len),
+            ReqKind::Read => unreachable!("reads are not replicated"),
+        };
+        frame.encode(&mut slot.header);
+    }
+
+    fn send_slot(&mut self, tag: u16) {
+        let slot = &mut self.slots[tag as usize];
+        debug_assert_eq!(slot.peer, Half::Held);
+        slot.peer = Half::Pending;
+        let (payload, payload_len) = if slot.req.kind == ReqKind::Write {
+            (slot.req.buf as *const u8, slot.req.len)
+        } else {
+            (std::ptr::null(), 0)
+        };
+        self.link.sender.enqueue(SendItem { header: slot.header.as_ptr(), payload, payload_len });
+    }
+
+    fn kick_send(&mut self, s: &mut impl Submitter) {
+        if self.link.phase != LinkPhase::Up {
+            return;
+        }
+        let fd = self.link.sock.as_ref().map(|f| f.as_raw_fd()).expect("an up link has a socket");
+        if let Some(sqe) = self.link.sender.next_sqe(fd, ring::user_data(op::SEND, 0, self.link.generation)) {
+            s.push(sqe);
+        }
+    }
+
+    fn kick_recv(&mut self, s: &mut impl Submitter) {
+        if self.link.phase != LinkPhase::Up {
+            return;
+        }
+        let fd = self.link.sock.as_ref().map(|f| f.as_raw_fd()).expect("an up link has a socket");
+        if let Some(sqe) = self.link.receiver.next_sqe(fd, ring::user_data(op::RECV, 0, self.link.generation)) {
+            s.push(sqe);
+        }
+    }
+
+    /// Feeds one completion that carries the engine's mark (see `ring::UD_ENGINE`). Finished
+    /// requests are reported through `done(tag, result)`: bytes for READ/WRITE, 0 for the
+    /// others, or a negative errno.
+    pub fn handle_completion(&mut self, s: &mut impl Submitter, ud: u64, res: i32, done: &mut impl FnMut(u16, i32)) {
+        match ring::ud_op(ud) {
+            op::LOCAL => self.local_done(s, ring::ud_index(ud), res, done),
+            op::SEND => {
+                debug_assert_eq!(ring::ud_aux(ud), self.link.generation);
+                match self.link.sender.complete(res) {
+                    Ok(()) => {
+                        self.stats_sent();
+                        self.kick_send(s);
+                    }
+                    Err(errno) => self.link_failed(s, &format!("send failed: {}", errno_text(errno))),
+                }
+                self.maybe_close_link(s);
+            }
+            op::RECV => {
+                debug_assert_eq!(ring::ud_aux(ud), self.link.generation);
+                match self.link.receiver.complete(res) {
+                    Ok(()) => {
+                        self.link.last_heard = Instant::now();
+                        self.process_frames(s, done);
+                        self.kick_recv(s);
+                        self.kick_send(s);
+                    }
+                    Err(errno) if errno == libc::ECONNRESET => self.link_failed(s, "peer closed the connection"),
+                    Err(errno) => self.link_failed(s, &format!("receive failed: {}", errno_text(errno))),
+                }
+                self.maybe_close_link(s);
+            }
+            op::LINK_READY => {
+                self.arm_eventfd(s);
+                if self.link.phase == LinkPhase::Down {
+                    if let Some(sock) = self.handoff.take() {
+                        self.link_up(s, sock);
+                    }
+                }
+            }
+            op::TICK => {
+                self.tick(s);
+                self.arm_tick(s);
+            }
+            other => tracing::error!(qid = self.qid, op = other, "completion with an unknown engine op ignored"),
+        }
+    }
+
+    fn stats_sent(&mut self) {}
+
+    fn local_done(&mut self, s: &mut impl Submitter, tag: u16, res: i32, done: &mut impl FnMut(u16, i32)) {
+        let slot = &mut self.slots[tag as usize];
+        assert!(slot.busy && slot.local == Half::Pending, "local completion for idle tag {tag}");
+        let r = slot.req;
+        if res >= 0 && matches!(r.kind, ReqKind::Read | ReqKind::Write) {
+            slot.local_done += res as u32;
+            if res == 0 && slot.local_done < r.len {
+                slot.local_res = -libc::EIO;
+            } else if slot.local_done < r.len {
+                // Short transfer: issue the rest.
+                self.issue_local(s, tag);
+                return;
+            } else {
+                slot.local_res = r.len as i32;
+            }
+        } else {
+            slot.local_res = res;
+        }
+        if slot.local_res < 0 {
+            tracing::error!(qid = self.qid, tag, kind = ?r.kind, offset = r.offset, len = r.len, "local I/O failed: {}", errno_text(-slot.local_res));
+        }
+        slot.local = Half::Done;
+        match r.kind {
+            ReqKind::Read => {
+                QueueStats::add(&self.stats.read_requests, 1);
+                QueueStats::add(&self.stats.read_bytes, r.len as u64);
+            }
+            ReqKind::Write => {
+                QueueStats::add(&self.stats.local_write_requests, 1);
+                QueueStats::add(&self.stats.local_write_bytes, r.len as u64);
+            }
+            ReqKind::Flush => QueueStats::add(&self.stats.flushes, 1),
+            _ => {}
+        }
+        self.maybe_complete(tag, done);
+    }
+
+    fn maybe_complete(&mut self, tag: u16, done: &mut impl FnMut(u16, i32)) {
+        let slot = &mut self.slots[tag as usize];
+        if slot.local != Half::Done || !matches!(slot.peer, Half::None | Half::Done) {
+            return;
+        }
+        slot.busy = false;
+        self.inflight -= 1;
+        QueueStats::sub(&self.stats.inflight, 1);
+        done(tag, slot.local_res);
+    }
+
+    fn process_frames(&mut self, s: &mut impl Submitter, done: &mut impl FnMut(u16, i32)) {
+        let geo = self.shared.geometry;
+        loop {
+            let (frame, text) = match self.link.receiver.next_frame(&geo) {
+                None => return,
+                Some(Ok((f, payload))) => {
+                    let text = if f.kind == FrameKind::Error {
+                        String::from_utf8_lossy(payload).into_owned()
+                    } else {
+                        String::new()
+                    };
+                    (f, text)
+                }
+                Some(Err(e)) => {
+                    self.link_failed(s, &format!("malformed frame from peer: {e}"));
+                    return;
+                }
+            };
+            match frame.kind {
+                FrameKind::WriteAck | FrameKind::FlushAck => {
+                    let tag = (frame.seq & 0xffff) as u16;
+                    let ok = (tag as usize) < self.slots.len() && {
+                        let slot = &self.slots[tag as usize];
+                        slot.busy && slot.seq == frame.seq && slot.peer == Half::Pending
+                    };
+                    if !ok {
+                        self.link_failed(s, &format!("peer acknowledged unknown request {:#x}", frame.seq));
+                        return;
+                    }
+                    if frame.status != 0 {
+                        // The peer could not apply the write. Completing it would acknowledge
+                        // data the peer lacks; hold it and retry on a new link instead.
+                        self.link_failed(
+                            s,
+                            &format!("peer failed request {:#x}: {}", frame.seq, errno_text(-frame.status)),
+                        );
+                        return;
+                    }
+                    let slot = &mut self.slots[tag as usize];
+                    slot.peer = Half::Done;
+                    if slot.req.kind == ReqKind::Write {
+                        QueueStats::add(&self.stats.peer_write_requests, 1);
+                        QueueStats::add(&self.stats.peer_write_bytes, slot.req.len as u64);
+                    }
+                    self.maybe_complete(tag, done);
+                }
+                FrameKind::Pong => {
+                    if let Some((seq, sent)) = self.link.ping_sent {
+                        if seq == frame.seq {
+                            self.stats
+                                .rtt_ns
+                                .store(sent.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+                            self.link.ping_sent = None;
+                        }
+                    }
+                }
+                FrameKind::Ping => {
+                    let busy = self.link.pong_frame.is_some_and(|n| self.link.sender.frames_sent <= n);
+                    if !busy {
+                        Frame::pong(frame.seq).encode(&mut self.link.pong_header);
+                        let n = self.link.sender.enqueue(SendItem {
+                            header: self.link.pong_header.as_ptr(),
+                            payload: std::ptr::null(),
+                            payload_len: 0,
+                        });
+                        self.link.pong_frame = Some(n);
+                    }
+                }
+                FrameKind::Error => {
+                    self.link_failed(s, &format!("peer reported an error ({}): {text}", frame.status));
+                    return;
+                }
+                other => {
+                    self.link_failed(s, &format!("unexpected {other:?} frame from peer"));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn tick(&mut self, s: &mut impl Submitter) {
+        if self.link.phase != LinkPhase::Up {
+            return;
+        }
+        if let Some((_, sent)) = self.link.ping_sent {
+            if sent.elapsed() > PEER_TIMEOUT && self.link.last_heard.elapsed() > PEER_TIMEOUT {
+                self.link_failed(s, &format!("peer did not answer for {} s", PEER_TIMEOUT.as_secs()));
+                self.maybe_close_link(s);
+            }
+            return;
+        }
+        let busy = self.link.ping_frame.is_some_and(|n| self.link.sender.frames_sent <= n);
+        if busy {
+            return;
+        }
+        self.link.ping_seq += 1;
+        Frame::ping(self.link.ping_seq).encode(&mut self.link.ping_header);
+        let n = self.link.sender.enqueue(SendItem {
+            header: self.link.ping_header.as_ptr(),
+            payload: std::ptr::null(),
+            payload_len: 0,
+        });
+        self.link.ping_frame = Some(n);
+        self.link.ping_sent = Some((self.link.ping_seq, Instant::now()));
+        self.kick_send(s);
+    }
+
+    fn link_up(&mut self, s: &mut impl Submitter, sock: OwnedFd) {
+        assert_eq!(self.link.phase, LinkPhase::Down);
+        assert!(self.link.sender.is_idle() && !self.link.receiver.in_flight());
+        self.link.generation = self.link.generation.wrapping_add(1);
+        self.link.sock = Some(sock);
+        self.link.phase = LinkPhase::Up;
+        self.link.receiver.reset();
+        self.link.ping_sent = None;
+        self.link.ping_frame = None;
+        self.link.pong_frame = None;
+        self.link.last_heard = Instant::now();
+        self.stats.set_link(LinkState::Connected);
+        // Re-send held requests in the order they were first issued.
+        let mut held: Vec<(u64, u16)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, sl)| sl.busy && sl.peer == Half::Held)
+            .map(|(i, sl)| (sl.seq, i as u16))
+            .collect();
+        held.sort_unstable();
+        if !held.is_empty() {
+            tracing::info!(volume = %self.shared.config.name, qid = self.qid, held = held.len(), "link up: re-sending held requests");
+        } else {
+            tracing::info!(volume = %self.shared.config.name, qid = self.qid, "link up");
+        }
+        QueueStats::sub(&self.stats.held, held.len() as u64);
+        for (_, tag) in held {
+            self.send_slot(tag);
+        }
+        self.kick_recv(s);
+        self.kick_send(s);
+    }
+
+    fn link_failed(&mut self, s: &mut impl Submitter, why: &str) {
+        if self.link.phase != LinkPhase::Up {
+            return;
+        }
+        tracing::warn!(volume = %self.shared.config.name, qid = self.qid, "peer link lost: {why}; holding writes until it returns");
+        self.handoff.set_error(why);
+        self.link.phase = LinkPhase::Closing;
+        self.stats.set_link(LinkState::Connecting);
+        QueueStats::add(&self.stats.reconnects, 1);
+        if let Some(sock) = &self.link.sock {
+            // Makes the in-flight SEND/RECV finish promptly so the socket can be closed.
+            // SAFETY: plain syscall on a socket we own.
+            unsafe { libc::shutdown(sock.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+        let mut held = 0;
+        for slot in self.slots.iter_mut() {
+            if slot.busy && slot.peer == Half::Pending {
+                slot.peer = Half::Held;
+                held += 1;
+            }
+        }
+        QueueStats::add(&self.stats.held, held);
+        self.maybe_close_link(s);
+    }
+
+    /// Once nothing is in flight on a closing socket, close it and ask for a new link.
+    fn maybe_close_link(&mut self, _s: &mut impl Submitter) {
+        if self.link.phase != LinkPhase::Closing || self.link.sender.in_flight() || self.link.receiver.in_flight() {
+            return;
+        }
+        self.link.sender.reset();
+        self.link.receiver.reset();
+        self.link.sock = None;
+        self.link.phase = LinkPhase::Down;
+        self.handoff.request();
+    }
+
+    /// Shuts the link down for good (daemon exit); in-flight requests stay held.
+    pub fn shutdown_link(&mut self) {
+        if let Some(sock) = &self.link.sock {
+            // SAFETY: plain syscall on a socket we own.
+            unsafe { libc::shutdown(sock.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+    }
+}
+
+pub fn errno_text(errno: i32) -> String {
+    std::io::Error::from_raw_os_error(errno).to_string()
+}
+
+/// Drives a [`Queue`] on a ring of its own: the engine API for tests, benchmarks and any
+/// frontend that is not ublk.
+pub struct QueueDriver {
+    // Field order: the ring must be dropped before the queue it references.
+    ring: OwnRing,
+    queue: Queue,
+}
+
+impl QueueDriver {
+    pub fn new(mut queue: Queue) -> std::io::Result<QueueDriver> {
+        let entries = (queue.depth() as u32 * 2 + 16).next_power_of_two();
+        let mut ring = OwnRing::new(entries)?;
+        queue.start(&mut ring);
+        Ok(QueueDriver { ring, queue })
+    }
+
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    pub fn submit(&mut self, tag: u16, req: Request) -> Result<(), RequestError> {
+        self.queue.submit(&mut self.ring, tag, req)
+    }
+
+    /// Submits what is queued, waits for at least one completion (or `timeout`), and reports
+    /// finished requests through `done`. Returns how many requests finished.
+    pub fn poll(&mut self, timeout: Option<Duration>, mut done: impl FnMut(u16, i32)) -> std::io::Result<usize> {
+        let mut finished = 0;
+        let mut count = |tag: u16, res: i32| {
+            finished += 1;
+            done(tag, res)
+        };
+        match timeout {
+            None => {
+                self.ring.ring.submit_and_wait(1)?;
+            }
+            Some(t) => {
+                let ts = types::Timespec::from(t);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                match self.ring.ring.submitter().submit_with_args(1, &args) {
+                    Ok(_) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::ETIME) || e.raw_os_error() == Some(libc::EINTR) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        loop {
+            let cqe = match self.ring.ring.completion().next() {
+                Some(c) => c,
+                None => break,
+            };
+            self.queue.handle_completion(&mut self.ring, cqe.user_data(), cqe.result(), &mut count);
+        }
+        self.ring.ring.submit()?;
+        Ok(finished)
+    }
+}
+
+impl Drop for QueueDriver {
+    fn drop(&mut self) {
+        self.queue.shutdown_link();
+        // Give the kernel a moment to finish the socket operations that reference our buffers.
+        let _ = self.ring.ring.submit();
+        let deadline = Instant::now() + Duration::from_millis(200);
+        while (self.queue.link.sender.in_flight() || self.queue.link.receiver.in_flight()) && Instant::now() < deadline
+        {
+            let ts = types::Timespec::from(Duration::from_millis(20));
+            let args = types::SubmitArgs::new().timespec(&ts);
+            let _ = self.ring.ring.submitter().submit_with_args(1, &args);
+            while let Some(cqe) = self.ring.ring.completion().next() {
+                match ring::ud_op(cqe.user_data()) {
+                    op::SEND => {
+                        let _ = self.queue.link.sender.complete(cqe.result());
+                    }
+                    op::RECV => {
+                        let _ = self.queue.link.receiver.complete(cqe.result());
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_ring_type(_: &IoUring) {}

@@ -1,0 +1,21 @@
+//! Wire formats of metroblk's peer link: the data-link frames that carry replicated I/O
+//! ([`frame`]) and the handshake that checks compatibility and authenticates both nodes before
+//! any frame flows ([`handshake`]).
+//!
+//! This crate does no I/O of its own (apart from the blocking [`run_handshake`] convenience
+//! driver) and depends on no other metroblk crate, so the daemon, the witness and tests can all
+//! share it. Decoders never panic and never trust the wire: every length and offset is checked
+//! before a caller acts on it.
+
+#![forbid(unsafe_code)]
+
+pub mod frame;
+pub mod handshake;
+
+pub use frame::{
+    decode_header, verify_payload, Frame, FrameError, FrameKind, Geometry, FLAG_FUA, FRAME_MAGIC, HEADER_LEN,
+    MAX_ERROR_TEXT, MAX_PAYLOAD,
+};
+pub use handshake::{
+    run_handshake, Handshake, HandshakeError, HelloInfo, Role, MAX_NODE_NAME, PEER_MAGIC, PEER_PROTOCOL_VERSION,
+};

@@ -1,0 +1,356 @@
+//! Two real processes on 127.0.0.1: a primary driven through the engine API in this process,
+//! a secondary `metroblk node run`. Checks the write path end to end against a model.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use metroblk::config::NodeConfig;
+use metroblk::volume::{QueueDriver, ReqKind, Request, Volume};
+use metroblk_tests::cluster::{free_port, wait_until, write_config, NodeProcess, NodeSpec, TEST_KEY};
+use rand::{Rng, SeedableRng};
+
+const VOLUME: u64 = 64 << 20;
+const MAX_IO: usize = 1 << 20;
+
+struct Pair {
+    dir: tempfile::TempDir,
+    alpha: std::path::PathBuf,
+    beta: std::path::PathBuf,
+}
+
+fn pair(beta_size: u64, beta_key: &str) -> Pair {
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb) = (free_port(), free_port());
+    let alpha = write_config(
+        dir.path(),
+        &NodeSpec {
+            name: "alpha",
+            peer: "beta",
+            role: "primary",
+            size: VOLUME,
+            listen_port: pa,
+            peer_port: pb,
+            key: TEST_KEY,
+            extra: "",
+        },
+    );
+    let beta = write_config(
+        dir.path(),
+        &NodeSpec {
+            name: "beta",
+            peer: "alpha",
+            role: "secondary",
+            size: beta_size,
+            listen_port: pb,
+            peer_port: pa,
+            key: beta_key,
+            extra: "",
+        },
+    );
+    Pair { dir, alpha, beta }
+}
+
+fn open_primary(p: &Pair, depth: u16) -> (Volume, QueueDriver) {
+    let cfg = NodeConfig::load(&p.alpha).unwrap();
+    let vol = Volume::open_primary(&cfg.volumes[0], "alpha", 1).unwrap();
+    let drv = QueueDriver::new(vol.queue(0, depth)).unwrap();
+    (vol, drv)
+}
+
+/// Page-aligned request buffers, one per tag (O_DIRECT-safe).
+struct Buffers {
+    mem: Vec<u8>,
+}
+
+impl Buffers {
+    fn new(depth: usize) -> Buffers {
+        Buffers { mem: vec![0u8; (depth + 1) * MAX_IO] }
+    }
+    fn ptr(&mut self, tag: u16) -> *mut u8 {
+        let base = self.mem.as_mut_ptr() as usize;
+        let aligned = (base + 4095) & !4095;
+        (aligned + tag as usize * MAX_IO) as *mut u8
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Op {
+    kind: ReqKind,
+    offset: u64,
+    len: u32,
+}
+
+/// A random mixed workload against a model of the volume. Never puts two overlapping
+/// requests in flight (a block device does not order them, so the model could not either).
+struct Workload {
+    rng: rand::rngs::StdRng,
+    model: Vec<u8>,
+    inflight: Vec<Option<Op>>,
+    bufs: Buffers,
+    submitted: u64,
+    completed: u64,
+}
+
+impl Workload {
+    fn new(depth: u16, seed: u64) -> Workload {
+        Workload {
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            model: vec![0u8; VOLUME as usize],
+            inflight: vec![None; depth as usize],
+            bufs: Buffers::new(depth as usize),
+            submitted: 0,
+            completed: 0,
+        }
+    }
+
+    fn random_len(&mut self) -> u32 {
+        let sectors = match self.rng.gen_range(0..100) {
+            0..=69 => self.rng.gen_range(1..=32),    // 512 B .. 16 KiB
+            70..=95 => self.rng.gen_range(33..=256), // .. 128 KiB
+            _ => self.rng.gen_range(257..=2048),     // .. 1 MiB
+        };
+        sectors * 512
+    }
+
+    fn overlaps(&self, off: u64, len: u32) -> bool {
+        self.inflight
+            .iter()
+            .flatten()
+            .any(|o| o.kind != ReqKind::Flush && off < o.offset + o.len as u64 && o.offset < off + len as u64)
+    }
+
+    /// Submits one random request on a free tag; returns false if no tag is free.
+    fn submit_one(&mut self, drv: &mut QueueDriver) -> bool {
+        let Some(tag) = self.inflight.iter().position(|o| o.is_none()) else { return false };
+        let tag = tag as u16;
+        let roll = self.rng.gen_range(0..100);
+        let kind = match roll {
+            0..=1 => ReqKind::Flush,
+            2 => ReqKind::Discard,
+            3 => ReqKind::WriteZeroes,
+            _ => ReqKind::Write,
+        };
+        let (mut offset, mut len) = (0, 0);
+        if kind != ReqKind::Flush {
+            loop {
+                len = self.random_len();
+                offset = self.rng.gen_range(0..(VOLUME - len as u64) / 512) * 512;
+                if !self.overlaps(offset, len) {
+                    break;
+                }
+            }
+        }
+        let buf = self.bufs.ptr(tag);
+        if kind == ReqKind::Write {
+            // SAFETY: each tag owns MAX_IO bytes of `bufs`.
+            let data = unsafe { std::slice::from_raw_parts_mut(buf, len as usize) };
+            self.rng.fill(data);
+            self.model[offset as usize..offset as usize + len as usize].copy_from_slice(data);
+        } else if kind != ReqKind::Flush {
+            self.model[offset as usize..offset as usize + len as usize].fill(0);
+        }
+        let fua = kind == ReqKind::Write && self.rng.gen_range(0..10) == 0;
+        drv.submit(tag, Request { kind, offset, len, fua, buf }).expect("valid request");
+        self.inflight[tag as usize] = Some(Op { kind, offset, len });
+        self.submitted += 1;
+        true
+    }
+
+    fn reap(&mut self, drv: &mut QueueDriver, timeout: Duration) -> usize {
+        let inflight = &mut self.inflight;
+        let n = drv
+            .poll(Some(timeout), |tag, res| {
+                let op = inflight[tag as usize].take().expect("completion for a tag in flight");
+                assert!(res >= 0, "{:?} at {} len {} failed: {res}", op.kind, op.offset, op.len);
+                if matches!(op.kind, ReqKind::Write) {
+                    assert_eq!(res as u32, op.len);
+                }
+            })
+            .unwrap();
+        self.completed += n as u64;
+        n
+    }
+
+    fn drain(&mut self, drv: &mut QueueDriver, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.inflight.iter().any(|o| o.is_some()) {
+            assert!(Instant::now() < deadline, "requests still in flight after {timeout:?}");
+            self.reap(drv, Duration::from_millis(50));
+        }
+    }
+
+    fn flush(&mut self, drv: &mut QueueDriver) {
+        let tag = self.inflight.iter().position(|o| o.is_none()).unwrap() as u16;
+        drv.submit(tag, Request { kind: ReqKind::Flush, offset: 0, len: 0, fua: false, buf: std::ptr::null_mut() })
+            .unwrap();
+        self.inflight[tag as usize] = Some(Op { kind: ReqKind::Flush, offset: 0, len: 0 });
+        self.drain(drv, Duration::from_secs(30));
+    }
+}
+
+fn assert_file_equals_model(path: &Path, model: &[u8]) {
+    let data = std::fs::read(path).unwrap();
+    assert_eq!(data.len(), model.len(), "{} has the wrong size", path.display());
+    if let Some(i) = data.iter().zip(model).position(|(a, b)| a != b) {
+        panic!("{} differs from the model at byte {i} (sector {})", path.display(), i / 512);
+    }
+}
+
+fn wait_link(drv: &mut QueueDriver) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !drv.queue().link_is_up() {
+        assert!(Instant::now() < deadline, "link did not come up");
+        drv.poll(Some(Duration::from_millis(50)), |_, _| panic!("nothing submitted")).unwrap();
+    }
+}
+
+#[test]
+fn twenty_thousand_random_writes_are_mirrored_exactly() {
+    let p = pair(VOLUME, TEST_KEY);
+    let mut beta = NodeProcess::start(&p.beta);
+    beta.wait_ready(Duration::from_secs(10));
+    let (vol, mut drv) = open_primary(&p, 32);
+    wait_link(&mut drv);
+    let mut w = Workload::new(32, 1);
+    while w.submitted < 20_000 {
+        while w.submitted < 20_000 && w.submit_one(&mut drv) {}
+        w.reap(&mut drv, Duration::from_secs(10));
+    }
+    w.flush(&mut drv);
+    assert_eq!(w.completed, w.submitted + 1);
+
+    let st = beta.status_json();
+    let v = &st["volumes"][0];
+    assert_eq!(v["role"], "secondary");
+    assert_eq!(v["link_state"], "connected");
+    assert!(v["local_write_requests"].as_u64().unwrap() > 15_000, "{v}");
+    let peer_writes = metroblk::control::volume_status(&metroblk::control::VolumeHandle {
+        shared: vol.shared.clone(),
+        role: metroblk::config::Role::Primary,
+        handoffs: vol.handoffs().to_vec(),
+        ublk_device: None,
+    });
+    assert_eq!(peer_writes.peer_write_requests, peer_writes.local_write_requests);
+    assert_eq!(peer_writes.requests_in_flight, 0);
+    assert!(peer_writes.link_rtt_us.is_some() || peer_writes.reconnects == 0);
+
+    drop(drv);
+    drop(vol);
+    assert_file_equals_model(&p.dir.path().join("alpha-vol0.img"), &w.model);
+    assert_file_equals_model(&p.dir.path().join("beta-vol0.img"), &w.model);
+}
+
+#[test]
+fn writes_are_held_while_the_secondary_is_dead_and_complete_after_it_returns() {
+    let p = pair(VOLUME, TEST_KEY);
+    let mut beta = NodeProcess::start(&p.beta);
+    beta.wait_ready(Duration::from_secs(10));
+    let (vol, mut drv) = open_primary(&p, 32);
+    wait_link(&mut drv);
+    let mut w = Workload::new(32, 2);
+    // Mirrored traffic, then SIGKILL the secondary with writes in flight.
+    while w.completed < 2000 {
+        while w.submit_one(&mut drv) {}
+        w.reap(&mut drv, Duration::from_secs(10));
+    }
+    while w.submit_one(&mut drv) {}
+    beta.kill9();
+    // Until the primary notices, acks already on the wire may still complete writes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while drv.queue().link_is_up() {
+        assert!(Instant::now() < deadline, "primary did not notice the dead secondary");
+        w.reap(&mut drv, Duration::from_millis(20));
+        while w.submit_one(&mut drv) {}
+    }
+    // From now on nothing may complete: the peer has none of it.
+    let before = w.completed;
+    let down_until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < down_until {
+        w.reap(&mut drv, Duration::from_millis(50));
+        while w.submit_one(&mut drv) {}
+    }
+    assert_eq!(w.completed, before, "a write completed while the secondary was down");
+    let held = w.inflight.iter().flatten().count();
+    assert!(held > 0, "writes should be held");
+    assert!(drv.queue().inflight() == held);
+
+    let mut beta = NodeProcess::start(&p.beta);
+    beta.wait_ready(Duration::from_secs(10));
+    w.drain(&mut drv, Duration::from_secs(30));
+    assert!(drv.queue().link_is_up());
+    for _ in 0..500 {
+        while !w.submit_one(&mut drv) {
+            w.reap(&mut drv, Duration::from_secs(5));
+        }
+    }
+    w.flush(&mut drv);
+    drop(drv);
+    drop(vol);
+    assert_file_equals_model(&p.dir.path().join("alpha-vol0.img"), &w.model);
+    assert_file_equals_model(&p.dir.path().join("beta-vol0.img"), &w.model);
+    drop(beta);
+}
+
+/// Fills the secondary's file with a pattern so "untouched" can be checked.
+fn seed_secondary_file(p: &Pair, size: u64) -> Vec<u8> {
+    let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    std::fs::write(p.dir.path().join("beta-vol0.img"), &data).unwrap();
+    data
+}
+
+fn refused_link(p: &Pair, beta_size: u64, want_primary: &str, want_secondary: &str) {
+    let seed = seed_secondary_file(p, beta_size);
+    let mut beta = NodeProcess::start(&p.beta);
+    beta.wait_ready(Duration::from_secs(10));
+    let (vol, mut drv) = open_primary(p, 4);
+    let h = vol.handoff(0).clone();
+    wait_until(Duration::from_secs(10), "the primary to report the refusal", || {
+        drv.poll(Some(Duration::from_millis(20)), |_, _| {}).unwrap();
+        h.last_error().is_some_and(|e| e.contains(want_primary))
+    });
+    assert!(!drv.queue().link_is_up());
+    let err = h.last_error().unwrap();
+    assert!(!err.contains('\n'), "one line: {err}");
+    wait_until(Duration::from_secs(5), "the secondary to log the refusal", || beta.log_text().contains(want_secondary));
+    drop(drv);
+    drop(vol);
+    drop(beta);
+    assert_eq!(std::fs::read(p.dir.path().join("beta-vol0.img")).unwrap(), seed, "secondary data changed");
+}
+
+#[test]
+fn wrong_authkey_is_refused_on_both_sides() {
+    let p = pair(VOLUME, "a-different-authkey-of-enough-bytes");
+    refused_link(&p, VOLUME, "authentication failed", "authentication failed");
+}
+
+#[test]
+fn size_mismatch_is_refused_on_both_sides() {
+    let p = pair(VOLUME * 2, TEST_KEY);
+    refused_link(&p, VOLUME * 2, "volume size mismatch", "volume size mismatch");
+}
+
+#[test]
+fn bad_config_gives_one_clear_line_and_touches_nothing() {
+    let p = pair(VOLUME, TEST_KEY);
+    let text = std::fs::read_to_string(&p.beta).unwrap();
+    let cases = [
+        (text.replace("size = 67108864", "size = 1000"), "volume[0].size"),
+        (text.replace("role = \"secondary\"", "role = \"boss\""), "unknown variant `boss`"),
+        (text.replace("authkey_file = \"beta.key\"", "authkey_file = \"missing.key\""), "volume[0].peer.authkey_file"),
+        (text.replace("[node]", "[node]\nflavour = 1"), "unknown field `flavour`"),
+    ];
+    for (bad, want) in cases {
+        std::fs::write(&p.beta, &bad).unwrap();
+        let out = std::process::Command::new(metroblk_tests::cluster::metroblk_bin())
+            .args(["node", "run", "--config"])
+            .arg(&p.beta)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(err.contains(want) && err.contains("beta.toml"), "{err:?} should name the file and {want:?}");
+        assert!(!p.dir.path().join("beta-vol0.img").exists(), "a bad config must not create data files");
+    }
+}

@@ -1,0 +1,1 @@
+//! The ublk frontend (issue 3).
