@@ -1,0 +1,241 @@
+#!/usr/bin/env bash
+# Prepares what tests/vm/run.sh boots: a stock Debian 6.12 kernel (which has ublk_drv) and a
+# small busybox initramfs holding only the modules the tests need. Idempotent; when nothing
+# changed it takes well under a second.
+#
+# Steps:
+#   1. apt-get install the Debian packages the harness needs, if missing (needs root then);
+#   2. resolve the newest linux-image-6.12.<N>+deb12-amd64-unsigned (exact name, never a
+#      pattern: `apt-get download PATTERN` fetches every match), download it and unpack it
+#      into the cache with dpkg-deb -x, then run depmod over the unpacked tree;
+#   3. build initrd.gz: busybox-static, tests/vm/init.sh as /init, and the decompressed
+#      modules below plus their dependencies and soft dependencies (resolved by kmod from the
+#      package's own modules.dep/modules.softdep), with a modules.dep made by depmod.
+#
+# The initramfs is keyed by kernel version + a hash of init.sh, this script and the module
+# list, so editing any of them rebuilds it (a few seconds) and nothing else.
+#
+# stdout: only KEY=VALUE lines (kver, kernel, initrd, cache, pkg) for run.sh; logs go to stderr.
+#
+# Environment:
+#   METROBLK_VM_CACHE          cache directory (default: <repo>/.vm-cache). It must be visible
+#                              inside the VM, so not under /tmp, /run, /var/tmp or /dev/shm.
+#   METROBLK_VM_KERNEL_PKG     use this exact kernel package instead of the newest one
+#   METROBLK_VM_EXTRA_MODULES  more modules to put into the initramfs (space separated)
+set -euo pipefail
+
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
+export LC_ALL=C
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+CACHE=${METROBLK_VM_CACHE:-$REPO/.vm-cache}
+INIT=$HERE/init.sh
+
+# Modules the init loads (modprobe adds their dependencies). loop is skipped when built in.
+MODULES=(ublk_drv 9p 9pnet 9pnet_virtio netfs ext4 xfs loop veth sch_netem)
+# shellcheck disable=SC2206
+MODULES+=(${METROBLK_VM_EXTRA_MODULES:-})
+
+PACKAGES=(qemu-system-x86 busybox-static cpio kmod xz-utils fio e2fsprogs xfsprogs iproute2 util-linux)
+KERNEL_RE='^linux-image-6\.12\.[0-9.]+\+deb12-amd64-unsigned$'
+
+log() { echo "prepare.sh: $*" >&2; }
+die() {
+	echo "prepare.sh: error: $*" >&2
+	exit 1
+}
+
+is_root() { [ "$(id -u)" -eq 0 ]; }
+
+apt_updated=
+apt_update() {
+	[ -n "$apt_updated" ] && return 0
+	is_root || return 1
+	log "apt-get update"
+	apt-get update -qq >&2 || return 1
+	apt_updated=1
+}
+
+# 1. Packages ---------------------------------------------------------------------------------
+command -v dpkg-query >/dev/null || die "this harness needs a Debian system (no dpkg-query)"
+missing=()
+for p in "${PACKAGES[@]}"; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+	is_root || die "missing Debian packages: ${missing[*]}; run as root or: sudo apt-get install ${missing[*]}"
+	log "installing ${missing[*]}"
+	apt_install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2; }
+	apt_install || { apt_update && apt_install; } || die "apt-get install ${missing[*]} failed"
+fi
+BUSYBOX=$(dpkg-query -L busybox-static | grep -E '/bin/busybox$' | head -n 1)
+[ -x "$BUSYBOX" ] || die "busybox-static is installed but its /bin/busybox is missing"
+
+# 2. Cache directory ---------------------------------------------------------------------------
+mkdir -p "$CACHE"
+CACHE=$(cd "$CACHE" && pwd -P)
+case "$CACHE/" in
+/tmp/* | /run/* | /var/tmp/* | /dev/shm/*)
+	die "METROBLK_VM_CACHE=$CACHE is not visible inside the VM (tmpfs there); use a directory elsewhere"
+	;;
+esac
+
+# Concurrent runs (parallel tests) share one cache: one builder at a time.
+exec 9>"$CACHE/.lock"
+flock 9
+
+# 3. Kernel package -----------------------------------------------------------------------------
+resolve_kernel_pkg() {
+	apt-cache search --names-only "$KERNEL_RE" 2>/dev/null | awk '{print $1}' | sort -V | tail -n 1
+}
+newest_cached_kver() {
+	local d
+	for d in "$CACHE"/kernel-*/.complete; do
+		[ -e "$d" ] && basename "$(dirname "$d")"
+	done | sed 's/^kernel-//' | sort -V | tail -n 1
+}
+
+pkg=${METROBLK_VM_KERNEL_PKG:-}
+if [ -z "$pkg" ]; then
+	pkg=$(resolve_kernel_pkg)
+	if [ -z "$pkg" ] && apt_update; then
+		pkg=$(resolve_kernel_pkg)
+	fi
+fi
+if [ -n "$pkg" ]; then
+	[[ "$pkg" =~ $KERNEL_RE ]] || [ -n "${METROBLK_VM_KERNEL_PKG:-}" ] || die "unexpected package name $pkg"
+	kver=${pkg#linux-image-}
+	kver=${kver%-unsigned}
+else
+	kver=$(newest_cached_kver)
+	[ -n "$kver" ] || die "no package matches $KERNEL_RE (apt-cache search, after apt-get update); is bookworm-security in the apt sources?"
+	log "warning: no kernel package found by apt-cache; using the cached $kver"
+	pkg=linux-image-$kver-unsigned
+fi
+
+KTREE=$CACHE/kernel-$kver
+if [ ! -e "$KTREE/.complete" ]; then
+	work=$(mktemp -d "$CACHE/tmp.XXXXXX")
+	trap 'rm -rf "$work"' EXIT
+	log "downloading $pkg"
+	# Exact name only. (The filtered warning says the _apt user cannot write into $work.)
+	download() {
+		(cd "$work" && apt-get download -q "$pkg") 2>&1 |
+			{ grep -v 'Download is performed unsandboxed' || true; } >&2
+	}
+	download || { apt_update && download; } || die "apt-get download $pkg failed"
+	deb=$(find "$work" -maxdepth 1 -name '*.deb' | head -n 1)
+	[ -n "$deb" ] || die "apt-get download $pkg produced no .deb"
+	log "unpacking $(basename "$deb")"
+	mkdir "$work/root"
+	dpkg-deb -x "$deb" "$work/root"
+	[ -f "$work/root/boot/vmlinuz-$kver" ] || die "$pkg has no /boot/vmlinuz-$kver"
+	# The package ships no modules.dep: make one for the whole tree (also modules.softdep).
+	moddir=$work/root/lib/modules/$kver
+	[ -d "$moddir" ] || moddir=$work/root/usr/lib/modules/$kver
+	[ -d "$moddir" ] || die "$pkg has no lib/modules/$kver"
+	log "depmod $kver"
+	depmod -b "${moddir%/lib/modules/"$kver"}" "$kver"
+	dpkg-deb -f "$deb" Version >"$work/root/.pkg-version"
+	echo "$pkg" >"$work/root/.pkg-name"
+	rm -rf "$KTREE"
+	mv "$work/root" "$KTREE"
+	touch "$KTREE/.complete"
+	rm -rf "$work"
+	trap - EXIT
+fi
+KROOT=$KTREE
+[ -d "$KROOT/lib/modules/$kver" ] || KROOT=$KTREE/usr
+KMODDIR=$KROOT/lib/modules/$kver
+
+# 4. Initramfs ----------------------------------------------------------------------------------
+key=$({
+	echo "format 1"
+	echo "modules ${MODULES[*]}"
+	"$BUSYBOX" 2>/dev/null | head -n 1 || true
+	cat "$INIT" "${BASH_SOURCE[0]}"
+} | sha256sum | cut -c1-16)
+OUT=$CACHE/vm-$kver-$key
+
+if [ ! -e "$OUT/.complete" ]; then
+	log "building the initramfs for $kver (key $key)"
+	work=$(mktemp -d "$CACHE/tmp.XXXXXX")
+	trap 'rm -rf "$work"' EXIT
+	st=$work/initramfs
+	mkdir -p "$st"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,host,etc,tmp,run,root}
+	mkdir -p "$st/lib/modules/$kver"
+	cp "$BUSYBOX" "$st/bin/busybox"
+	for applet in $("$BUSYBOX" --list-full); do
+		if [ "$applet" != bin/busybox ]; then ln -sf /bin/busybox "$st/$applet"; fi
+	done
+	cp "$INIT" "$st/init"
+	chmod 755 "$st/init"
+
+	# Dependency closure, in load order, from the package's modules.dep and modules.softdep.
+	declare -A seen=()
+	load_order=()
+	for m in "${MODULES[@]}"; do
+		deps=$(modprobe -d "$KROOT" -S "$kver" --show-depends "$m" 2>&1) ||
+			die "module $m: $deps"
+		while read -r kind path _; do
+			case "$kind" in
+			builtin) ;; # built into the kernel: nothing to load
+			insmod)
+				[ -n "${seen[$path]:-}" ] && continue
+				seen[$path]=1
+				rel=${path#"$KMODDIR"/}
+				[ "$rel" != "$path" ] || die "module $m: $path is outside $KMODDIR"
+				dest=$st/lib/modules/$kver/${rel%.*}
+				case "$path" in
+				*.ko) dest=$st/lib/modules/$kver/$rel ;;
+				esac
+				mkdir -p "$(dirname "$dest")"
+				case "$path" in
+				*.ko.xz) xz -dc "$path" >"$dest" ;;
+				*.ko.zst) zstd -qdc "$path" >"$dest" ;;
+				*.ko.gz) gzip -dc "$path" >"$dest" ;;
+				*.ko) cp "$path" "$dest" ;;
+				*) die "unexpected module file $path" ;;
+				esac
+				name=$(basename "$dest" .ko)
+				load_order+=("$name")
+				;;
+			*) die "unexpected modprobe --show-depends output for $m: $kind $path" ;;
+			esac
+		done <<<"$deps"
+	done
+	for f in modules.builtin modules.builtin.modinfo modules.order; do
+		if [ -f "$KMODDIR/$f" ]; then cp "$KMODDIR/$f" "$st/lib/modules/$kver/"; fi
+	done
+	depmod -b "$st" "$kver"
+	printf '%s\n' "${load_order[@]}" >"$st/etc/metroblk-modules"
+
+	mkdir -p "$work/out"
+	(cd "$st" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc -R 0:0 --quiet) |
+		gzip -1 >"$work/out/initrd.gz"
+	cp "$KROOT/boot/vmlinuz-$kver" "$work/out/vmlinuz" 2>/dev/null ||
+		cp "$KTREE/boot/vmlinuz-$kver" "$work/out/vmlinuz"
+	printf '%s\n' "${load_order[@]}" >"$work/out/modules"
+	rm -rf "$OUT"
+	mv "$work/out" "$OUT"
+	touch "$OUT/.complete"
+	rm -rf "$work"
+	trap - EXIT
+	log "initramfs: $(du -h "$OUT/initrd.gz" | cut -f1), modules: ${load_order[*]}"
+
+	# Drop what no current build uses (older kernels, initramfs of older init scripts).
+	for d in "$CACHE"/kernel-* "$CACHE"/vm-*; do
+		if [ -e "$d" ] && [ "$d" != "$KTREE" ] && [ "$d" != "$OUT" ]; then rm -rf "$d"; fi
+	done
+fi
+
+log "kernel $pkg ($(cat "$KTREE/.pkg-version" 2>/dev/null || echo '?'))"
+log "cache  $CACHE"
+log "vmlinuz $OUT/vmlinuz"
+log "initrd  $OUT/initrd.gz"
+echo "pkg=$pkg"
+echo "kver=$kver"
+echo "cache=$CACHE"
+echo "kernel=$OUT/vmlinuz"
+echo "initrd=$OUT/initrd.gz"
