@@ -4,11 +4,14 @@
 //! - `config`: the node's TOML file, validated into `NodeConfig`.
 //! - `volume`: the engine (backing file, per-queue write-path state machine, counters).
 //! - `peer`: links between the two data nodes (dial, accept, frame I/O, the replica side).
-//! - `node`: `metroblk node run` — wires a config to volumes, links and the control socket.
+//! - `frontend`: the engine as a ublk queue target (metroblk-ublk drives it).
+//! - `node`: `metroblk node run` — wires a config to volumes, links, the ublk device and the
+//!   control socket.
 //! - `control`: the control socket and the `status` report.
 
 pub mod config;
 pub mod control;
+pub mod frontend;
 pub mod node;
 pub mod peer;
 pub mod volume;

@@ -54,9 +54,17 @@ enum NodeCommand {
 }
 
 fn init_logging() {
+    // libublk logs every device and queue set-up at info; keep its warnings and errors.
     let filter = tracing_subscriber::EnvFilter::try_from_env("METROBLK_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libublk=warn"));
+    // Colour only on a terminal: logs redirected to a file stay greppable.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(ansi)
+        .init();
 }
 
 fn main() -> ExitCode {

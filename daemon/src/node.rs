@@ -1,17 +1,29 @@
 //! `metroblk node run`: one node's daemon, in the foreground.
 //!
 //! Opens every configured volume in its configured role, starts the links (the primary dials,
-//! the secondary listens), exposes the primary's block device through the frontend, and
-//! serves the control socket.
+//! the secondary listens), exposes the primary's block device through the ublk frontend, and
+//! serves the control socket until SIGINT or SIGTERM.
+//!
+//! Shutdown: on SIGINT/SIGTERM the primary stops and deletes its ublk device (clean
+//! shutdown), unless the device is in use or requests wait for the peer: then it is left for
+//! recovery, as after `kill -9` (see [`shut_down_primary`]). After `kill -9` (or a crash) the device stays, quiesced by the kernel with its
+//! I/O waiting; the next `node run` finds it by its id and recovers it, so `/dev/ublkbN` never
+//! goes away under a mounted filesystem. The id is the volume's `ublk_id`, or, when the driver
+//! picked it, the one remembered in `<metadata_file>.ublk-id`.
 
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use crate::config::{NodeConfig, Role, VolumeConfig};
+use metroblk_ublk::{Device, QueueTarget, TermSignals};
+
+use crate::config::{NodeConfig, Role, VolumeConfig, MAX_QUEUES, MAX_QUEUE_DEPTH};
 use crate::control::{self, VolumeHandle};
+use crate::frontend::{self, EngineQueue};
 use crate::peer::listener;
 use crate::volume::stats::QueueStats;
-use crate::volume::{self, VolumeShared};
+use crate::volume::{self, Volume, VolumeShared};
 
 /// Opens a volume as secondary: backing file, shared state, listener.
 pub fn start_secondary(cfg: &VolumeConfig, node_name: &str) -> Result<VolumeHandle, String> {
@@ -28,25 +40,186 @@ pub fn start_secondary(cfg: &VolumeConfig, node_name: &str) -> Result<VolumeHand
     Ok(VolumeHandle { shared, role: Role::Secondary, handoffs: Vec::new(), ublk_device: None })
 }
 
-/// Runs the node until it is killed. Returns only on a start-up error.
+/// A primary volume: its ublk device (first, so it is stopped before the engine goes) and
+/// its engine.
+pub struct Primary {
+    pub device: Device,
+    pub volume: Volume,
+}
+
+/// Opens a volume as primary and serves it as a ublk device: adds the device (or recovers
+/// the one a killed daemon left), opens the engine with as many queues as the device has,
+/// and starts one queue thread per queue driving the engine on libublk's ring.
+pub fn start_primary(cfg: &VolumeConfig, node_name: &str) -> Result<Primary, String> {
+    let err = |e: &dyn std::fmt::Display| format!("volume {}: {e}", cfg.name);
+    let id_file = ublk_id_file(cfg);
+    let remembered = if cfg.ublk_id >= 0 { None } else { read_ublk_id(&id_file)? };
+    let dev_id = if cfg.ublk_id >= 0 { cfg.ublk_id } else { remembered.unwrap_or(-1) };
+    let params = frontend::device_params(cfg, node_name, dev_id);
+    let device = match Device::open(&params) {
+        Ok(d) => d,
+        Err(metroblk_ublk::Error::NotOurs { dev_id }) if remembered.is_some() => {
+            tracing::warn!(
+                volume = %cfg.name,
+                "the remembered ublk id {dev_id} ({}) now belongs to another device; letting the driver pick a new one",
+                id_file.display()
+            );
+            let mut fresh = params.clone();
+            fresh.dev_id = -1;
+            Device::open(&fresh).map_err(|e| err(&e))?
+        }
+        Err(e) => return Err(err(&e)),
+    };
+    if cfg.ublk_id < 0 && remembered != Some(device.dev_id()) {
+        write_ublk_id(&id_file, device.dev_id(), &cfg.name)?;
+    }
+    // A recovered device keeps the geometry it was created with; the engine's tables are
+    // bounded by the config limits.
+    if device.queues() > MAX_QUEUES || device.depth() > MAX_QUEUE_DEPTH {
+        return Err(err(&format!(
+            "{} has {} queues of depth {}, beyond the limits of {MAX_QUEUES} queues and depth {MAX_QUEUE_DEPTH}",
+            device.path().display(),
+            device.queues(),
+            device.depth()
+        )));
+    }
+    let volume = Volume::open_primary(cfg, node_name, device.queues()).map_err(|e| e.to_string())?;
+    let mut device = device;
+    device
+        .start(|qid, depth| Box::new(EngineQueue::new(volume.queue(qid, depth))) as Box<dyn QueueTarget>)
+        .map_err(|e| err(&e))?;
+    tracing::info!(
+        volume = %cfg.name,
+        device = %device.path().display(),
+        recovered = device.is_recovery(),
+        "primary serving its block device"
+    );
+    Ok(Primary { device, volume })
+}
+
+/// Runs the node until SIGINT or SIGTERM. Returns early only on a start-up error.
 pub fn run(cfg: NodeConfig) -> Result<(), String> {
+    // First, before any thread exists: every thread inherits the blocked signals, and only
+    // this one takes them (see metroblk_ublk::signals).
+    let signals = TermSignals::block().map_err(|e| e.to_string())?;
     let mut handles = Vec::new();
     let mut primaries = Vec::new();
     for v in &cfg.volumes {
         match v.role {
             Role::Secondary => handles.push(start_secondary(v, &cfg.name)?),
-            Role::Primary => primaries.push(v.clone()),
+            Role::Primary => {
+                let p = start_primary(v, &cfg.name)?;
+                handles.push(VolumeHandle {
+                    shared: p.volume.shared.clone(),
+                    role: Role::Primary,
+                    handoffs: p.volume.handoffs().to_vec(),
+                    ublk_device: Some(p.device.path().display().to_string()),
+                });
+                primaries.push(p);
+            }
         }
-    }
-    if !primaries.is_empty() {
-        return Err(format!(
-            "volume {}: role primary needs the ublk frontend, which this build does not have yet",
-            primaries[0].name
-        ));
     }
     control::serve(&cfg.control_socket, cfg.name.clone(), Arc::new(handles))?;
     tracing::info!(node = %cfg.name, control = %cfg.control_socket.display(), "node running");
-    loop {
-        std::thread::park();
+    let signal = signals.wait();
+    tracing::info!(node = %cfg.name, signal, "shutting down");
+    for p in primaries {
+        shut_down_primary(p);
+    }
+    let _ = std::fs::remove_file(&cfg.control_socket);
+    Ok(())
+}
+
+/// Stops and deletes the primary's device (clean shutdown), except when that would hurt:
+/// - requests wait for the peer: stopping would fail them (the driver ends what is left of a
+///   stopped device with errors);
+/// - the device is in use (mounted, or held by device mapper, md, swap): deleting it would
+///   pull it from under its user.
+///
+/// Then the device is left in place, exactly as after `kill -9`: its I/O waits in the kernel
+/// and the next start recovers it (and reissues what was in flight).
+fn shut_down_primary(p: Primary) {
+    let name = p.volume.shared.config.name.clone();
+    let held: u64 = p.volume.shared.queue_stats.iter().map(|q| QueueStats::get(&q.held)).sum();
+    let why = if held > 0 {
+        Some(format!("requests wait for peer {} ({held} held)", p.volume.shared.config.peer.name))
+    } else if p.device.in_use() {
+        Some("the device is in use (mounted or held open exclusively)".to_string())
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        tracing::warn!(
+            volume = %name,
+            device = %p.device.path().display(),
+            "{why}: leaving the device in place for the next start to recover"
+        );
+        p.device.abandon();
+        // The queue threads keep serving until the process exits; so does the engine.
+        std::mem::forget(p.volume);
+        return;
+    }
+    let path = p.device.path();
+    match p.device.stop() {
+        Ok(()) => tracing::info!(volume = %name, device = %path.display(), "device stopped and deleted"),
+        Err(e) => tracing::error!(volume = %name, "{e}"),
+    }
+    drop(p.volume);
+}
+
+/// `<metadata_file>.ublk-id`: the ublk id the driver picked for this volume on this node.
+pub fn ublk_id_file(cfg: &VolumeConfig) -> PathBuf {
+    let mut name = cfg.metadata_file.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "metadata".into());
+    name.push(".ublk-id");
+    cfg.metadata_file.with_file_name(name)
+}
+
+/// The remembered id, or `None` when there is none yet.
+pub fn read_ublk_id(path: &Path) -> Result<Option<i32>, String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: cannot read: {e}", path.display())),
+    };
+    let line = text.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#')).unwrap_or("");
+    match line.parse::<i32>() {
+        Ok(id) if id >= 0 => Ok(Some(id)),
+        _ => Err(format!(
+            "{}: '{line}' is not a ublk device id (delete the file to let the driver pick one)",
+            path.display()
+        )),
+    }
+}
+
+/// Remembers `id` crash-safely (write a temporary file, fsync, rename, fsync the directory).
+pub fn write_ublk_id(path: &Path, id: i32, volume: &str) -> Result<(), String> {
+    let fail = |e: std::io::Error| format!("{}: cannot record the ublk device id: {e}", path.display());
+    let tmp = path.with_extension("ublk-id.tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(fail)?;
+    writeln!(f, "# ublk device id of volume {volume} on this node; a restarted node recovers /dev/ublkb{id}")
+        .and_then(|()| writeln!(f, "{id}"))
+        .and_then(|()| f.sync_all())
+        .map_err(fail)?;
+    std::fs::rename(&tmp, path).map_err(fail)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(fail)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ublk_id_file_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vol0.meta.ublk-id");
+        assert_eq!(read_ublk_id(&path).unwrap(), None);
+        write_ublk_id(&path, 7, "vol0").unwrap();
+        assert_eq!(read_ublk_id(&path).unwrap(), Some(7));
+        std::fs::write(&path, "seven\n").unwrap();
+        let e = read_ublk_id(&path).unwrap_err();
+        assert!(e.contains("is not a ublk device id") && !e.contains('\n'), "{e}");
     }
 }

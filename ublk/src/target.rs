@@ -1,0 +1,57 @@
+//! What a ublk queue thread drives: the target's side of the contract.
+
+use io_uring::squeue;
+
+/// Bit 63 of `user_data`: the completion belongs to the target (libublk's "target I/O" bit).
+/// Completions without it are ublk's own io commands and never reach the target.
+pub const UD_TARGET: u64 = libublk::UblkUringData::Target as u64;
+
+/// The kind of a block request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockOp {
+    Read,
+    Write,
+    /// Make everything completed so far durable. `offset` and `len` are 0.
+    Flush,
+    Discard,
+    WriteZeroes,
+}
+
+/// One block request as ublk delivered it.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockIo {
+    pub op: BlockOp,
+    /// Byte offset on the device (a multiple of the logical block size).
+    pub offset: u64,
+    /// Length in bytes (a multiple of the logical block size; 0 for FLUSH).
+    pub len: u32,
+    /// Forced unit access: the write must be durable when it completes.
+    pub fua: bool,
+    /// The request's data buffer (4 KiB aligned, `len` bytes used for READ and WRITE). It
+    /// stays valid, and for WRITE unchanged, until the request is reported done.
+    pub buf: *mut u8,
+}
+
+/// Somewhere to put submission entries: the queue's io_uring. Entries are handed to the
+/// kernel when the queue thread next waits for completions; the memory they reference must
+/// stay valid until their completion has been delivered to [`QueueTarget::complete`].
+pub trait SqeSink {
+    fn push(&mut self, sqe: squeue::Entry);
+}
+
+/// A block target driven by one ublk queue thread. Every method runs on that thread.
+///
+/// Contract:
+/// - [`start`](QueueTarget::start) is called once, before the first request.
+/// - [`submit`](QueueTarget::submit) starts request `tag` (unique among the requests in
+///   flight on this queue). `Err(-errno)` completes it at once with that error; `Ok(())`
+///   means the target reports it later, exactly once, through the `done` callback of
+///   [`complete`](QueueTarget::complete): the byte count for READ/WRITE, 0 for the other
+///   kinds, or a negative errno.
+/// - Every SQE the target pushes must carry [`UD_TARGET`] in its `user_data`; its completion
+///   is passed to [`complete`](QueueTarget::complete) with that `user_data` and result.
+pub trait QueueTarget: Send {
+    fn start(&mut self, sink: &mut dyn SqeSink);
+    fn submit(&mut self, sink: &mut dyn SqeSink, tag: u16, io: BlockIo) -> Result<(), i32>;
+    fn complete(&mut self, sink: &mut dyn SqeSink, user_data: u64, res: i32, done: &mut dyn FnMut(u16, i32));
+}
