@@ -129,7 +129,7 @@ struct RawVolume {
     queues: Option<u16>,
     depth: Option<u16>,
     ublk_id: Option<i32>,
-    peer: RawPeer,
+    peer: Option<RawPeer>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -166,8 +166,9 @@ pub struct VolumeConfig {
     pub depth: u16,
     /// ublk device id; -1 lets the kernel pick.
     pub ublk_id: i32,
-    pub peer: PeerConfig,
-    /// The authkey read from `peer.authkey_file` (never logged).
+    /// None: a standalone volume (no replication; writes complete locally).
+    pub peer: Option<PeerConfig>,
+    /// The authkey read from `peer.authkey_file` (never logged; empty when standalone).
     pub authkey: Vec<u8>,
 }
 
@@ -251,15 +252,24 @@ impl NodeConfig {
             if depth == 0 || depth > MAX_QUEUE_DEPTH {
                 return Err(err(&f("depth"), format!("{depth} is not between 1 and {MAX_QUEUE_DEPTH}")));
             }
-            check_name(&v.peer.name).map_err(|m| err(&f("peer.name"), m))?;
-            if v.peer.name == raw.node.name {
-                return Err(err(&f("peer.name"), "the peer has this node's own name".into()));
-            }
-            let address: SocketAddr = v.peer.address.parse().map_err(|_| {
-                err(&f("peer.address"), format!("'{}' is not an address like 10.0.0.2:7789", v.peer.address))
-            })?;
-            let authkey_file = resolve(path, &v.peer.authkey_file);
-            let authkey = read_authkey(&authkey_file).map_err(|m| err(&f("peer.authkey_file"), m))?;
+            let (peer, authkey) = match v.peer {
+                None if v.role == Role::Secondary => {
+                    return Err(err(&f("peer"), "a secondary needs a [volume.peer] to replicate from".into()))
+                }
+                None => (None, Vec::new()),
+                Some(p) => {
+                    check_name(&p.name).map_err(|m| err(&f("peer.name"), m))?;
+                    if p.name == raw.node.name {
+                        return Err(err(&f("peer.name"), "the peer has this node's own name".into()));
+                    }
+                    let address: SocketAddr = p.address.parse().map_err(|_| {
+                        err(&f("peer.address"), format!("'{}' is not an address like 10.0.0.2:7789", p.address))
+                    })?;
+                    let authkey_file = resolve(path, &p.authkey_file);
+                    let authkey = read_authkey(&authkey_file).map_err(|m| err(&f("peer.authkey_file"), m))?;
+                    (Some(PeerConfig { name: p.name, address, authkey_file }), authkey)
+                }
+            };
             volumes.push(VolumeConfig {
                 name: v.name,
                 uuid,
@@ -274,7 +284,7 @@ impl NodeConfig {
                 queues,
                 depth,
                 ublk_id: v.ublk_id.unwrap_or(-1),
-                peer: PeerConfig { name: v.peer.name, address, authkey_file },
+                peer,
                 authkey,
             });
         }
@@ -385,6 +395,18 @@ authkey_file = "key"
             assert!(e.starts_with(&path.display().to_string()), "{e}");
             assert!(!e.contains('\n'), "one line: {e:?}");
         }
+    }
+
+    #[test]
+    fn a_primary_without_peer_is_standalone_and_a_secondary_needs_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alpha.toml");
+        let text = good(dir.path());
+        let solo = &text[..text.find("[volume.peer]").unwrap()];
+        let c = NodeConfig::parse(&path, solo).unwrap();
+        assert!(c.volumes[0].peer.is_none() && c.volumes[0].authkey.is_empty());
+        let e = NodeConfig::parse(&path, &solo.replace("\"primary\"", "\"secondary\"")).unwrap_err().to_string();
+        assert!(e.contains("volume[0].peer: a secondary needs"), "{e}");
     }
 
     #[test]

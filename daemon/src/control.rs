@@ -67,7 +67,9 @@ pub fn volume_status(h: &VolumeHandle) -> VolumeStatus {
     let sum = |f: fn(&QueueStats) -> &std::sync::atomic::AtomicU64| -> u64 {
         v.queue_stats.iter().map(|q| QueueStats::get(f(q))).sum()
     };
-    let link_state = if v.queue_stats.iter().all(|q| q.link() == LinkState::Connected) {
+    let link_state = if c.peer.is_none() {
+        LinkState::Standalone
+    } else if v.queue_stats.iter().all(|q| q.link() == LinkState::Connected) {
         LinkState::Connected
     } else {
         LinkState::Connecting
@@ -83,8 +85,8 @@ pub fn volume_status(h: &VolumeHandle) -> VolumeStatus {
         disk_state: "up-to-date".into(),
         link_state,
         epoch: v.epoch(),
-        peer: c.peer.name.clone(),
-        peer_address: c.peer.address.to_string(),
+        peer: c.peer.as_ref().map(|p| p.name.clone()).unwrap_or_else(|| "-".into()),
+        peer_address: c.peer.as_ref().map(|p| p.address.to_string()).unwrap_or_else(|| "-".into()),
         requests_in_flight: sum(|q| &q.inflight),
         requests_held: sum(|q| &q.held),
         local_write_bytes: sum(|q| &q.local_write_bytes),

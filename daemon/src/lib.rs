@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod control;
+pub mod demo;
 pub mod frontend;
 pub mod node;
 pub mod peer;

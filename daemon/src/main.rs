@@ -36,6 +36,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Start a primary and a secondary on loopback with a mirrored /dev/ublkb0 and show it
+    /// working. On a kernel without ublk_drv it runs inside a QEMU VM (from a source checkout).
+    Demo {
+        /// Where the demo keeps its configs, logs and backing files.
+        #[arg(long, default_value = "/tmp/metroblk-demo")]
+        dir: PathBuf,
+        /// Run the showcase (mkfs, mount, write, compare both copies) and exit, instead of
+        /// waiting for Ctrl-C.
+        #[arg(long)]
+        scripted: bool,
+        /// Use the VM even if this kernel has ublk_drv.
+        #[arg(long)]
+        vm: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -89,17 +103,16 @@ fn run(cli: Cli) -> Result<(), String> {
             let cfg = NodeConfig::load(&config).map_err(|e| e.to_string())?;
             println!("node {} (control socket {})", cfg.name, cfg.control_socket.display());
             for v in &cfg.volumes {
-                println!(
-                    "  volume {} {} bytes, {} on {}, peer {} at {}",
-                    v.name,
-                    v.size,
-                    v.role,
-                    v.backing_file.display(),
-                    v.peer.name,
-                    v.peer.address
-                );
+                let peer = match &v.peer {
+                    Some(p) => format!("peer {} at {}", p.name, p.address),
+                    None => "standalone (no peer)".to_string(),
+                };
+                println!("  volume {} {} bytes, {} on {}, {peer}", v.name, v.size, v.role, v.backing_file.display());
             }
             Ok(())
+        }
+        Command::Demo { dir, scripted, vm } => {
+            metroblk::demo::run(metroblk::demo::DemoOptions { dir, scripted, force_vm: vm })
         }
         Command::Status { config, socket, json } => {
             let path = match (config, socket) {

@@ -142,7 +142,10 @@ fn shut_down_primary(p: Primary) {
     let name = p.volume.shared.config.name.clone();
     let held: u64 = p.volume.shared.queue_stats.iter().map(|q| QueueStats::get(&q.held)).sum();
     let why = if held > 0 {
-        Some(format!("requests wait for peer {} ({held} held)", p.volume.shared.config.peer.name))
+        Some(format!(
+            "requests wait for peer {} ({held} held)",
+            p.volume.shared.config.peer.as_ref().map_or("-", |p| p.name.as_str())
+        ))
     } else if p.device.in_use() {
         Some("the device is in use (mounted or held open exclusively)".to_string())
     } else {

@@ -354,3 +354,31 @@ fn bad_config_gives_one_clear_line_and_touches_nothing() {
         assert!(!p.dir.path().join("beta-vol0.img").exists(), "a bad config must not create data files");
     }
 }
+
+#[test]
+fn a_standalone_volume_completes_writes_locally() {
+    let p = pair(VOLUME, TEST_KEY);
+    let text = std::fs::read_to_string(&p.alpha).unwrap();
+    std::fs::write(&p.alpha, &text[..text.find("[volume.peer]").unwrap()]).unwrap();
+    let (vol, mut drv) = open_primary(&p, 8);
+    let mut w = Workload::new(8, 3);
+    for _ in 0..500 {
+        while !w.submit_one(&mut drv) {
+            w.reap(&mut drv, Duration::from_secs(5));
+        }
+    }
+    w.flush(&mut drv);
+    let st = metroblk::control::volume_status(&metroblk::control::VolumeHandle {
+        shared: vol.shared.clone(),
+        role: metroblk::config::Role::Primary,
+        handoffs: vol.handoffs().to_vec(),
+        ublk_device: None,
+    });
+    assert_eq!(st.link_state, metroblk::volume::stats::LinkState::Standalone);
+    assert_eq!(st.peer_write_requests, 0);
+    assert!(st.local_write_requests > 400);
+    drop(drv);
+    drop(vol);
+    assert_file_equals_model(&p.dir.path().join("alpha-vol0.img"), &w.model);
+    assert!(!p.dir.path().join("beta-vol0.img").exists());
+}

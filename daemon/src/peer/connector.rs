@@ -136,14 +136,15 @@ pub fn local_hello(v: &VolumeShared, queue: u16) -> HelloInfo {
 /// Dials and authenticates one link for `queue`.
 pub fn dial(v: &VolumeShared, queue: u16) -> Result<OwnedFd, String> {
     let c = &v.config;
-    let stream = TcpStream::connect_timeout(&c.peer.address, CONNECT_TIMEOUT)
-        .map_err(|e| format!("cannot connect to peer {} at {}: {e}", c.peer.name, c.peer.address))?;
+    let p = c.peer.as_ref().ok_or_else(|| format!("volume {} is standalone: it has no peer to dial", c.name))?;
+    let stream = TcpStream::connect_timeout(&p.address, CONNECT_TIMEOUT)
+        .map_err(|e| format!("cannot connect to peer {} at {}: {e}", p.name, p.address))?;
     let _ = stream.set_nodelay(true);
     stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| e.to_string())?;
     stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| e.to_string())?;
-    let hs = Handshake::new(Role::Dialer, local_hello(v, queue), &c.authkey, &c.peer.name);
+    let hs = Handshake::new(Role::Dialer, local_hello(v, queue), &c.authkey, &p.name);
     let mut s = stream;
-    let peer = run_handshake(&mut s, hs).map_err(|e| format!("peer {} at {}: {e}", c.peer.name, c.peer.address))?;
+    let peer = run_handshake(&mut s, hs).map_err(|e| format!("peer {} at {}: {e}", p.name, p.address))?;
     s.set_read_timeout(None).map_err(|e| e.to_string())?;
     s.set_write_timeout(None).map_err(|e| e.to_string())?;
     s.set_nonblocking(true).map_err(|e| e.to_string())?;
@@ -160,7 +161,7 @@ pub fn spawn(v: Arc<VolumeShared>, queue: u16, h: Arc<LinkHandoff>) -> std::thre
             while h.wait_wanted() {
                 match dial(&v, queue) {
                     Ok(sock) => {
-                        tracing::info!(volume = %v.config.name, queue, peer = %v.config.peer.name, "connected to peer");
+                        tracing::info!(volume = %v.config.name, queue, "connected to peer");
                         h.deliver(sock);
                         backoff = BACKOFF_MIN;
                         last_logged = None;

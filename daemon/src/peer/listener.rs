@@ -60,7 +60,11 @@ fn accept_one(v: Arc<VolumeShared>, mut stream: TcpStream, links: Arc<AtomicU64>
     let from = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
     let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
     let _ = stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT));
-    let hs = Handshake::new(Role::Listener, local_hello(&v, 0), &v.config.authkey, &v.config.peer.name);
+    let Some(expected) = v.config.peer.as_ref().map(|p| p.name.clone()) else {
+        tracing::error!(volume = %v.config.name, "refused link from {from}: this volume is standalone");
+        return;
+    };
+    let hs = Handshake::new(Role::Listener, local_hello(&v, 0), &v.config.authkey, &expected);
     let peer = match run_handshake(&mut stream, hs) {
         Ok(p) => p,
         Err(e) => {

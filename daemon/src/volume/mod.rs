@@ -116,7 +116,10 @@ impl Volume {
                 volume: cfg.name.clone(),
                 message: format!("cannot create eventfd: {e}"),
             })?);
-            connectors.push(connector::spawn(shared.clone(), q, h.clone()));
+            // A standalone volume has no peer: its queues never ask for a link.
+            if cfg.peer.is_some() {
+                connectors.push(connector::spawn(shared.clone(), q, h.clone()));
+            }
             handoffs.push(h);
         }
         Ok(Volume { shared, handoffs, connectors })

@@ -111,6 +111,8 @@ pub struct Queue {
     next_seq: u64,
     started: bool,
     inflight: usize,
+    /// False for a standalone volume: requests have no peer half.
+    replicate: bool,
 }
 
 // SAFETY: the raw buffer pointers in slots belong to the driver of this queue and are only
@@ -150,7 +152,8 @@ impl Queue {
             })
             .collect();
         let stats = shared.queue_stats[qid as usize].clone();
-        stats.set_link(LinkState::Connecting);
+        let replicate = shared.config.peer.is_some();
+        stats.set_link(if replicate { LinkState::Connecting } else { LinkState::Standalone });
         Queue {
             qid,
             fd: shared.file.as_raw_fd(),
@@ -178,6 +181,7 @@ impl Queue {
             next_seq: 1,
             started: false,
             inflight: 0,
+            replicate,
         }
     }
 
@@ -199,7 +203,9 @@ impl Queue {
         self.started = true;
         self.arm_eventfd(s);
         self.arm_tick(s);
-        self.handoff.request();
+        if self.replicate {
+            self.handoff.request();
+        }
     }
 
     fn arm_eventfd(&mut self, s: &mut impl Submitter) {
@@ -241,7 +247,7 @@ impl Queue {
         slot.local = Half::Pending;
         slot.local_done = 0;
         slot.local_res = 0;
-        slot.peer = if req.kind == ReqKind::Read { Half::None } else { Half::Held };
+        slot.peer = if req.kind == ReqKind::Read || !self.replicate { Half::None } else { Half::Held };
         self.inflight += 1;
         QueueStats::add(&self.stats.inflight, 1);
         self.issue_local(s, tag);

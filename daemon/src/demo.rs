@@ -1,0 +1,214 @@
+//! `metroblk demo`: two nodes on loopback with a mirrored `/dev/ublkb0`.
+//!
+//! Natively (the kernel has ublk_drv) it starts a primary and a secondary `metroblk node run`
+//! with backing files in a state directory, waits for the device, prints what to do with it,
+//! and tears both down on Ctrl-C. On a kernel without ublk it boots the QEMU VM of the test
+//! harness (tests/vm/run.sh, from the source checkout this binary was built in) and runs the
+//! scripted showcase there: mkfs, mount, write, sync, umount, then both copies compared.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// The demo's volume: small enough for the VM's tmpfs and a quick mkfs under TCG.
+pub const DEMO_SIZE: &str = "256MiB";
+const DEMO_KEY: &str = "metroblk-demo-authkey-change-me-0123";
+
+pub struct DemoOptions {
+    pub dir: PathBuf,
+    /// Run the showcase and exit instead of waiting for Ctrl-C.
+    pub scripted: bool,
+    /// Run inside the VM even if this kernel has ublk.
+    pub force_vm: bool,
+}
+
+pub fn native_ublk_available() -> bool {
+    if Path::new("/dev/ublk-control").exists() {
+        return true;
+    }
+    let ok = Command::new("modprobe").arg("ublk_drv").stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+    ok && Path::new("/dev/ublk-control").exists()
+}
+
+pub fn run(opts: DemoOptions) -> Result<(), String> {
+    if opts.force_vm || !native_ublk_available() {
+        return run_in_vm(&opts);
+    }
+    run_native(&opts)
+}
+
+fn write_configs(dir: &Path) -> Result<(PathBuf, PathBuf), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    std::fs::write(dir.join("demo.key"), DEMO_KEY).map_err(|e| e.to_string())?;
+    let cfg = |name: &str,
+               peer: &str,
+               role: &str,
+               listen: u16,
+               peer_port: u16,
+               extra: &str|
+     -> Result<PathBuf, String> {
+        let text = format!(
+            "[node]\nname = \"{name}\"\ncontrol_socket = \"{name}.sock\"\n\n[[volume]]\nname = \"demo\"\nsize = \"{DEMO_SIZE}\"\n\
+             backing_file = \"{name}.img\"\nmetadata_file = \"{name}.meta\"\nlisten = \"127.0.0.1:{listen}\"\nrole = \"{role}\"\n{extra}\
+             [volume.peer]\nname = \"{peer}\"\naddress = \"127.0.0.1:{peer_port}\"\nauthkey_file = \"demo.key\"\n"
+        );
+        let p = dir.join(format!("{name}.toml"));
+        std::fs::write(&p, text).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+        Ok(p)
+    };
+    let primary = cfg("site-a", "site-b", "primary", 7801, 7802, "ublk_id = 0\nqueues = 2\n")?;
+    let secondary = cfg("site-b", "site-a", "secondary", 7802, 7801, "")?;
+    Ok((primary, secondary))
+}
+
+struct Node {
+    name: &'static str,
+    child: Child,
+}
+
+impl Node {
+    fn start(name: &'static str, config: &Path, log: &Path) -> Result<Node, String> {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let log = std::fs::File::create(log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
+        let child = Command::new(exe)
+            .args(["node", "run", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start node {name}: {e}"))?;
+        Ok(Node { name, child })
+    }
+
+    fn stop(&mut self) {
+        // SIGTERM: a clean shutdown removes the ublk device.
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("node {} did not stop in 10 s; killing it", self.name);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn sh(cmd: &str) -> Result<String, String> {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().map_err(|e| format!("{cmd}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("`{cmd}` failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn run_native(opts: &DemoOptions) -> Result<(), String> {
+    let dir = &opts.dir;
+    let (pcfg, scfg) = write_configs(dir)?;
+    println!("metroblk demo: state in {}", dir.display());
+    let mut secondary = Node::start("site-b", &scfg, &dir.join("site-b.log"))?;
+    let mut primary = Node::start("site-a", &pcfg, &dir.join("site-a.log"))?;
+    let result = (|| {
+        let dev = "/dev/ublkb0";
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !Path::new(dev).exists() {
+            if let Ok(Some(st)) = primary.child.try_wait() {
+                let log = std::fs::read_to_string(dir.join("site-a.log")).unwrap_or_default();
+                return Err(format!("the primary exited ({st}) before {dev} appeared:\n{log}"));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{dev} did not appear in 30 s; see {}", dir.join("site-a.log").display()));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        println!("mirrored device {dev} is up: primary site-a -> secondary site-b over 127.0.0.1");
+        if opts.scripted {
+            showcase(dev, dir, &pcfg)
+        } else {
+            println!("\nTry it (in another shell):");
+            println!("  mkfs.ext4 {dev} && mount {dev} /mnt && cp -r /etc /mnt/ && sync");
+            println!("  {} status --config {}", std::env::current_exe().unwrap_or_default().display(), pcfg.display());
+            println!("  {} status --config {}", std::env::current_exe().unwrap_or_default().display(), scfg.display());
+            println!("Both backing files ({0}/site-a.img, {0}/site-b.img) hold the same bytes.", dir.display());
+            println!("\nCtrl-C stops both nodes (unmount first).");
+            // SAFETY: installs an async-signal-safe handler that only stores to an atomic.
+            unsafe {
+                libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+                libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+            }
+            while !INTERRUPTED.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            println!("\nstopping");
+            Ok(())
+        }
+    })();
+    primary.stop();
+    secondary.stop();
+    result
+}
+
+/// The scripted part: a filesystem on the mirror, and proof that both copies are the same.
+fn showcase(dev: &str, dir: &Path, pcfg: &Path) -> Result<(), String> {
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&mnt).map_err(|e| e.to_string())?;
+    let m = mnt.display();
+    println!("$ mkfs.ext4 -q {dev}");
+    sh(&format!("mkfs.ext4 -q -F {dev}"))?;
+    println!("$ mount {dev} {m}; write 50 files; sync");
+    sh(&format!("mount {dev} {m}"))?;
+    let r = sh(&format!(
+        "for i in $(seq 1 50); do head -c $((4096 * (i % 16 + 1))) /dev/urandom > {m}/file$i; done; sync; \
+         (cd {m} && sha256sum file* | sha256sum)"
+    ));
+    let _ = sh(&format!("umount {m}"));
+    let sum = r?;
+    println!("  files checksum {}", sum.split_whitespace().next().unwrap_or(""));
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let st = sh(&format!("{} status --config {}", exe.display(), pcfg.display()))?;
+    print!("{st}");
+    let a = dir.join("site-a.img");
+    let b = dir.join("site-b.img");
+    sh(&format!("cmp {} {}", a.display(), b.display())).map_err(|e| format!("the two copies differ: {e}"))?;
+    println!("both copies identical: {} == {}", a.display(), b.display());
+    Ok(())
+}
+
+fn run_in_vm(opts: &DemoOptions) -> Result<(), String> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let run_sh = root.join("tests/vm/run.sh");
+    if !run_sh.exists() {
+        return Err(format!(
+            "this kernel has no ublk_drv (no /dev/ublk-control, modprobe ublk_drv failed) and the VM harness \
+             {} is not here: run the demo from the source checkout, or load ublk_drv (Linux 6.12+)",
+            run_sh.display()
+        ));
+    }
+    println!("metroblk demo: this kernel has no ublk_drv, so the demo runs inside a QEMU VM");
+    println!("(Debian 6.12 kernel with ublk_drv, this machine's files shared read-only; the first run downloads the kernel).");
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let script = root.join("target/demo-vm.sh");
+    let text = format!("#!/bin/bash\nset -e\n{} demo --scripted --dir {}\n", exe.display(), opts.dir.display());
+    std::fs::write(&script, text).map_err(|e| format!("cannot write {}: {e}", script.display()))?;
+    let st = Command::new("bash")
+        .arg(&run_sh)
+        .arg(&script)
+        .args(["--timeout", "300"])
+        .status()
+        .map_err(|e| format!("cannot run {}: {e}", run_sh.display()))?;
+    if !st.success() {
+        return Err(format!("the demo in the VM failed ({st})"));
+    }
+    println!("demo done (in the VM). On a host with ublk_drv, `metroblk demo` keeps /dev/ublkb0 up until Ctrl-C.");
+    Ok(())
+}
