@@ -10,7 +10,8 @@
 # absolute numbers there are slow; compare the ratios). Uses target/release/metroblk
 # (cargo build --release -p metroblk) unless METROBLK_BIN is set.
 set -euo pipefail
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# In the VM this script runs from a copy; METROBLK_FIO_DIR points back at the job files.
+HERE=${METROBLK_FIO_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}
 ROOT=$(cd "$HERE/../.." && pwd)
 RUNTIME=${RUNTIME:-10}
 while [ $# -gt 0 ]; do
@@ -29,7 +30,7 @@ if [ ! -e /dev/ublk-control ] && ! modprobe ublk_drv 2>/dev/null; then
 	fi
 	echo "# this kernel has no ublk_drv: running in the QEMU VM (tests/vm)" >&2
 	exec "$ROOT/tests/vm/run.sh" "$HERE/run.sh" --timeout 1200 --mem 3072 \
-		--env RUNTIME="$RUNTIME" --env METROBLK_BIN="$BIN"
+		--env RUNTIME="$RUNTIME" --env METROBLK_BIN="$BIN" --env METROBLK_FIO_DIR="$HERE"
 fi
 
 W=$(mktemp -d /tmp/metroblk-fio.XXXXXX)
