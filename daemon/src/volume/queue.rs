@@ -16,7 +16,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use io_uring::{opcode, types, IoUring};
+use io_uring::{opcode, types};
 use metroblk_protocol::{Frame, FrameKind, HEADER_LEN};
 
 use super::ring::{self, op, OwnRing, Submitter};
@@ -351,10 +351,7 @@ impl Queue {
             op::SEND => {
                 debug_assert_eq!(ring::ud_aux(ud), self.link.generation);
                 match self.link.sender.complete(res) {
-                    Ok(()) => {
-                        self.stats_sent();
-                        self.kick_send(s);
-                    }
+                    Ok(()) => self.kick_send(s),
                     Err(errno) => self.link_failed(s, &format!("send failed: {}", errno_text(errno))),
                 }
                 self.maybe_close_link(s);
@@ -388,8 +385,6 @@ impl Queue {
             other => tracing::error!(qid = self.qid, op = other, "completion with an unknown engine op ignored"),
         }
     }
-
-    fn stats_sent(&mut self) {}
 
     fn local_done(&mut self, s: &mut impl Submitter, tag: u16, res: i32, done: &mut impl FnMut(u16, i32)) {
         let slot = &mut self.slots[tag as usize];
@@ -713,6 +708,3 @@ impl Drop for QueueDriver {
         }
     }
 }
-
-#[allow(dead_code)]
-fn _assert_ring_type(_: &IoUring) {}
