@@ -4,114 +4,18 @@
 //! These need ublk: they run natively where the kernel has ublk_drv, else in the QEMU VM of
 //! tests/vm (see metroblk_tests::ublk_env); they are never skipped. Backing files live in the
 //! VM's tmpfs /tmp; the binaries are the ones cargo built (`cargo build -p metroblk` first;
-//! `cargo test --workspace` does that).
+//! `cargo test --workspace` does that). The bash prelude (configs, starting and stopping the
+//! nodes, waiting for the device) is metroblk_tests::ublk_script, shared with ublk_workloads.rs.
 //!
 //! Run: `cargo test -p metroblk-tests --test ublk_device -- --nocapture`
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use metroblk_tests::cluster::TEST_KEY;
 use metroblk_tests::ublk_env::{self, UBLK_CONTROL};
+use metroblk_tests::ublk_script::{self, Opts};
 use metroblk_tests::vm;
-
-/// Each test boots its own VM under TCG; the work itself takes well under a minute.
-const TIMEOUT: Duration = Duration::from_secs(150);
-
-/// Shell helpers shared by the scripts: two node configs in $W (a tmpfs), starting and
-/// stopping nodes, waiting for the device, and dumping the logs when anything fails.
-const COMMON: &str = r#"
-set -euo pipefail
-BIN="${METROBLK_BIN_DIR:?}/metroblk"
-W=/tmp/metroblk-ublk-test
-rm -rf "$W"; mkdir -p "$W" /tmp/mnt
-T0=$(date +%s%N)
-step() { echo "--- [$(( ($(date +%s%N) - T0) / 1000000 )) ms] $*"; }
-dump_logs() {
-    set +e
-    for f in "$W"/*.log; do echo "===== $f"; tail -n 40 "$f"; done
-    dmesg | tail -n 30
-}
-set -E
-trap 'echo "FAILED at line $LINENO: $BASH_COMMAND"' ERR
-trap 'rc=$?; [ $rc = 0 ] || dump_logs' EXIT
-
-printf '%s\n' "$KEY" > "$W/key"
-# config NAME PEER ROLE LISTEN_PORT PEER_PORT [EXTRA_VOLUME_LINES]
-config() {
-    cat > "$W/$1.toml" <<EOF
-[node]
-name = "$1"
-control_socket = "$W/$1.sock"
-
-[[volume]]
-name = "vol0"
-size = "$SIZE"
-backing_file = "$W/$1.img"
-metadata_file = "$W/$1.meta"
-listen = "127.0.0.1:$4"
-role = "$3"
-queues = 2
-depth = 64
-${6:-}
-[volume.peer]
-name = "$2"
-address = "127.0.0.1:$5"
-authkey_file = "$W/key"
-EOF
-}
-config alpha beta primary 7801 7802 "${ALPHA_EXTRA:-}"
-config beta alpha secondary 7802 7801
-
-# start NAME LOGSUFFIX: runs the node in the background; its pid is in PID_<NAME>.
-start() {
-    "$BIN" node run --config "$W/$1.toml" 2> "$W/$1$2.log" &
-    eval "PID_$1=$!"
-}
-status_field() { # NODE FIELD
-    "$BIN" status --json --config "$W/$1.toml" 2>/dev/null | sed -n "s/^ *\"$2\": *\"\{0,1\}\([^\",]*\)\"\{0,1\},\{0,1\}$/\1/p" | head -n 1 || true
-}
-# Waits until the primary reports its device, the block device exists and the link is up.
-wait_device() {
-    for _ in $(seq 600); do
-        DEV=$(status_field alpha ublk_device)
-        if [ -n "$DEV" ] && [ -b "$DEV" ] && [ "$(status_field alpha link_state)" = connected ]; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    echo "the primary's device did not come up"; return 1
-}
-# stop NAME: SIGTERM, and the node must exit 0.
-stop() {
-    local pid; eval "pid=\$PID_$1"
-    kill -TERM "$pid"
-    wait "$pid"
-}
-# COUNT files of SIZE random bytes (one process, quick under TCG): write_files DIR PREFIX COUNT SIZE
-write_files() {
-    head -c $(( $3 * $4 )) /dev/urandom | split -b "$4" -a 3 - "$1/$2"
-}
-# Files written one by one, each made durable (fsync: FLUSH/FUA), slow enough to be busy
-# for a few seconds: write_synced DIR PREFIX COUNT
-write_synced() {
-    for i in $(seq "$3"); do
-        dd if=/dev/urandom of="$1/$2$i" bs=48k count=1 conv=fsync status=none
-    done
-}
-# The secondary's copy, attached read-only to a loop device, holds the same files.
-check_secondary_copy() {
-    local loop
-    loop=$(losetup --read-only --find --show "$W/beta.img")
-    mkdir -p /tmp/mnt2
-    mount -t ext4 -o ro,noload "$loop" /tmp/mnt2
-    (cd /tmp/mnt2 && sha256sum --quiet -c "$W/sums")
-    [ "$(find /tmp/mnt2 -type f | wc -l)" = "$(wc -l < "$W/sums")" ]
-    umount /tmp/mnt2
-    losetup -d "$loop"
-}
-"#;
 
 /// mkfs.ext4, mount, files, sync, umount, fsck, clean shutdown, both copies identical.
 const FILESYSTEM: &str = r#"
@@ -126,6 +30,7 @@ step "device $DEV is up; mkfs.ext4"
 [ "$(cat /sys/block/${DEV#/dev/}/queue/fua)" = 1 ]
 [ "$(cat /sys/block/${DEV#/dev/}/queue/rotational)" = 0 ]
 [ "$(cat /sys/block/${DEV#/dev/}/queue/discard_max_bytes)" -gt 0 ]
+[ "$(cat /sys/block/${DEV#/dev/}/queue/io_timeout)" = 2000 ]
 mkfs.ext4 -q -F "$DEV"
 mount -t ext4 "$DEV" /tmp/mnt
 step "write 300 files"
@@ -175,8 +80,7 @@ step "a writer runs while the primary is killed"
 WRITER=$!
 sleep 1
 step "kill -9 the primary"
-kill -KILL "$PID_alpha"
-wait "$PID_alpha" || true
+kill9 alpha
 sleep 1
 [ -b "$DEV" ]
 [ ! -e "$W/writer.done" ] || echo "note: the writer finished before the kill"
@@ -256,31 +160,8 @@ check_secondary_copy
 step "all good"
 "#;
 
-fn script(body: &str, alpha_extra: &str) -> String {
-    format!("KEY='{TEST_KEY}'\nSIZE=256MiB\nALPHA_EXTRA='{alpha_extra}'\n{COMMON}\n{body}")
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-fn check_binary() {
-    let bin = vm::bin_dir().map(|d| d.join("metroblk"));
-    assert!(
-        bin.as_deref().is_some_and(Path::is_file),
-        "{:?} is missing: build it first with `cargo build -p metroblk`",
-        bin
-    );
-}
-
 fn run(body: &str, alpha_extra: &str, steps: &[&str]) {
-    check_binary();
-    let run = ublk_env::run_with_ublk(&script(body, alpha_extra), TIMEOUT).expect("a place to run ublk tests");
-    assert!(run.success(), "the script failed (status {}):\n{}", run.status, tail(&run.output, 120));
-    for s in steps {
-        assert!(run.output.contains(s), "step {s:?} missing from the output:\n{}", run.output);
-    }
+    ublk_script::run(body, &Opts { alpha_extra, ..Opts::default() }, steps);
 }
 
 #[test]
@@ -306,7 +187,7 @@ fn primary_without_ublk_fails_with_one_clear_line() {
         eprintln!("this machine has ublk; the missing-driver message cannot be observed here");
         return;
     }
-    check_binary();
+    ublk_script::check_binary();
     let dir = tempfile::tempdir().unwrap();
     let cfg = metroblk_tests::cluster::write_config(
         dir.path(),

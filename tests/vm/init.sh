@@ -65,6 +65,11 @@ mkdir -p /host/dev/pts /host/dev/shm
 mount -t devpts -o nosuid,noexec,gid=5,mode=620,ptmxmode=666 devpts /host/dev/pts ||
 	echo "metroblk-vm: warning: cannot mount /dev/pts"
 mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /host/dev/shm
+# devtmpfs has no /dev/fd; bash process substitution <(...) needs it.
+ln -sfn /proc/self/fd /host/dev/fd
+ln -sfn /proc/self/fd/0 /host/dev/stdin
+ln -sfn /proc/self/fd/1 /host/dev/stdout
+ln -sfn /proc/self/fd/2 /host/dev/stderr
 mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 /host/sys/fs/cgroup 2>/dev/null
 mount -t debugfs debugfs /host/sys/kernel/debug 2>/dev/null
 

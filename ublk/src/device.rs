@@ -69,6 +69,9 @@ const PREVIOUS_SERVER_GRACE: Duration = Duration::from_secs(5);
 /// How long START_USER_RECOVERY may keep answering "busy" (the previous server's io_uring is
 /// still being torn down).
 const RECOVERY_START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Block-layer timeout of the device's requests (`/sys/block/ublkbN/queue/io_timeout`),
+/// instead of the kernel's default of 30 s. See [`set_io_timeout`].
+pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the device looks like to the kernel.
 #[derive(Debug, Clone)]
@@ -417,6 +420,7 @@ impl Device {
                 return Err(Error::Command { dev_id: id, op, reason });
             }
         }
+        set_io_timeout(id);
         tracing::info!(
             dev_id = id,
             device = %self.path().display(),
@@ -747,6 +751,35 @@ fn process_alive(pid: i32) -> bool {
             Some(_) => true,
         },
         Err(_) => false,
+    }
+}
+
+/// Sets the device's request timeout to [`IO_TIMEOUT`]: how long a dead server can keep a
+/// full queue's requests before the kernel notices.
+///
+/// Linux 6.12's ublk_drv learns that the server died by cancelling the server's ublk
+/// commands still queued in its io_uring (`ublk_uring_cmd_cancel_fn`). A queue whose every
+/// tag was in flight at the server at that moment (a saturated queue: e.g. fio with iodepth
+/// = queue depth) has no such command, so its requests are only aborted (and, with REISSUE,
+/// requeued) by `ublk_timeout` when the block layer's request timer fires, 30 s by default.
+/// Until then the device cannot be recovered (and when another queue's cancellation started
+/// the quiesce work, that work holds the device's mutex waiting for those requests, so the
+/// restarted server blocks even reading the device's parameters): a `kill -9` under load
+/// stalled the device for 30 s. While the server lives, `ublk_timeout` only
+/// re-arms the timer (`BLK_EH_RESET_TIMER`; devices without `UBLK_F_UNPRIVILEGED_DEV`), so
+/// a short timeout costs nothing else. (Newer kernels also abort such requests when the
+/// server's char device is released, "ublk: improve detection and handling of ublk server
+/// exit", and do not need this.)
+///
+/// Not fatal: without it recovery still works, only later.
+fn set_io_timeout(id: i32) {
+    let path = format!("/sys/block/ublkb{id}/queue/io_timeout");
+    if let Err(e) = std::fs::write(&path, IO_TIMEOUT.as_millis().to_string()) {
+        tracing::warn!(
+            dev_id = id,
+            "cannot set {path}: {e}; after a crash under full load, recovery waits for the kernel's \
+             request timeout (30 s by default)"
+        );
     }
 }
 

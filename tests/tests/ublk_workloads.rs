@@ -1,0 +1,285 @@
+//! Real workloads on the mirrored block device: a primary and a secondary `metroblk node run`
+//! on loopback, the primary's `/dev/ublkbN` under XFS, fio with data verification (also across
+//! a kill -9 of the primary), and a flush that must reach the peer.
+//!
+//! Like ublk_device.rs these need ublk: natively where the kernel has ublk_drv, else in the
+//! QEMU VM of tests/vm; never skipped. The bash prelude (configs, `start`/`stop`/`kill9`,
+//! `wait_device`, ...) is metroblk_tests::ublk_script. Build the binary first
+//! (`cargo build -p metroblk`).
+//!
+//! Run: `cargo test -p metroblk-tests --test ublk_workloads -- --nocapture --test-threads=1`
+
+use metroblk_tests::ublk_script::{self, Opts};
+
+/// Shell helpers of these tests, on top of the prelude.
+const HELPERS: &str = r#"
+# The same job, written once: fio_job NAME REPORT SIZE [extra fio options...]. Two jobs over
+# disjoint halves of the first SIZE bytes (both ublk queues get work), random writes of mixed
+# sizes, 32 in flight each, O_DIRECT through libaio, every block stamped with a crc32c header.
+fio_job() {
+    local name=$1 out=$W/$2.json size=$3 rc=0; shift 3
+    # In $W: fio saves its verify state files in the current directory.
+    (cd "$W" && fio --name="$name" --filename="$DEV" --ioengine=libaio --direct=1 --iodepth=32 \
+        --rw=randwrite --bsrange=4k-128k --randrepeat=1 --numjobs=2 \
+        --size=$(( size / 2 )) --offset_increment=$(( size / 2 )) \
+        --verify=crc32c --verify_fatal=1 --group_reporting \
+        --eta=never --output-format=json --output="$out" "$@") || rc=$?
+    # fio puts its notes (e.g. that two writers share a file, which our disjoint halves make
+    # harmless) ahead of the JSON: show them, keep the JSON.
+    sed -n '/^{/q;p' "$out"
+    sed -i -n '/^{/,$p' "$out"
+    return $rc
+}
+# fio_total JSONFILE read|write FIELD: a field summed over the jobs of a fio JSON report.
+fio_total() { jq "[.jobs[].$2.$3] | add" "$1"; }
+# Fails unless no job of a fio JSON report had an error.
+fio_no_errors() {
+    [ "$(jq '[.jobs[].error] | add' "$1")" = 0 ]
+    [ "$(jq '[.jobs[] | .total_err // 0] | add' "$1")" = 0 ]
+}
+# must_differ A B [BYTES]: the two files (their first BYTES) differ. Not `! cmp`, which
+# would not stop a `set -e` script, and a cmp that fails (status 2) is no difference. (No
+# process substitution in these scripts: the VM has no /dev/fd.)
+must_differ() {
+    local rc=0
+    cmp -s ${3:+-n "$3"} "$1" "$2" || rc=$?
+    case $rc in
+    1) ;;
+    0) echo "$1 and $2 are identical${3:+ in their first $3 bytes}"; return 1 ;;
+    *) echo "cmp $1 $2 failed"; return 1 ;;
+    esac
+}
+# The kernel logged no I/O error for any ublk device.
+no_kernel_io_errors() {
+    if dmesg | grep -E 'I/O error.*ublkb|ublkb.*I/O error|Buffer I/O error'; then
+        echo "the kernel logged I/O errors"; return 1
+    fi
+}
+"#;
+
+/// mkfs.xfs, mount, a few hundred files, sync, umount, `xfs_repair -n`, clean shutdown, both
+/// copies identical, the secondary's copy mounts read-only and holds the same files.
+const XFS: &str = r#"
+step "start the secondary and the primary"
+start beta ""
+start alpha ""
+wait_device
+step "device $DEV is up; mkfs.xfs"
+mkfs.xfs -q -f "$DEV"
+mount -t xfs "$DEV" /tmp/mnt
+step "write 360 files of random content"
+mkdir -p /tmp/mnt/small /tmp/mnt/mid /tmp/mnt/big/deeper
+write_files /tmp/mnt/small s 150 3001
+write_files /tmp/mnt/mid m 150 40000
+write_files /tmp/mnt/big/deeper b 60 250000
+# Rewrite some in place and delete a few: overwrites and frees, not only appends.
+for f in /tmp/mnt/mid/maa{a,b,c,d,e}; do head -c 40000 /dev/urandom | dd of="$f" conv=notrunc status=none; done
+rm /tmp/mnt/small/saa{a,b,c}
+(cd /tmp/mnt && find . -type f -print0 | sort -z | xargs -0 sha256sum) > "$W/sums"
+[ "$(wc -l < "$W/sums")" = 357 ]
+sync
+umount /tmp/mnt
+step "xfs_repair -n finds nothing"
+xfs_repair -n "$DEV" > "$W/xfs_repair.out" 2>&1 || { cat "$W/xfs_repair.out"; false; }
+step "the files read back through the device"
+mount -t xfs -o ro "$DEV" /tmp/mnt
+(cd /tmp/mnt && sha256sum --quiet -c "$W/sums")
+umount /tmp/mnt
+"$BIN" status --config "$W/alpha.toml"
+[ "$(status_field beta local_write_bytes)" -gt $(( 20 << 20 )) ]
+step "clean shutdown (SIGTERM): the device is stopped and deleted"
+stop alpha
+for _ in $(seq 50); do [ -e "$DEV" ] || break; sleep 0.1; done
+[ ! -e "$DEV" ]
+stop beta
+step "primary and secondary backing files are identical"
+cmp "$W/alpha.img" "$W/beta.img"
+step "the secondary's copy mounts read-only and holds the same files"
+check_secondary_copy xfs ro,norecovery
+step "all good"
+"#;
+
+/// fio random writes of mixed sizes with crc32c verification, then both copies identical.
+const FIO_VERIFY: &str = r#"
+step "start the secondary and the primary"
+start beta ""
+start alpha ""
+wait_device
+step "fio: 64 MiB of random writes, 4k-128k, iodepth 32, then verify"
+fio_job verify verify $(( 64 << 20 )) --do_verify=1
+fio_no_errors "$W/verify.json"
+# Everything was written, and all of it was read back and checked.
+[ "$(fio_total "$W/verify.json" write io_bytes)" = $(( 64 << 20 )) ]
+[ "$(fio_total "$W/verify.json" read io_bytes)" = $(( 64 << 20 )) ]
+jq -r '.jobs[] | "\(.jobname): wrote \(.write.io_bytes) B in \(.write.total_ios) I/Os, verified \(.read.io_bytes) B"' "$W/verify.json"
+no_kernel_io_errors
+"$BIN" status --config "$W/alpha.toml"
+[ "$(status_field beta local_write_bytes)" -ge $(( 64 << 20 )) ]
+step "clean shutdown"
+stop alpha
+[ ! -e "$DEV" ]
+stop beta
+step "primary and secondary backing files are identical"
+cmp "$W/alpha.img" "$W/beta.img"
+# ... and hold what fio wrote, not just two equal runs of zeroes.
+must_differ "$W/beta.img" /dev/zero $(( 64 << 20 ))
+step "all good"
+"#;
+
+/// kill -9 of the primary while fio writes with iodepth 32; the restarted primary recovers
+/// the device and the requests in flight are reissued: fio sees no error, and a verify-only
+/// pass finds every block intact.
+const FIO_KILL: &str = r#"
+step "start the secondary and the primary"
+start beta ""
+start alpha ""
+wait_device
+FIRST_DEV=$DEV
+# The kernel's request timeout is short (see metroblk_ublk::device::set_io_timeout).
+[ "$(cat /sys/block/${DEV#/dev/}/queue/io_timeout)" = 2000 ]
+step "fio writes 96 MiB (with verify) while the primary is killed"
+# Both jobs on CPU 0, so 2 x 32 requests go to ublk queue 0, whose depth is 64: the queue is
+# full at the server when it dies, the case the kernel detects only by the request timeout.
+fio_job kill kill $(( 96 << 20 )) --do_verify=1 --cpus_allowed=0 &
+FIO=$!
+# Kill once a good part has gone through, with fio in the middle of its writes.
+for _ in $(seq 300); do
+    [ "$(status_field beta local_write_bytes)" -gt $(( 16 << 20 )) ] && break
+    sleep 0.1
+done
+[ "$(status_field beta local_write_bytes)" -gt $(( 16 << 20 )) ]
+echo "requests in flight at the kill: $(status_field alpha requests_in_flight)"
+step "kill -9 the primary"
+KILLED_AT=$(date +%s%N)
+kill9 alpha
+kill -0 "$FIO"   # fio had not finished
+sleep 1
+[ -b "$DEV" ]
+kill -0 "$FIO"   # and it waits: the device is quiesced, not failed
+step "restart the primary: it recovers $DEV"
+start alpha "-restarted"
+wait_device
+[ "$DEV" = "$FIRST_DEV" ]
+grep -q "ublk device is live.*recovered=true" "$W/alpha-restarted.log"
+# Within seconds, not the kernel's default 30 s request timeout.
+RECOVERY_MS=$(( ($(date +%s%N) - KILLED_AT) / 1000000 ))
+echo "from kill -9 to the recovered device: $RECOVERY_MS ms"
+[ "$RECOVERY_MS" -lt 15000 ]
+[ "$(cat /sys/block/${DEV#/dev/}/queue/io_timeout)" = 2000 ]
+step "fio finishes on the recovered device without an error"
+wait "$FIO"
+fio_no_errors "$W/kill.json"
+[ "$(fio_total "$W/kill.json" write io_bytes)" = $(( 96 << 20 )) ]
+[ "$(fio_total "$W/kill.json" read io_bytes)" = $(( 96 << 20 )) ]
+step "a verify-only pass of the same job finds every block intact"
+fio_job kill verify-only $(( 96 << 20 )) --verify_only --cpus_allowed=0
+# A verify-only pass reads and checks every block the job wrote (it also reports the writes
+# it skipped, as writes). A bad block would make it exit non-zero with error 84 (EILSEQ).
+fio_no_errors "$W/verify-only.json"
+[ "$(fio_total "$W/verify-only.json" read io_bytes)" = $(( 96 << 20 )) ]
+no_kernel_io_errors
+"$BIN" status --config "$W/alpha.toml"
+step "clean shutdown"
+stop alpha
+[ ! -e "$DEV" ]
+stop beta
+step "primary and secondary backing files are identical"
+cmp "$W/alpha.img" "$W/beta.img"
+must_differ "$W/beta.img" /dev/zero $(( 96 << 20 ))
+step "all good"
+"#;
+
+/// Data written through the page cache of the block device reaches the secondary when it is
+/// flushed (fsync of the device: writeback, then FLUSH), before any clean shutdown: it is on
+/// the secondary after kill -9 of the primary.
+const FLUSH: &str = r#"
+step "start the secondary and the primary"
+start beta ""
+start alpha ""
+wait_device
+# Another opener keeps the page cache of $DEV when dd closes it (the last close writes it back).
+exec 3< "$DEV"
+if [ "${METROBLK_IN_VM:-0}" = 1 ]; then
+    # No periodic writeback: only our flush moves the dirty pages to the device.
+    echo 0 > /proc/sys/vm/dirty_writeback_centisecs
+    echo 360000 > /proc/sys/vm/dirty_expire_centisecs
+fi
+head -c $(( 24 << 20 )) /dev/urandom > "$W/data"
+OFF=$(( 40 << 20 ))
+# region FILE: the 24 MiB written below, copied to $W/region.
+region() {
+    dd if="$1" of="$W/region" bs=1M skip=$(( OFF >> 20 )) count=24 "${@:2}" status=none
+}
+FLUSHES_A=$(status_field alpha flushes)
+FLUSHES_B=$(status_field beta flushes)
+WRITTEN_B=$(status_field beta local_write_bytes)
+step "write 24 MiB through the page cache of $DEV (no O_DIRECT, no fsync)"
+dd if="$W/data" of="$DEV" bs=1M seek=$(( OFF >> 20 )) status=none
+if [ "${METROBLK_IN_VM:-0}" = 1 ]; then
+    # Still only in the page cache: neither copy has it yet, so the flush below is what moves it.
+    grep -E '^(Dirty|Writeback):' /proc/meminfo
+    [ "$(status_field beta local_write_bytes)" -lt $(( WRITTEN_B + (24 << 20) )) ]
+    region "$W/beta.img"; must_differ "$W/region" "$W/data"
+    region "$W/alpha.img"; must_differ "$W/region" "$W/data"
+fi
+step "fsync the device (writeback, then FLUSH)"
+sync "$DEV"
+# The FLUSH went through the primary to the secondary, which flushed too.
+[ "$(status_field alpha flushes)" -gt "$FLUSHES_A" ]
+[ "$(status_field beta flushes)" -gt "$FLUSHES_B" ]
+[ "$(status_field beta local_write_bytes)" -ge $(( WRITTEN_B + (24 << 20) )) ]
+step "kill -9 the primary: no clean shutdown"
+kill9 alpha
+step "the secondary's backing file holds all the flushed data"
+region "$W/beta.img"; cmp "$W/region" "$W/data"
+region "$W/alpha.img"; cmp "$W/region" "$W/data"
+exec 3<&-
+step "restart the primary: the device reads back the same data"
+start alpha "-restarted"
+wait_device
+grep -q "ublk device is live.*recovered=true" "$W/alpha-restarted.log"
+region "$DEV" iflag=direct; cmp "$W/region" "$W/data"
+step "clean shutdown"
+stop alpha
+[ ! -e "$DEV" ]
+stop beta
+cmp "$W/alpha.img" "$W/beta.img"
+step "all good"
+"#;
+
+fn run(body: &str, size: &str, steps: &[&str]) {
+    let body = format!("{HELPERS}\n{body}");
+    ublk_script::run(&body, &Opts { size, ..Opts::default() }, steps);
+}
+
+#[test]
+fn xfs_on_the_mirrored_device_is_identical_on_both_nodes() {
+    // mkfs.xfs refuses filesystems under 300 MB.
+    run(
+        XFS,
+        "320MiB",
+        &[
+            "mkfs.xfs",
+            "write 360 files",
+            "xfs_repair -n finds nothing",
+            "are identical",
+            "holds the same files",
+            "all good",
+        ],
+    );
+}
+
+#[test]
+fn fio_random_writes_with_crc32c_verify_are_mirrored() {
+    run(FIO_VERIFY, "256MiB", &["fio: 64 MiB", "are identical", "all good"]);
+}
+
+#[test]
+fn fio_survives_kill_9_of_the_primary_without_an_error() {
+    run(FIO_KILL, "256MiB", &["kill -9 the primary", "recovers", "without an error", "verify-only", "all good"]);
+}
+
+#[test]
+fn a_flush_reaches_the_secondary_before_the_primary_dies() {
+    run(FLUSH, "256MiB", &["through the page cache", "fsync the device", "holds all the flushed data", "all good"]);
+}
