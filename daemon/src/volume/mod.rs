@@ -3,9 +3,11 @@
 //! A [`Volume`] owns the backing file, the volume's identity and counters, and one link
 //! hand-off per queue. Each frontend queue thread owns one [`queue::Queue`]: the per-request
 //! state machine of the primary's write path (local I/O and peer I/O of that queue, on that
-//! queue's ring). The secondary's side of the write path is `peer::replica`.
+//! queue's ring); [`request`] holds the pure per-request state and the completion rule. The
+//! secondary's side of the write path is `peer::replica`.
 
 pub mod queue;
+pub mod request;
 pub mod ring;
 pub mod stats;
 

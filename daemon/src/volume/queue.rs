@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, types};
 use metroblk_protocol::{Frame, FrameKind, HEADER_LEN};
 
+use super::request::{Half, RequestState};
 use super::ring::{self, op, OwnRing, Submitter};
 use super::stats::{LinkState, QueueStats};
 use super::VolumeShared;
@@ -51,26 +52,14 @@ pub struct Request {
     pub buf: *mut u8,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Half {
-    /// Not part of this request.
-    None,
-    /// Issued, waiting for its completion.
-    Pending,
-    /// Peer half only: waiting for a link to be sent on.
-    Held,
-    Done,
-}
-
 struct Slot {
     busy: bool,
     req: Request,
     seq: u64,
-    local: Half,
+    state: RequestState,
     /// Bytes of a READ/WRITE already transferred (short transfers are resumed).
     local_done: u32,
     local_res: i32,
-    peer: Half,
     header: [u8; HEADER_LEN],
 }
 
@@ -144,10 +133,9 @@ impl Queue {
                 busy: false,
                 req: Request { kind: ReqKind::Read, offset: 0, len: 0, fua: false, buf: std::ptr::null_mut() },
                 seq: 0,
-                local: Half::None,
+                state: RequestState { local: Half::None, peer: Half::None },
                 local_done: 0,
                 local_res: 0,
-                peer: Half::None,
                 header: [0; HEADER_LEN],
             })
             .collect();
@@ -244,14 +232,13 @@ impl Queue {
         slot.req = req;
         slot.seq = (self.next_seq << 16) | tag as u64;
         self.next_seq += 1;
-        slot.local = Half::Pending;
+        slot.state = RequestState::new(req.kind != ReqKind::Read && self.replicate);
         slot.local_done = 0;
         slot.local_res = 0;
-        slot.peer = if req.kind == ReqKind::Read || !self.replicate { Half::None } else { Half::Held };
         self.inflight += 1;
         QueueStats::add(&self.stats.inflight, 1);
         self.issue_local(s, tag);
-        if self.slots[tag as usize].peer == Half::Held {
+        if self.slots[tag as usize].state.is_held() {
             self.encode_frame(tag);
             if self.link.phase == LinkPhase::Up {
                 self.send_slot(tag);
@@ -312,8 +299,7 @@ impl Queue {
 
     fn send_slot(&mut self, tag: u16) {
         let slot = &mut self.slots[tag as usize];
-        debug_assert_eq!(slot.peer, Half::Held);
-        slot.peer = Half::Pending;
+        slot.state.on_sent();
         let (payload, payload_len) = if slot.req.kind == ReqKind::Write {
             (slot.req.buf as *const u8, slot.req.len)
         } else {
@@ -388,7 +374,7 @@ impl Queue {
 
     fn local_done(&mut self, s: &mut impl Submitter, tag: u16, res: i32, done: &mut impl FnMut(u16, i32)) {
         let slot = &mut self.slots[tag as usize];
-        assert!(slot.busy && slot.local == Half::Pending, "local completion for idle tag {tag}");
+        assert!(slot.busy && slot.state.local == Half::Pending, "local completion for idle tag {tag}");
         let r = slot.req;
         if res >= 0 && matches!(r.kind, ReqKind::Read | ReqKind::Write) {
             slot.local_done += res as u32;
@@ -407,7 +393,7 @@ impl Queue {
         if slot.local_res < 0 {
             tracing::error!(qid = self.qid, tag, kind = ?r.kind, offset = r.offset, len = r.len, "local I/O failed: {}", errno_text(-slot.local_res));
         }
-        slot.local = Half::Done;
+        slot.state.on_local_done().expect("checked above");
         match r.kind {
             ReqKind::Read => {
                 QueueStats::add(&self.stats.read_requests, 1);
@@ -425,7 +411,7 @@ impl Queue {
 
     fn maybe_complete(&mut self, tag: u16, done: &mut impl FnMut(u16, i32)) {
         let slot = &mut self.slots[tag as usize];
-        if slot.local != Half::Done || !matches!(slot.peer, Half::None | Half::Done) {
+        if !slot.state.is_complete() {
             return;
         }
         slot.busy = false;
@@ -457,7 +443,7 @@ impl Queue {
                     let tag = (frame.seq & 0xffff) as u16;
                     let ok = (tag as usize) < self.slots.len() && {
                         let slot = &self.slots[tag as usize];
-                        slot.busy && slot.seq == frame.seq && slot.peer == Half::Pending
+                        slot.busy && slot.seq == frame.seq && slot.state.peer == Half::Pending
                     };
                     if !ok {
                         self.link_failed(s, &format!("peer acknowledged unknown request {:#x}", frame.seq));
@@ -473,7 +459,7 @@ impl Queue {
                         return;
                     }
                     let slot = &mut self.slots[tag as usize];
-                    slot.peer = Half::Done;
+                    slot.state.on_peer_ack().expect("checked above");
                     if slot.req.kind == ReqKind::Write {
                         QueueStats::add(&self.stats.peer_write_requests, 1);
                         QueueStats::add(&self.stats.peer_write_bytes, slot.req.len as u64);
@@ -558,7 +544,7 @@ impl Queue {
             .slots
             .iter()
             .enumerate()
-            .filter(|(_, sl)| sl.busy && sl.peer == Half::Held)
+            .filter(|(_, sl)| sl.busy && sl.state.is_held())
             .map(|(i, sl)| (sl.seq, i as u16))
             .collect();
         held.sort_unstable();
@@ -591,8 +577,7 @@ impl Queue {
         }
         let mut held = 0;
         for slot in self.slots.iter_mut() {
-            if slot.busy && slot.peer == Half::Pending {
-                slot.peer = Half::Held;
+            if slot.busy && slot.state.on_link_lost() {
                 held += 1;
             }
         }
