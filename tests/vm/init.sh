@@ -39,6 +39,7 @@ for arg in $(cat /proc/cmdline); do
 	metroblk.env=*) envfile=${arg#metroblk.env=} ;;
 	metroblk.debug=1) debug=1 ;;
 	metroblk.interactive=1) interactive=1 ;;
+	metroblk.keep=*) keeps=${arg#metroblk.keep=} ;;
 	esac
 done
 [ -n "$debug" ] && echo "metroblk-vm: init started ($(uname -r))"
@@ -73,6 +74,16 @@ ln -sfn /proc/self/fd/2 /host/dev/stderr
 mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 /host/sys/fs/cgroup 2>/dev/null
 mount -t debugfs debugfs /host/sys/kernel/debug 2>/dev/null
 
+# Host directories under /tmp, /var/tmp or /run that this run needs (metroblk.keep=, a
+# checkout cloned under /tmp, say): hold a bind mount of each before the scratch tmpfs hides
+# it, and put it back at the same path afterwards.
+i=0
+for p in $(echo "${keeps:-}" | tr ',' ' '); do
+	mkdir -p "/keep/$i"
+	mount --bind "/host$p" "/keep/$i" || fatal "cannot keep $p visible in the VM"
+	i=$((i + 1))
+done
+
 # Writable scratch space: everything else of the host is read-only inside the VM.
 for d in /tmp /var/tmp; do
 	[ -d "/host$d" ] || continue
@@ -81,6 +92,12 @@ done
 mount -t tmpfs -o mode=755,nosuid,nodev run /host/run || fatal "cannot mount tmpfs on /run"
 mkdir -p /host/run/lock /host/tmp/scratch
 chmod 1777 /host/run/lock
+i=0
+for p in $(echo "${keeps:-}" | tr ',' ' '); do
+	mkdir -p "/host$p"
+	mount --bind "/keep/$i" "/host$p" || fatal "cannot bind $p back into the VM"
+	i=$((i + 1))
+done
 
 # Let modprobe inside the chroot find the guest kernel's modules: over the host's /lib/modules
 # when it has one (a Debian host does), else through kmod's MODPROBE_OPTIONS=-d.

@@ -66,10 +66,19 @@ fi
 workdir=$(cd "$workdir" && pwd -P) || die "--workdir $workdir does not exist"
 case "$workdir" in
 *[[:space:]]*) die "--workdir $workdir contains white space (it goes on the kernel command line)" ;;
-/tmp | /tmp/* | /run | /run/* | /var/tmp | /var/tmp/* | /dev/shm | /dev/shm/*)
-	die "--workdir $workdir is on a tmpfs that the VM does not share; use a directory elsewhere"
-	;;
 esac
+# The VM mounts scratch tmpfs over /tmp, /var/tmp and /run. Directories of this run that live
+# there on the host (a checkout cloned under /tmp, say) are kept visible: the init binds them
+# back over the scratch space at the same paths (metroblk.keep=).
+keep=()
+repo=$(cd "$HERE/../.." && pwd -P)
+for d in "$repo" "$workdir"; do
+	case "$d" in
+	/tmp/* | /var/tmp/* | /run/*) [[ " ${keep[*]-} " == *" $d "* ]] || keep+=("$d") ;;
+	/tmp | /var/tmp | /run | /dev/shm | /dev/shm/*)
+		die "--workdir $d is a scratch tmpfs inside the VM; use a directory below it or elsewhere" ;;
+	esac
+done
 
 # Kernel and initramfs (quick when cached).
 kernel='' initrd='' cache=''
@@ -120,6 +129,7 @@ fi
 # tsc=reliable: skip the TSC watchdog, which misfires under TCG's uneven clock.
 append+=" tsc=reliable metroblk.script=$job/script metroblk.cwd=$workdir metroblk.env=$job/env"
 if [ -n "$interactive" ]; then append+=" metroblk.interactive=1"; fi
+if ((${#keep[@]})); then append+=" metroblk.keep=$(IFS=,; echo "${keep[*]}")"; fi
 
 # shellcheck disable=SC2054 # the commas are QEMU's
 qemu=(
