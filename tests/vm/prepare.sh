@@ -76,7 +76,8 @@ BUSYBOX=$(dpkg-query -L busybox-static | grep -E '/bin/busybox$' | head -n 1)
 mkdir -p "$CACHE"
 CACHE=$(cd "$CACHE" && pwd -P)
 case "$CACHE/" in
-/tmp/* | /run/* | /var/tmp/* | /dev/shm/*)
+/dev/shm/*)
+	# /tmp, /var/tmp and /run are fine: run.sh binds the cache back into the VM (metroblk.keep=).
 	die "METROBLK_VM_CACHE=$CACHE is not visible inside the VM (tmpfs there); use a directory elsewhere"
 	;;
 esac

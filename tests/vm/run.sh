@@ -129,6 +129,13 @@ fi
 # tsc=reliable: skip the TSC watchdog, which misfires under TCG's uneven clock.
 append+=" tsc=reliable metroblk.script=$job/script metroblk.cwd=$workdir metroblk.env=$job/env"
 if [ -n "$interactive" ]; then append+=" metroblk.interactive=1"; fi
+case "$cache/" in
+/tmp/* | /var/tmp/* | /run/*)
+	inside=
+	for k in "${keep[@]+"${keep[@]}"}"; do [[ "$cache/" == "$k/"* ]] && inside=1; done
+	[ -n "$inside" ] || keep+=("$cache")
+	;;
+esac
 if ((${#keep[@]})); then append+=" metroblk.keep=$(IFS=,; echo "${keep[*]}")"; fi
 
 # shellcheck disable=SC2054 # the commas are QEMU's
