@@ -180,7 +180,8 @@ impl Workload {
     }
 
     fn flush(&mut self, drv: &mut QueueDriver) {
-        let tag = self.inflight.iter().position(|o| o.is_none()).unwrap() as u16;
+        self.drain(drv, Duration::from_secs(30));
+        let tag = 0;
         drv.submit(tag, Request { kind: ReqKind::Flush, offset: 0, len: 0, fua: false, buf: std::ptr::null_mut() })
             .unwrap();
         self.inflight[tag as usize] = Some(Op { kind: ReqKind::Flush, offset: 0, len: 0 });
@@ -381,4 +382,59 @@ fn a_standalone_volume_completes_writes_locally() {
     drop(vol);
     assert_file_equals_model(&p.dir.path().join("alpha-vol0.img"), &w.model);
     assert!(!p.dir.path().join("beta-vol0.img").exists());
+}
+
+#[test]
+fn the_secondary_refuses_writes_from_a_lower_epoch() {
+    let p = pair(VOLUME, TEST_KEY);
+    let mut beta = NodeProcess::start(&p.beta);
+    beta.wait_ready(Duration::from_secs(10));
+
+    // A primary at epoch 5 writes: the secondary learns epoch 5.
+    let (vol, mut drv) = open_primary(&p, 4);
+    vol.shared.epoch.store(5, std::sync::atomic::Ordering::Relaxed);
+    wait_link(&mut drv);
+    let mut w = Workload::new(4, 4);
+    for _ in 0..50 {
+        while !w.submit_one(&mut drv) {
+            w.reap(&mut drv, Duration::from_secs(5));
+        }
+    }
+    w.flush(&mut drv);
+    drop(drv);
+    drop(vol);
+    wait_until(Duration::from_secs(5), "the secondary to report epoch 5", || {
+        beta.status_json()["volumes"][0]["epoch"] == 5
+    });
+    let before = std::fs::read(p.dir.path().join("beta-vol0.img")).unwrap();
+
+    // A stale primary at epoch 3 (one the witness has since replaced) tries to write.
+    let (vol, mut drv) = open_primary(&p, 4);
+    vol.shared.epoch.store(3, std::sync::atomic::Ordering::Relaxed);
+    wait_link(&mut drv);
+    let mut buf = Buffers::new(1);
+    let ptr = buf.ptr(0);
+    // SAFETY: tag 0 owns MAX_IO bytes of `buf`.
+    unsafe { std::ptr::write_bytes(ptr, 0xee, 4096) };
+    drv.submit(0, Request { kind: ReqKind::Write, offset: 0, len: 4096, fua: false, buf: ptr }).unwrap();
+    let h = vol.handoff(0).clone();
+    let mut completed = false;
+    wait_until(Duration::from_secs(10), "the primary to see the refusal", || {
+        drv.poll(Some(Duration::from_millis(20)), |_, _| completed = true).unwrap();
+        h.last_error().is_some_and(|e| e.contains("epoch 3 refused"))
+    });
+    // The write is held, not completed: the peer does not have it.
+    for _ in 0..20 {
+        drv.poll(Some(Duration::from_millis(20)), |_, _| completed = true).unwrap();
+    }
+    assert!(!completed, "a write the secondary refused was completed");
+    assert_eq!(drv.queue().inflight(), 1);
+    wait_until(Duration::from_secs(5), "the secondary to log the refusal", || {
+        beta.log_text().contains("epoch 3 refused")
+    });
+    assert_eq!(
+        std::fs::read(p.dir.path().join("beta-vol0.img")).unwrap(),
+        before,
+        "a stale write reached the secondary's data"
+    );
 }
