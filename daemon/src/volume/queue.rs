@@ -24,6 +24,7 @@ use super::ring::{self, op, OwnRing, Submitter};
 use super::stats::{LinkState, QueueStats};
 use super::VolumeShared;
 use crate::peer::connector::LinkHandoff;
+use crate::peer::link::{LinkMachine, LinkPhase, TickAction};
 use crate::peer::receiver::FrameReceiver;
 use crate::peer::sender::{FrameSender, SendItem};
 
@@ -63,18 +64,10 @@ struct Slot {
     header: [u8; HEADER_LEN],
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum LinkPhase {
-    Down,
-    Up,
-    /// Shut down; waiting for the socket's in-flight operations to finish before closing it.
-    Closing,
-}
-
+/// The link's I/O state; its phases and keepalive decisions are the pure [`LinkMachine`].
 struct Link {
-    phase: LinkPhase,
+    machine: LinkMachine,
     sock: Option<OwnedFd>,
-    generation: u16,
     sender: FrameSender,
     receiver: FrameReceiver,
     ping_header: [u8; HEADER_LEN],
@@ -82,9 +75,6 @@ struct Link {
     /// Frame number of the PONG in flight, if any (its header may not be rewritten before).
     pong_frame: Option<u64>,
     ping_frame: Option<u64>,
-    ping_sent: Option<(u64, Instant)>,
-    last_heard: Instant,
-    ping_seq: u64,
 }
 
 pub struct Queue {
@@ -149,9 +139,8 @@ impl Queue {
             stats,
             slots,
             link: Link {
-                phase: LinkPhase::Down,
+                machine: LinkMachine::new(Instant::now(), PEER_TIMEOUT),
                 sock: None,
-                generation: 0,
                 // A frame per slot plus PING and PONG.
                 sender: FrameSender::new(depth as usize + 2),
                 receiver: FrameReceiver::default(),
@@ -159,9 +148,6 @@ impl Queue {
                 pong_header: [0; HEADER_LEN],
                 pong_frame: None,
                 ping_frame: None,
-                ping_sent: None,
-                last_heard: Instant::now(),
-                ping_seq: 0,
             },
             handoff,
             eventfd_buf: Box::new(0),
@@ -182,7 +168,7 @@ impl Queue {
     }
 
     pub fn link_is_up(&self) -> bool {
-        self.link.phase == LinkPhase::Up
+        self.link.machine.is_up()
     }
 
     /// Arms the queue's standing operations and asks for a link. Call once, before submit.
@@ -240,7 +226,7 @@ impl Queue {
         self.issue_local(s, tag);
         if self.slots[tag as usize].state.is_held() {
             self.encode_frame(tag);
-            if self.link.phase == LinkPhase::Up {
+            if self.link.machine.is_up() {
                 self.send_slot(tag);
                 self.kick_send(s);
             } else {
@@ -309,21 +295,22 @@ impl Queue {
     }
 
     fn kick_send(&mut self, s: &mut impl Submitter) {
-        if self.link.phase != LinkPhase::Up {
+        if !self.link.machine.is_up() {
             return;
         }
         let fd = self.link.sock.as_ref().map(|f| f.as_raw_fd()).expect("an up link has a socket");
-        if let Some(sqe) = self.link.sender.next_sqe(fd, ring::user_data(op::SEND, 0, self.link.generation)) {
+        if let Some(sqe) = self.link.sender.next_sqe(fd, ring::user_data(op::SEND, 0, self.link.machine.generation())) {
             s.push(sqe);
         }
     }
 
     fn kick_recv(&mut self, s: &mut impl Submitter) {
-        if self.link.phase != LinkPhase::Up {
+        if !self.link.machine.is_up() {
             return;
         }
         let fd = self.link.sock.as_ref().map(|f| f.as_raw_fd()).expect("an up link has a socket");
-        if let Some(sqe) = self.link.receiver.next_sqe(fd, ring::user_data(op::RECV, 0, self.link.generation)) {
+        if let Some(sqe) = self.link.receiver.next_sqe(fd, ring::user_data(op::RECV, 0, self.link.machine.generation()))
+        {
             s.push(sqe);
         }
     }
@@ -335,7 +322,7 @@ impl Queue {
         match ring::ud_op(ud) {
             op::LOCAL => self.local_done(s, ring::ud_index(ud), res, done),
             op::SEND => {
-                debug_assert_eq!(ring::ud_aux(ud), self.link.generation);
+                debug_assert_eq!(ring::ud_aux(ud), self.link.machine.generation());
                 match self.link.sender.complete(res) {
                     Ok(()) => self.kick_send(s),
                     Err(errno) => self.link_failed(s, &format!("send failed: {}", errno_text(errno))),
@@ -343,10 +330,10 @@ impl Queue {
                 self.maybe_close_link(s);
             }
             op::RECV => {
-                debug_assert_eq!(ring::ud_aux(ud), self.link.generation);
+                debug_assert_eq!(ring::ud_aux(ud), self.link.machine.generation());
                 match self.link.receiver.complete(res) {
                     Ok(()) => {
-                        self.link.last_heard = Instant::now();
+                        self.link.machine.on_heard(Instant::now());
                         self.process_frames(s, done);
                         self.kick_recv(s);
                         self.kick_send(s);
@@ -358,7 +345,7 @@ impl Queue {
             }
             op::LINK_READY => {
                 self.arm_eventfd(s);
-                if self.link.phase == LinkPhase::Down {
+                if self.link.machine.phase() == LinkPhase::Down {
                     if let Some(sock) = self.handoff.take() {
                         self.link_up(s, sock);
                     }
@@ -467,13 +454,8 @@ impl Queue {
                     self.maybe_complete(tag, done);
                 }
                 FrameKind::Pong => {
-                    if let Some((seq, sent)) = self.link.ping_sent {
-                        if seq == frame.seq {
-                            self.stats
-                                .rtt_ns
-                                .store(sent.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
-                            self.link.ping_sent = None;
-                        }
+                    if let Some(rtt) = self.link.machine.on_pong(frame.seq, Instant::now()) {
+                        self.stats.rtt_ns.store(rtt.as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
                 FrameKind::Ping => {
@@ -501,43 +483,34 @@ impl Queue {
     }
 
     fn tick(&mut self, s: &mut impl Submitter) {
-        if self.link.phase != LinkPhase::Up {
-            return;
-        }
-        if let Some((_, sent)) = self.link.ping_sent {
-            if sent.elapsed() > PEER_TIMEOUT && self.link.last_heard.elapsed() > PEER_TIMEOUT {
-                self.link_failed(s, &format!("peer did not answer for {} s", PEER_TIMEOUT.as_secs()));
+        let header_free = !self.link.ping_frame.is_some_and(|n| self.link.sender.frames_sent <= n);
+        let seq = match self.link.machine.on_tick(Instant::now(), header_free) {
+            TickAction::Nothing => return,
+            TickAction::Fail(why) => {
+                self.link_failed(s, &why);
                 self.maybe_close_link(s);
+                return;
             }
-            return;
-        }
-        let busy = self.link.ping_frame.is_some_and(|n| self.link.sender.frames_sent <= n);
-        if busy {
-            return;
-        }
-        self.link.ping_seq += 1;
-        Frame::ping(self.link.ping_seq).encode(&mut self.link.ping_header);
+            TickAction::SendPing(seq) => seq,
+        };
+        Frame::ping(seq).encode(&mut self.link.ping_header);
         let n = self.link.sender.enqueue(SendItem {
             header: self.link.ping_header.as_ptr(),
             payload: std::ptr::null(),
             payload_len: 0,
         });
         self.link.ping_frame = Some(n);
-        self.link.ping_sent = Some((self.link.ping_seq, Instant::now()));
         self.kick_send(s);
     }
 
     fn link_up(&mut self, s: &mut impl Submitter, sock: OwnedFd) {
-        assert_eq!(self.link.phase, LinkPhase::Down);
         assert!(self.link.sender.is_idle() && !self.link.receiver.in_flight());
-        self.link.generation = self.link.generation.wrapping_add(1);
+        let accepted = self.link.machine.on_connected(Instant::now());
+        assert!(accepted, "a socket is taken only while the link is down");
         self.link.sock = Some(sock);
-        self.link.phase = LinkPhase::Up;
         self.link.receiver.reset();
-        self.link.ping_sent = None;
         self.link.ping_frame = None;
         self.link.pong_frame = None;
-        self.link.last_heard = Instant::now();
         self.stats.set_link(LinkState::Connected);
         // Re-send held requests in the order they were first issued.
         let mut held: Vec<(u64, u16)> = self
@@ -562,12 +535,11 @@ impl Queue {
     }
 
     fn link_failed(&mut self, s: &mut impl Submitter, why: &str) {
-        if self.link.phase != LinkPhase::Up {
+        if !self.link.machine.on_failed() {
             return;
         }
         tracing::warn!(volume = %self.shared.config.name, qid = self.qid, "peer link lost: {why}; holding writes until it returns");
         self.handoff.set_error(why);
-        self.link.phase = LinkPhase::Closing;
         self.stats.set_link(LinkState::Connecting);
         QueueStats::add(&self.stats.reconnects, 1);
         if let Some(sock) = &self.link.sock {
@@ -587,13 +559,13 @@ impl Queue {
 
     /// Once nothing is in flight on a closing socket, close it and ask for a new link.
     fn maybe_close_link(&mut self, _s: &mut impl Submitter) {
-        if self.link.phase != LinkPhase::Closing || self.link.sender.in_flight() || self.link.receiver.in_flight() {
+        let in_flight = self.link.sender.in_flight() || self.link.receiver.in_flight();
+        if !self.link.machine.on_drained(in_flight) {
             return;
         }
         self.link.sender.reset();
         self.link.receiver.reset();
         self.link.sock = None;
-        self.link.phase = LinkPhase::Down;
         self.handoff.request();
     }
 
