@@ -172,11 +172,9 @@ pub fn render(s: &NodeStatus) -> String {
     let mut out = format!("node {}\n", s.node);
     for v in &s.volumes {
         out += &format!(
-            "  volume {}  role {}  disk {}  link {:?}  epoch {}\n",
+            "  volume {}  role {}  disk {}  link {}  epoch {}\n",
             v.name, v.role, v.disk_state, v.link_state, v.epoch
-        )
-        .replace("Connected", "connected")
-        .replace("Connecting", "connecting");
+        );
         out += &format!("    peer {} at {}", v.peer, v.peer_address);
         if let Some(rtt) = v.link_rtt_us {
             out += &format!("  rtt {rtt:.0} us");

@@ -16,6 +16,18 @@ pub enum LinkState {
     SyncTarget,
 }
 
+impl std::fmt::Display for LinkState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LinkState::Connected => "connected",
+            LinkState::Connecting => "connecting",
+            LinkState::Standalone => "standalone",
+            LinkState::SyncSource => "sync-source",
+            LinkState::SyncTarget => "sync-target",
+        })
+    }
+}
+
 impl LinkState {
     fn from_u64(v: u64) -> LinkState {
         match v {
