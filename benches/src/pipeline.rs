@@ -101,43 +101,89 @@ fn open_file(path: &Path, direct: bool) -> std::fs::File {
     f
 }
 
-fn bench_local(path: &Path, direct: bool, medium: &'static str, depth: usize, secs: Duration) -> Result_ {
-    let f = open_file(path, direct);
-    let mut ring = IoUring::new(64).unwrap();
+/// Something that writes 4 KiB blocks with many in flight: the local baseline or the engine.
+trait WriteTarget {
+    fn submit(&mut self, tag: usize, buf: *mut u8, offset: u64);
+    /// Waits for at least one completion and appends the finished tags to `done`.
+    fn reap(&mut self, done: &mut Vec<usize>);
+}
+
+/// io_uring writes straight to the file.
+struct LocalWrites {
+    ring: IoUring,
+    file: std::fs::File,
+}
+
+impl WriteTarget for LocalWrites {
+    fn submit(&mut self, tag: usize, buf: *mut u8, offset: u64) {
+        let fd = types::Fd(self.file.as_raw_fd());
+        let sqe = opcode::Write::new(fd, buf, BS as u32).offset(offset).build().user_data(tag as u64);
+        // SAFETY: the buffer outlives the operation (every write is reaped before the loop ends).
+        unsafe { self.ring.submission().push(&sqe).unwrap() };
+    }
+    fn reap(&mut self, done: &mut Vec<usize>) {
+        self.ring.submit_and_wait(1).unwrap();
+        for c in self.ring.completion() {
+            assert_eq!(c.result(), BS as i32, "local write failed: {}", c.result());
+            done.push(c.user_data() as usize);
+        }
+    }
+}
+
+impl WriteTarget for QueueDriver {
+    fn submit(&mut self, tag: usize, buf: *mut u8, offset: u64) {
+        let req = Request { kind: ReqKind::Write, offset, len: BS as u32, fua: false, buf };
+        QueueDriver::submit(self, tag as u16, req).unwrap();
+    }
+    fn reap(&mut self, done: &mut Vec<usize>) {
+        self.poll(None, |tag, res| {
+            assert_eq!(res, BS as i32, "mirrored write failed: {res}");
+            done.push(tag as usize);
+        })
+        .unwrap();
+    }
+}
+
+/// Random 4 KiB writes at `depth` for `secs`: every completion starts the next write on its tag.
+fn closed_loop(
+    t: &mut impl WriteTarget,
+    case: &'static str,
+    medium: &'static str,
+    depth: usize,
+    secs: Duration,
+) -> Result_ {
     let mut bufs = Aligned::new(depth);
     let mut rng = Rng(0x9e3779b97f4a7c15);
     let mut started = vec![Instant::now(); depth];
     let mut lat = Lat::new();
+    let mut done = Vec::with_capacity(depth);
     let t0 = Instant::now();
     let mut ops = 0u64;
-    let submit = |ring: &mut IoUring, tag: usize, buf: *mut u8, off: u64| {
-        let sqe =
-            opcode::Write::new(types::Fd(f.as_raw_fd()), buf, BS as u32).offset(off).build().user_data(tag as u64);
-        // SAFETY: the buffer outlives the operation (reaped before the loop ends).
-        unsafe { ring.submission().push(&sqe).unwrap() };
-    };
     for (tag, s) in started.iter_mut().enumerate() {
         *s = Instant::now();
-        submit(&mut ring, tag, bufs.ptr(tag), rng.offset());
+        t.submit(tag, bufs.ptr(tag), rng.offset());
     }
     let mut outstanding = depth;
     while outstanding > 0 {
-        ring.submit_and_wait(1).unwrap();
-        let done: Vec<(u64, i32)> = ring.completion().map(|c| (c.user_data(), c.result())).collect();
-        for (tag, res) in done {
-            assert_eq!(res, BS as i32, "local write failed: {res}");
-            let tag = tag as usize;
+        done.clear();
+        t.reap(&mut done);
+        for &tag in &done {
             lat.add(started[tag].elapsed());
             ops += 1;
             if t0.elapsed() < secs {
                 started[tag] = Instant::now();
-                submit(&mut ring, tag, bufs.ptr(tag), rng.offset());
+                t.submit(tag, bufs.ptr(tag), rng.offset());
             } else {
                 outstanding -= 1;
             }
         }
     }
-    lat.finish("local", medium, depth, ops, t0.elapsed())
+    lat.finish(case, medium, depth, ops, t0.elapsed())
+}
+
+fn bench_local(path: &Path, direct: bool, medium: &'static str, depth: usize, secs: Duration) -> Result_ {
+    let mut t = LocalWrites { ring: IoUring::new(64).unwrap(), file: open_file(path, direct) };
+    closed_loop(&mut t, "local", medium, depth, secs)
 }
 
 fn bench_echo(depth: usize, secs: Duration) -> Result_ {
@@ -226,48 +272,7 @@ fn bench_mirror(dir: &Path, direct: bool, medium: &'static str, depth: usize, se
         assert!(Instant::now() < deadline, "link to the benchmark secondary did not come up");
         drv.poll(Some(Duration::from_millis(10)), |_, _| {}).unwrap();
     }
-    let mut bufs = Aligned::new(depth);
-    let mut rng = Rng(0x9e3779b97f4a7c15);
-    let mut started = vec![Instant::now(); depth];
-    let mut lat = Lat::new();
-    let t0 = Instant::now();
-    let mut ops = 0u64;
-    for (tag, s) in started.iter_mut().enumerate() {
-        *s = Instant::now();
-        drv.submit(
-            tag as u16,
-            Request { kind: ReqKind::Write, offset: rng.offset(), len: BS as u32, fua: false, buf: bufs.ptr(tag) },
-        )
-        .unwrap();
-    }
-    let mut outstanding = depth;
-    let mut done: Vec<u16> = Vec::with_capacity(depth);
-    while outstanding > 0 {
-        done.clear();
-        drv.poll(None, |tag, res| {
-            assert_eq!(res, BS as i32, "mirrored write failed: {res}");
-            done.push(tag);
-        })
-        .unwrap();
-        for &tag in &done {
-            lat.add(started[tag as usize].elapsed());
-            ops += 1;
-            if t0.elapsed() < secs {
-                started[tag as usize] = Instant::now();
-                let req = Request {
-                    kind: ReqKind::Write,
-                    offset: rng.offset(),
-                    len: BS as u32,
-                    fua: false,
-                    buf: bufs.ptr(tag as usize),
-                };
-                drv.submit(tag, req).unwrap();
-            } else {
-                outstanding -= 1;
-            }
-        }
-    }
-    let r = lat.finish("mirror", medium, depth, ops, t0.elapsed());
+    let r = closed_loop(&mut drv, "mirror", medium, depth, secs);
     drop(drv);
     drop(vol);
     r

@@ -23,16 +23,12 @@ pub struct DemoOptions {
     pub force_vm: bool,
 }
 
-pub fn native_ublk_available() -> bool {
-    if Path::new("/dev/ublk-control").exists() {
-        return true;
-    }
-    let ok = Command::new("modprobe").arg("ublk_drv").stderr(Stdio::null()).status().is_ok_and(|s| s.success());
-    ok && Path::new("/dev/ublk-control").exists()
-}
-
 pub fn run(opts: DemoOptions) -> Result<(), String> {
-    if opts.force_vm || !native_ublk_available() {
+    if opts.force_vm {
+        return run_in_vm(&opts);
+    }
+    if let Err(why) = metroblk_ublk::check_driver() {
+        println!("metroblk demo: {why}");
         return run_in_vm(&opts);
     }
     run_native(&opts)
@@ -189,12 +185,11 @@ fn run_in_vm(opts: &DemoOptions) -> Result<(), String> {
     let run_sh = root.join("tests/vm/run.sh");
     if !run_sh.exists() {
         return Err(format!(
-            "this kernel has no ublk_drv (no /dev/ublk-control, modprobe ublk_drv failed) and the VM harness \
-             {} is not here: run the demo from the source checkout, or load ublk_drv (Linux 6.12+)",
+            "this kernel cannot serve ublk devices and the VM harness {} is not here: run the demo from the source checkout, or load ublk_drv (Linux 6.12+)",
             run_sh.display()
         ));
     }
-    println!("metroblk demo: this kernel has no ublk_drv, so the demo runs inside a QEMU VM");
+    println!("metroblk demo: running inside a QEMU VM whose kernel has ublk_drv");
     println!("(Debian 6.12 kernel with ublk_drv, this machine's files shared read-only; the first run downloads the kernel).");
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let script = root.join("target/demo-vm.sh");
