@@ -33,6 +33,8 @@ pub struct VolumeStatus {
     pub size: u64,
     pub role: Role,
     pub disk_state: String,
+    /// Why the disk state is `failed` (the first error; errors latch).
+    pub disk_error: Option<String>,
     pub link_state: LinkState,
     pub epoch: u64,
     pub peer: String,
@@ -82,7 +84,8 @@ pub fn volume_status(h: &VolumeHandle) -> VolumeStatus {
         uuid: c.uuid.to_string(),
         size: c.size,
         role: h.role,
-        disk_state: "up-to-date".into(),
+        disk_state: v.disk.state().to_string(),
+        disk_error: v.disk.reason(),
         link_state,
         epoch: v.epoch(),
         peer: c.peer.as_ref().map(|p| p.name.clone()).unwrap_or_else(|| "-".into()),
@@ -193,6 +196,9 @@ pub fn render(s: &NodeStatus) -> String {
         );
         if let Some(d) = &v.ublk_device {
             out += &format!("    device {d}\n");
+        }
+        if let Some(e) = &v.disk_error {
+            out += &format!("    disk error: {e}\n");
         }
         if let Some(e) = &v.last_link_error {
             out += &format!("    last link error: {e}\n");

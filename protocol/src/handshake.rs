@@ -7,8 +7,8 @@
 //!
 //! Messages are fixed-size little-endian records:
 //!
-//! * Hello (148 bytes): magic `MBLKPEER`, version, node name (64 bytes, NUL-padded UTF-8), volume
-//!   uuid, volume size, region size, block size, queue, epoch, nonce.
+//! * Hello (156 bytes): magic `MBLKPEER`, version, node name (64 bytes, NUL-padded UTF-8), volume
+//!   uuid, volume size, region size, block size, queue, session, epoch, nonce.
 //! * Verdict (124 bytes): code (0 = ok, else why) and a NUL-padded UTF-8 reason.
 //! * Auth (32 bytes): the HMAC.
 //!
@@ -41,7 +41,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 /// First bytes of a hello.
 pub const PEER_MAGIC: [u8; 8] = *b"MBLKPEER";
 /// Peer protocol version; both sides must speak the same one.
-pub const PEER_PROTOCOL_VERSION: u16 = 1;
+pub const PEER_PROTOCOL_VERSION: u16 = 2;
 /// Longest node name a hello can carry, in bytes.
 pub const MAX_NODE_NAME: usize = 64;
 /// Longest verdict reason, in bytes.
@@ -76,6 +76,7 @@ struct WireHello {
     region_size: U32,
     block_size: U32,
     queue: U16,
+    session: U64,
     epoch: U64,
     nonce: [u8; 32],
 }
@@ -96,7 +97,7 @@ struct WireAuth {
 const HELLO_LEN: usize = core::mem::size_of::<WireHello>();
 const VERDICT_LEN: usize = core::mem::size_of::<WireVerdict>();
 const AUTH_LEN: usize = core::mem::size_of::<WireAuth>();
-const _: () = assert!(HELLO_LEN == 148);
+const _: () = assert!(HELLO_LEN == 156);
 const _: () = assert!(VERDICT_LEN == 124);
 const _: () = assert!(AUTH_LEN == 32);
 
@@ -114,6 +115,9 @@ pub struct HelloInfo {
     pub block_size: u32,
     /// Which ublk queue's link this connection is (informational; the daemon pairs links).
     pub queue: u16,
+    /// The dialer's link session for this queue: it rises with every new connection the
+    /// dialer makes for the queue, so the listener can tell a newer link from a superseded one.
+    pub session: u64,
     /// The sender's current epoch (informational; the daemon compares epochs after the handshake).
     pub epoch: u64,
     /// Fresh random bytes for this connection; the caller fills them from a CSPRNG.
@@ -227,6 +231,7 @@ fn encode_hello(h: &HelloInfo) -> Result<Vec<u8>, HandshakeError> {
         region_size: U32::new(h.region_size),
         block_size: U32::new(h.block_size),
         queue: U16::new(h.queue),
+        session: U64::new(h.session),
         epoch: U64::new(h.epoch),
         nonce: h.nonce,
     };
@@ -259,6 +264,7 @@ fn check_hello(bytes: &[u8], local: &HelloInfo, expected_peer: &str) -> Result<H
         region_size: w.region_size.get(),
         block_size: w.block_size.get(),
         queue: w.queue.get(),
+        session: w.session.get(),
         epoch: w.epoch.get(),
         nonce: w.nonce,
     };
@@ -589,6 +595,7 @@ mod tests {
             region_size: 65536,
             block_size: 4096,
             queue: 0,
+            session: 0,
             epoch: 3,
             nonce: [nonce; 32],
         }
@@ -859,8 +866,8 @@ mod tests {
     fn version_mismatch_refused_both_sides() {
         let mut raw = encode_hello(&info("a", 1)).unwrap();
         raw[8..10].copy_from_slice(&7u16.to_le_bytes());
-        let want = HandshakeError::VersionMismatch { local: 1, peer: 7 };
-        assert_eq!(want.to_string(), "peer protocol version mismatch: local 1, peer 7");
+        let want = HandshakeError::VersionMismatch { local: PEER_PROTOCOL_VERSION, peer: 7 };
+        assert_eq!(want.to_string(), "peer protocol version mismatch: local 2, peer 7");
         listener_refuses(&raw, want.clone());
         let mut raw = encode_hello(&info("b", 2)).unwrap();
         raw[8..10].copy_from_slice(&7u16.to_le_bytes());

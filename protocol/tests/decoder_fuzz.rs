@@ -21,6 +21,7 @@ fn hello(name: &str, nonce: [u8; 32]) -> HelloInfo {
         region_size: 65536,
         block_size: 4096,
         queue: 1,
+        session: 7,
         epoch: 2,
         nonce,
     }

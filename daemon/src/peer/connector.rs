@@ -128,6 +128,7 @@ pub fn local_hello(v: &VolumeShared, queue: u16) -> HelloInfo {
         region_size: c.region_size as u32,
         block_size: c.block_size,
         queue,
+        session: 0,
         epoch: v.epoch(),
         nonce: random_nonce(),
     }

@@ -6,6 +6,7 @@
 //! queue's ring); [`request`] holds the pure per-request state and the completion rule. The
 //! secondary's side of the write path is `peer::replica`.
 
+pub mod disk;
 pub mod queue;
 pub mod request;
 pub mod ring;
@@ -37,6 +38,8 @@ pub struct VolumeShared {
     /// that exists).
     pub epoch: AtomicU64,
     pub file: File,
+    /// This node's disk state; an I/O error latches it to `failed`.
+    pub disk: disk::DiskHealth,
     pub queue_stats: Vec<Arc<QueueStats>>,
 }
 
@@ -108,6 +111,7 @@ impl Volume {
             geometry: geometry(cfg),
             epoch: AtomicU64::new(1),
             file,
+            disk: disk::DiskHealth::new(disk::DiskState::UpToDate),
             queue_stats,
         });
         debug_assert_eq!(cfg.role, Role::Primary);
