@@ -34,6 +34,7 @@ pub fn start_secondary(cfg: &VolumeConfig, node_name: &str) -> Result<VolumeHand
         geometry: volume::geometry(cfg),
         epoch: AtomicU64::new(1),
         file,
+        conflicts: volume::conflict::ConflictTable::new(cfg.size),
         disk: volume::disk::DiskHealth::new(volume::disk::DiskState::UpToDate),
         queue_stats: vec![Arc::new(QueueStats::default())],
     });

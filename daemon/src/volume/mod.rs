@@ -6,6 +6,7 @@
 //! queue's ring); [`request`] holds the pure per-request state and the completion rule. The
 //! secondary's side of the write path is `peer::replica`.
 
+pub mod conflict;
 pub mod disk;
 pub mod queue;
 pub mod request;
@@ -38,6 +39,8 @@ pub struct VolumeShared {
     /// that exists).
     pub epoch: AtomicU64,
     pub file: File,
+    /// Ranges of replicated requests in flight, shared by every queue (`conflict.rs`).
+    pub conflicts: conflict::ConflictTable,
     /// This node's disk state; an I/O error latches it to `failed`.
     pub disk: disk::DiskHealth,
     pub queue_stats: Vec<Arc<QueueStats>>,
@@ -111,6 +114,7 @@ impl Volume {
             geometry: geometry(cfg),
             epoch: AtomicU64::new(1),
             file,
+            conflicts: conflict::ConflictTable::new(cfg.size),
             disk: disk::DiskHealth::new(disk::DiskState::UpToDate),
             queue_stats,
         });

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, types};
 use metroblk_protocol::{Frame, FrameKind, HEADER_LEN};
 
+use super::conflict::GranuleRange;
 use super::request::{Half, RequestState};
 use super::ring::{self, op, OwnRing, Submitter};
 use super::stats::{LinkState, QueueStats};
@@ -62,6 +63,8 @@ struct Slot {
     local_done: u32,
     local_res: i32,
     header: [u8; HEADER_LEN],
+    /// The granules this request holds in the volume's conflict table (until it completes).
+    range: Option<GranuleRange>,
 }
 
 /// The link's I/O state; its phases and keepalive decisions are the pure [`LinkMachine`].
@@ -83,6 +86,9 @@ pub struct Queue {
     stats: Arc<QueueStats>,
     fd: RawFd,
     slots: Box<[Slot]>,
+    /// Tags waiting for an overlapping request to complete, in submission order (capacity:
+    /// the depth, so pushing never allocates).
+    waiting: Vec<u16>,
     link: Link,
     handoff: Arc<LinkHandoff>,
     eventfd_buf: Box<u64>,
@@ -107,11 +113,16 @@ pub enum RequestError {
     OutOfRange { offset: u64, len: u32 },
     #[error("length {len} is zero or above the largest request")]
     BadLength { len: u32 },
+    #[error("the local disk has failed; no write is accepted until it is re-attached")]
+    DiskFailed,
 }
 
 impl RequestError {
     pub fn errno(&self) -> i32 {
-        -libc::EINVAL
+        match self {
+            RequestError::DiskFailed => -libc::EIO,
+            _ => -libc::EINVAL,
+        }
     }
 }
 
@@ -127,8 +138,10 @@ impl Queue {
                 local_done: 0,
                 local_res: 0,
                 header: [0; HEADER_LEN],
+                range: None,
             })
             .collect();
+        shared.conflicts.register_queue(qid, handoff.eventfd());
         let stats = shared.queue_stats[qid as usize].clone();
         let replicate = shared.config.peer.is_some();
         stats.set_link(if replicate { LinkState::Connecting } else { LinkState::Standalone });
@@ -138,6 +151,7 @@ impl Queue {
             shared,
             stats,
             slots,
+            waiting: Vec::with_capacity(depth as usize),
             link: Link {
                 machine: LinkMachine::new(Instant::now(), PEER_TIMEOUT),
                 sock: None,
@@ -212,17 +226,69 @@ impl Queue {
                 _ => return Err(RequestError::OutOfRange { offset: req.offset, len: req.len }),
             }
         }
+        // Errors latch: a failed disk takes no more writes (design, "Disk errors latch").
+        if req.kind != ReqKind::Read && self.shared.disk.is_failed() {
+            return Err(RequestError::DiskFailed);
+        }
         let slot = &mut self.slots[tag as usize];
         assert!(!slot.busy, "tag {tag} submitted twice");
+        assert!(slot.range.is_none());
         slot.busy = true;
         slot.req = req;
         slot.seq = (self.next_seq << 16) | tag as u64;
         self.next_seq += 1;
-        slot.state = RequestState::new(req.kind != ReqKind::Read && self.replicate);
         slot.local_done = 0;
         slot.local_res = 0;
+        // Not started: nothing to hold, re-send or complete until `start`.
+        slot.state = RequestState { local: Half::None, peer: Half::None };
         self.inflight += 1;
         QueueStats::add(&self.stats.inflight, 1);
+        let ordered = self.replicate && matches!(req.kind, ReqKind::Write | ReqKind::Discard | ReqKind::WriteZeroes);
+        if !ordered {
+            self.start_request(s, tag);
+            return Ok(());
+        }
+        let range = self.shared.conflicts.range(req.offset, req.len as u64);
+        if self.shared.conflicts.try_acquire(range, self.qid) {
+            self.slots[tag as usize].range = Some(range);
+            self.start_request(s, tag);
+        } else {
+            // Overlaps a replicated request in flight: issued when that one has completed on
+            // both nodes (`conflict.rs`).
+            QueueStats::add(&self.stats.conflict_waits, 1);
+            self.waiting.push(tag);
+            self.shared.conflicts.set_waiting(self.qid, true);
+            self.retry_waiting(s);
+        }
+        Ok(())
+    }
+
+    /// Starts the waiting requests whose range is now free, in submission order.
+    fn retry_waiting(&mut self, s: &mut impl Submitter) {
+        let mut kept = 0;
+        for i in 0..self.waiting.len() {
+            let tag = self.waiting[i];
+            let req = self.slots[tag as usize].req;
+            let range = self.shared.conflicts.range(req.offset, req.len as u64);
+            if self.shared.conflicts.try_acquire(range, self.qid) {
+                self.slots[tag as usize].range = Some(range);
+                self.start_request(s, tag);
+            } else {
+                self.waiting[kept] = tag;
+                kept += 1;
+            }
+        }
+        self.waiting.truncate(kept);
+        if self.waiting.is_empty() {
+            self.shared.conflicts.set_waiting(self.qid, false);
+        }
+    }
+
+    /// Issues request `tag`'s local I/O and, if replicated, its frame to the peer.
+    fn start_request(&mut self, s: &mut impl Submitter, tag: u16) {
+        let slot = &mut self.slots[tag as usize];
+        assert!(slot.busy);
+        slot.state = RequestState::new(slot.req.kind != ReqKind::Read && self.replicate);
         self.issue_local(s, tag);
         if self.slots[tag as usize].state.is_held() {
             self.encode_frame(tag);
@@ -233,7 +299,6 @@ impl Queue {
                 QueueStats::add(&self.stats.held, 1);
             }
         }
-        Ok(())
     }
 
     fn issue_local(&mut self, s: &mut impl Submitter, tag: u16) {
@@ -344,7 +409,11 @@ impl Queue {
                 self.maybe_close_link(s);
             }
             op::LINK_READY => {
+                // The eventfd also wakes the queue when a conflicting range was released.
                 self.arm_eventfd(s);
+                if !self.waiting.is_empty() {
+                    self.retry_waiting(s);
+                }
                 if self.link.machine.phase() == LinkPhase::Down {
                     if let Some(sock) = self.handoff.take() {
                         self.link_up(s, sock);
@@ -379,6 +448,15 @@ impl Queue {
         }
         if slot.local_res < 0 {
             tracing::error!(qid = self.qid, tag, kind = ?r.kind, offset = r.offset, len = r.len, "local I/O failed: {}", errno_text(-slot.local_res));
+            if r.kind != ReqKind::Read {
+                let why = format!("{:?} at {} (+{}) failed: {}", r.kind, r.offset, r.len, errno_text(-slot.local_res));
+                self.shared.disk.latch_failed(&self.shared.config.name, &why);
+            }
+        } else if r.kind != ReqKind::Read && self.shared.disk.is_failed() {
+            // Linux reports a writeback error once per open file: a FLUSH that ran beside the
+            // one that saw it can succeed although the data is gone. Once failed, nothing that
+            // writes is reported done.
+            slot.local_res = -libc::EIO;
         }
         slot.state.on_local_done().expect("checked above");
         match r.kind {
@@ -393,18 +471,27 @@ impl Queue {
             ReqKind::Flush => QueueStats::add(&self.stats.flushes, 1),
             _ => {}
         }
-        self.maybe_complete(tag, done);
+        self.maybe_complete(s, tag, done);
     }
 
-    fn maybe_complete(&mut self, tag: u16, done: &mut impl FnMut(u16, i32)) {
+    fn maybe_complete(&mut self, s: &mut impl Submitter, tag: u16, done: &mut impl FnMut(u16, i32)) {
         let slot = &mut self.slots[tag as usize];
         if !slot.state.is_complete() {
             return;
         }
         slot.busy = false;
+        let range = slot.range.take();
         self.inflight -= 1;
         QueueStats::sub(&self.stats.inflight, 1);
         done(tag, slot.local_res);
+        // Released after `done`, so whoever waited for this range is issued, and completes,
+        // strictly after this request has been reported complete.
+        if let Some(range) = range {
+            self.shared.conflicts.release(range, self.qid);
+            if !self.waiting.is_empty() {
+                self.retry_waiting(s);
+            }
+        }
     }
 
     fn process_frames(&mut self, s: &mut impl Submitter, done: &mut impl FnMut(u16, i32)) {
@@ -427,13 +514,30 @@ impl Queue {
             };
             match frame.kind {
                 FrameKind::WriteAck | FrameKind::FlushAck => {
+                    // Accept an ack only for a frame sent on this link and not yet acked, of
+                    // the matching kind; anything else is a protocol violation that ends the
+                    // link (never an assert: these are bytes from the wire).
                     let tag = (frame.seq & 0xffff) as u16;
                     let ok = (tag as usize) < self.slots.len() && {
                         let slot = &self.slots[tag as usize];
-                        slot.busy && slot.seq == frame.seq && slot.state.peer == Half::Pending
+                        let kind_matches = match slot.req.kind {
+                            ReqKind::Flush => frame.kind == FrameKind::FlushAck,
+                            ReqKind::Write | ReqKind::Discard | ReqKind::WriteZeroes => {
+                                frame.kind == FrameKind::WriteAck
+                            }
+                            ReqKind::Read => false,
+                        };
+                        slot.busy && slot.seq == frame.seq && slot.state.peer == Half::Pending && kind_matches
                     };
                     if !ok {
-                        self.link_failed(s, &format!("peer acknowledged unknown request {:#x}", frame.seq));
+                        self.link_failed(
+                            s,
+                            &format!(
+                                "protocol violation: peer sent {} for request {:#x}, which is not awaiting one",
+                                frame.kind.name(),
+                                frame.seq
+                            ),
+                        );
                         return;
                     }
                     if frame.status != 0 {
@@ -446,12 +550,15 @@ impl Queue {
                         return;
                     }
                     let slot = &mut self.slots[tag as usize];
-                    slot.state.on_peer_ack().expect("checked above");
+                    if slot.state.on_peer_ack().is_err() {
+                        self.link_failed(s, "protocol violation: ack for a request not sent");
+                        return;
+                    }
                     if slot.req.kind == ReqKind::Write {
                         QueueStats::add(&self.stats.peer_write_requests, 1);
                         QueueStats::add(&self.stats.peer_write_bytes, slot.req.len as u64);
                     }
-                    self.maybe_complete(tag, done);
+                    self.maybe_complete(s, tag, done);
                 }
                 FrameKind::Pong => {
                     if let Some(rtt) = self.link.machine.on_pong(frame.seq, Instant::now()) {

@@ -65,6 +65,8 @@ pub struct QueueStats {
     /// Last measured PING/PONG round trip, nanoseconds (0 = none yet).
     pub rtt_ns: AtomicU64,
     pub reconnects: AtomicU64,
+    /// Requests that waited for an overlapping request to complete on both nodes.
+    pub conflict_waits: AtomicU64,
 }
 
 impl QueueStats {
