@@ -1,0 +1,154 @@
+//! A lying peer: a fake secondary in this test speaks the real handshake over real TCP and
+//! then acknowledges frames it was never sent, or with the wrong kind. The primary must drop
+//! the link (never complete the write on such an ack, never panic) and go on working: on a
+//! link whose peer behaves, the held write is re-sent and completes.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use metroblk::config::NodeConfig;
+use metroblk::volume::{QueueDriver, ReqKind, Request, Volume};
+use metroblk_protocol::{
+    decode_header, run_handshake, Frame, FrameKind, Geometry, Handshake, HelloInfo, Role, HEADER_LEN,
+};
+use metroblk_tests::cluster::{free_port, write_config, NodeSpec, TEST_KEY};
+
+const VOLUME: u64 = 16 << 20;
+
+/// Accepts one link as the secondary "beta" would and authenticates it.
+fn accept_link(listener: &TcpListener, cfg: &metroblk::config::VolumeConfig) -> TcpStream {
+    let (mut s, _) = listener.accept().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let hello = HelloInfo {
+        node_name: "beta".into(),
+        volume_uuid: *cfg.uuid.as_bytes(),
+        volume_size: cfg.size,
+        region_size: cfg.region_size as u32,
+        block_size: cfg.block_size,
+        queue: 0,
+        session: 0,
+        epoch: 1,
+        nonce: [7; 32],
+    };
+    run_handshake(&mut s, Handshake::new(Role::Listener, hello, TEST_KEY.as_bytes(), "alpha")).unwrap();
+    s
+}
+
+/// Reads frames until a WRITE arrives (PINGs are answered); returns it.
+fn read_write_frame(s: &mut TcpStream, geo: &Geometry) -> Frame {
+    loop {
+        let mut h = [0u8; HEADER_LEN];
+        s.read_exact(&mut h).unwrap();
+        let f = decode_header(&h, geo).unwrap();
+        let mut payload = vec![0u8; f.payload_len()];
+        s.read_exact(&mut payload).unwrap();
+        match f.kind {
+            FrameKind::Write => return f,
+            FrameKind::Ping => send(s, Frame::pong(f.seq)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+fn send(s: &mut TcpStream, f: Frame) {
+    let mut h = [0u8; HEADER_LEN];
+    f.encode(&mut h);
+    s.write_all(&h).unwrap();
+}
+
+/// True once the primary has closed the connection (EOF or reset).
+fn closed_by_primary(s: &mut TcpStream, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+#[test]
+fn acks_for_frames_not_sent_or_of_the_wrong_kind_drop_the_link_and_complete_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb) = (free_port(), free_port());
+    let alpha = write_config(
+        dir.path(),
+        &NodeSpec {
+            name: "alpha",
+            peer: "beta",
+            role: "primary",
+            size: VOLUME,
+            listen_port: pa,
+            peer_port: pb,
+            key: TEST_KEY,
+            extra: "",
+        },
+    );
+    let listener = TcpListener::bind(("127.0.0.1", pb)).unwrap();
+    let cfg = NodeConfig::load(&alpha).unwrap().volumes[0].clone();
+    let geo = Geometry { volume_size: cfg.size, block_size: cfg.block_size, max_payload: 1 << 20 };
+
+    let good_ack = Arc::new(AtomicBool::new(false));
+    let fake = std::thread::spawn({
+        let good_ack = good_ack.clone();
+        move || {
+            // 1: an ack for a request never sent.
+            let mut s = accept_link(&listener, &cfg);
+            let f = read_write_frame(&mut s, &geo);
+            send(&mut s, Frame::write_ack(f.seq ^ 0x5, 0));
+            assert!(closed_by_primary(&mut s, Duration::from_secs(5)), "link kept after an ack for a frame not sent");
+            // 2: the held write comes again; ack it with the wrong kind.
+            let mut s = accept_link(&listener, &cfg);
+            let g = read_write_frame(&mut s, &geo);
+            assert_eq!((g.offset, g.length), (f.offset, f.length), "the held write is re-sent");
+            send(&mut s, Frame::flush_ack(g.seq, 0));
+            assert!(closed_by_primary(&mut s, Duration::from_secs(5)), "link kept after a FLUSH_ACK for a WRITE");
+            // 3: an ack naming a tag beyond the queue's depth.
+            let mut s = accept_link(&listener, &cfg);
+            send(&mut s, Frame::write_ack((g.seq & !0xffff) | 1000, 0));
+            let closed = closed_by_primary(&mut s, Duration::from_secs(5));
+            // 4: a well-behaved link: the write completes.
+            let mut s4 = accept_link(&listener, &cfg);
+            let h = read_write_frame(&mut s4, &geo);
+            good_ack.store(true, Ordering::SeqCst);
+            send(&mut s4, Frame::write_ack(h.seq, 0));
+            (closed, s4)
+        }
+    });
+
+    let vol = Volume::open_primary(&cfg_of(&alpha), "alpha", 1).unwrap();
+    let mut drv = QueueDriver::new(vol.queue(0, 4)).unwrap();
+    let mut mem = vec![0xA5u8; 8192];
+    let buf = ((mem.as_mut_ptr() as usize + 4095) & !4095) as *mut u8;
+    drv.submit(1, Request { kind: ReqKind::Write, offset: 4096, len: 4096, fua: false, buf }).unwrap();
+    let mut result = None;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while result.is_none() {
+        assert!(Instant::now() < deadline, "the write never completed");
+        drv.poll(Some(Duration::from_millis(50)), |tag, res| {
+            assert_eq!(tag, 1);
+            result = Some(res);
+        })
+        .unwrap();
+        if result.is_some() {
+            assert!(good_ack.load(Ordering::SeqCst), "the write completed before the well-behaved peer acked it");
+        }
+    }
+    assert_eq!(result, Some(4096));
+    let (third_closed, _s4) = fake.join().unwrap();
+    assert!(third_closed, "link kept after an ack on a link that had sent nothing");
+    let reconnects = metroblk::volume::stats::QueueStats::get(&vol.shared.queue_stats[0].reconnects);
+    assert_eq!(reconnects, 3, "each lying link was dropped once");
+}
+
+fn cfg_of(path: &std::path::Path) -> metroblk::config::VolumeConfig {
+    NodeConfig::load(path).unwrap().volumes[0].clone()
+}
