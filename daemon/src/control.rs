@@ -49,6 +49,8 @@ pub struct VolumeStatus {
     pub read_requests: u64,
     pub flushes: u64,
     pub reconnects: u64,
+    /// Requests that waited for an overlapping request to complete on both nodes.
+    pub conflict_waits: u64,
     /// Last PING/PONG round trip in microseconds (primary only; null before the first).
     pub link_rtt_us: Option<f64>,
     pub last_link_error: Option<String>,
@@ -100,6 +102,7 @@ pub fn volume_status(h: &VolumeHandle) -> VolumeStatus {
         read_requests: sum(|q| &q.read_requests),
         flushes: sum(|q| &q.flushes),
         reconnects: sum(|q| &q.reconnects),
+        conflict_waits: sum(|q| &q.conflict_waits),
         link_rtt_us,
         last_link_error: h.handoffs.iter().find_map(|h| h.last_error()),
         ublk_device: h.ublk_device.clone(),
