@@ -244,6 +244,17 @@ fn bench_echo(depth: usize, secs: Duration) -> Result_ {
 }
 
 fn bench_mirror(dir: &Path, direct: bool, medium: &'static str, depth: usize, secs: Duration) -> Result_ {
+    bench_mirror_with(dir, direct, medium, depth, secs, true)
+}
+
+fn bench_mirror_with(
+    dir: &Path,
+    direct: bool,
+    medium: &'static str,
+    depth: usize,
+    secs: Duration,
+    order_conflicts: bool,
+) -> Result_ {
     let key = dir.join("bench.key");
     std::fs::write(&key, "pipeline-benchmark-authkey-0123").unwrap();
     let port = |()| TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -266,13 +277,16 @@ fn bench_mirror(dir: &Path, direct: bool, medium: &'static str, depth: usize, se
     let _sec = metroblk::node::start_secondary(&secondary.volumes[0], "s").expect("secondary");
     let primary = cfg("p", "s", "primary", pa, pb);
     let vol = Volume::open_primary(&primary.volumes[0], "p", 1).expect("primary");
-    let mut drv = QueueDriver::new(vol.queue(0, depth as u16)).unwrap();
+    let queue = vol.queue(0, depth as u16);
+    let queue = if order_conflicts { queue } else { queue.without_conflict_ordering_for_benchmark() };
+    let mut drv = QueueDriver::new(queue).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while !drv.queue().link_is_up() {
         assert!(Instant::now() < deadline, "link to the benchmark secondary did not come up");
         drv.poll(Some(Duration::from_millis(10)), |_, _| {}).unwrap();
     }
-    let r = closed_loop(&mut drv, "mirror", medium, depth, secs);
+    let case = if order_conflicts { "mirror" } else { "mirror-no-conflict-check" };
+    let r = closed_loop(&mut drv, case, medium, depth, secs);
     drop(drv);
     drop(vol);
     r
@@ -281,18 +295,24 @@ fn bench_mirror(dir: &Path, direct: bool, medium: &'static str, depth: usize, se
 fn main() {
     let mut secs = Duration::from_secs(3);
     let mut disk_dir = PathBuf::from("/var/tmp");
+    let mut conflict_ab = 0usize;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--secs" => secs = Duration::from_secs(args.next().and_then(|s| s.parse().ok()).expect("--secs N")),
             "--disk-dir" => disk_dir = PathBuf::from(args.next().expect("--disk-dir DIR")),
+            "--conflict-ab" => conflict_ab = args.next().and_then(|s| s.parse().ok()).expect("--conflict-ab ROUNDS"),
             _ => {
-                eprintln!("usage: pipeline [--secs N] [--disk-dir DIR]");
+                eprintln!("usage: pipeline [--secs N] [--disk-dir DIR] [--conflict-ab ROUNDS]");
                 std::process::exit(2);
             }
         }
     }
     let shm = tempfile::tempdir_in("/dev/shm").expect("/dev/shm");
+    if conflict_ab > 0 {
+        conflict_ab_runs(shm.path(), conflict_ab, secs);
+        return;
+    }
     let disk = tempfile::tempdir_in(&disk_dir).expect("disk dir");
     let mut results = Vec::new();
     for depth in [1usize, 32] {
@@ -328,6 +348,34 @@ fn main() {
                 "goal_p50_overhead_us": 15.0, "p50_goal_met": overhead <= 15.0,
                 "mirror_iops_qd32_over_min_local_echo": (ratio * 1000.0).round() / 1000.0,
                 "goal_iops_ratio": 0.7, "iops_goal_met": ratio >= 0.7})
+        );
+    }
+}
+
+/// What the conflict rule costs: the mirror on /dev/shm with the rule on and off, alternating,
+/// `rounds` times per depth; prints each run and the on/off ratios (median, min, max).
+fn conflict_ab_runs(dir: &Path, rounds: usize, secs: Duration) {
+    for depth in [1usize, 32] {
+        let mut ratios = Vec::new();
+        for round in 0..rounds {
+            let mut iops = [0.0f64; 2];
+            for (i, on) in [true, false].into_iter().enumerate() {
+                let sub = dir.join(format!("ab{depth}-{round}-{on}"));
+                std::fs::create_dir_all(&sub).unwrap();
+                let r = bench_mirror_with(&sub, false, "shm", depth, secs, on);
+                r.print();
+                iops[i] = r.iops;
+                let _ = std::fs::remove_dir_all(&sub);
+            }
+            ratios.push(iops[0] / iops[1]);
+        }
+        ratios.sort_by(|a, b| a.total_cmp(b));
+        let r3 = |x: f64| (x * 1000.0).round() / 1000.0;
+        println!(
+            "{}",
+            serde_json::json!({"summary": "conflict-ab", "depth": depth, "rounds": rounds,
+                "iops_with_over_without_median": r3(ratios[ratios.len() / 2]),
+                "min": r3(ratios[0]), "max": r3(ratios[ratios.len() - 1])})
         );
     }
 }

@@ -98,6 +98,8 @@ pub struct Queue {
     inflight: usize,
     /// False for a standalone volume: requests have no peer half.
     replicate: bool,
+    /// The conflict rule (`conflict.rs`); off only in the pipeline benchmark's A/B case.
+    order_conflicts: bool,
 }
 
 // SAFETY: the raw buffer pointers in slots belong to the driver of this queue and are only
@@ -170,7 +172,15 @@ impl Queue {
             started: false,
             inflight: 0,
             replicate,
+            order_conflicts: true,
         }
+    }
+
+    /// Turns the conflict rule off, for the pipeline benchmark only: it measures what the rule
+    /// costs. Without it overlapping writes can leave the two copies different.
+    pub fn without_conflict_ordering_for_benchmark(mut self) -> Queue {
+        self.order_conflicts = false;
+        self
     }
 
     pub fn depth(&self) -> u16 {
@@ -243,7 +253,9 @@ impl Queue {
         slot.state = RequestState { local: Half::None, peer: Half::None };
         self.inflight += 1;
         QueueStats::add(&self.stats.inflight, 1);
-        let ordered = self.replicate && matches!(req.kind, ReqKind::Write | ReqKind::Discard | ReqKind::WriteZeroes);
+        let ordered = self.order_conflicts
+            && self.replicate
+            && matches!(req.kind, ReqKind::Write | ReqKind::Discard | ReqKind::WriteZeroes);
         if !ordered {
             self.start_request(s, tag);
             return Ok(());
