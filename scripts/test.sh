@@ -5,19 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need=()
-for pkg in libclang-dev qemu-system-x86 busybox-static cpio kmod xz-utils fio e2fsprogs xfsprogs iproute2 util-linux; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
-done
-if ((${#need[@]})); then
-    if [[ $(id -u) -ne 0 ]]; then
-        echo "scripts/test.sh: missing Debian packages: ${need[*]} (install them, or run as root)" >&2
-        exit 1
-    fi
-    echo "installing: ${need[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+# The Debian packages (one list for the build, the demo and the tests: scripts/deps.sh).
+# shellcheck source=scripts/deps.sh
+source scripts/deps.sh
+metroblk_install_deps
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings

@@ -61,11 +61,14 @@ pub struct VmOptions {
     pub cpus: u32,
     /// Extra environment variables for the script.
     pub env: Vec<(String, String)>,
+    /// Test hook of the harness itself: the first `fail_boots` boots crash the kernel before
+    /// the script starts, as a boot that dies under TCG would (run.sh retries up to 3 boots).
+    pub fail_boots: u32,
 }
 
 impl VmOptions {
     pub fn new(timeout: Duration) -> Self {
-        VmOptions { timeout, mem_mib: 2048, cpus: 2, env: Vec::new() }
+        VmOptions { timeout, mem_mib: 2048, cpus: 2, env: Vec::new(), fail_boots: 0 }
     }
 }
 
@@ -88,9 +91,11 @@ pub fn run_script(script: &str, timeout: Duration) -> Result<VmRun> {
 
 /// Runs `script` (bash) as root in a fresh VM and returns its exit status and output.
 ///
-/// `Err` means the harness failed, not the script: the VM could not be prepared or started,
-/// it died without reporting the script's status (kernel panic, init failure), or it ran past
-/// the timeout. A script that fails is `Ok` with a non-zero [`VmRun::status`].
+/// A VM that dies before the script starts (kernel panic or oops while booting, init failure)
+/// is booted again by run.sh, up to 3 boots, and the output says so; a script that started is
+/// never run twice. `Err` means the harness failed, not the script: the VM could not be
+/// prepared or started, it died without reporting the script's status 3 boots in a row, or
+/// it ran past the timeout. A script that fails is `Ok` with a non-zero [`VmRun::status`].
 pub fn run_script_with(script: &str, opts: &VmOptions) -> Result<VmRun> {
     let run_sh = vm_dir().join("run.sh");
     if !run_sh.is_file() {
@@ -114,7 +119,9 @@ pub fn run_script_with(script: &str, opts: &VmOptions) -> Result<VmRun> {
         .arg("--cpus")
         .arg(opts.cpus.to_string())
         .arg("--workdir")
-        .arg(workspace_root());
+        .arg(workspace_root())
+        .arg("--fail-boots")
+        .arg(opts.fail_boots.to_string());
     for (k, v) in script_env().into_iter().chain(opts.env.iter().cloned()) {
         cmd.arg("--env").arg(format!("{k}={v}"));
     }

@@ -7,10 +7,13 @@
 #    devtmpfs, devpts and tmpfs scratch space (/tmp, /run, /var/tmp, /dev/shm) on top;
 # 3. chroots into /host and runs the script named by metroblk.script= on the kernel command
 #    line, in the directory metroblk.cwd=, after sourcing metroblk.env= (if given);
-# 4. prints "METROBLK_VM_EXIT=<status>" and powers off.
+# 4. prints "METROBLK_VM_SCRIPT_START" just before the script runs, then
+#    "METROBLK_VM_EXIT=<status>" after it, and powers off.
 #
-# On a setup failure it prints "METROBLK_VM_ERROR: ..." and powers off without the exit
-# marker; tests/vm/run.sh then exits 125.
+# On a setup failure it prints "METROBLK_VM_ERROR: ...", and powers off without either marker;
+# tests/vm/run.sh tells such a boot failure (no start marker) from a failed script and boots
+# again (up to 3 attempts). metroblk.fail_boot=1 on the command line (run.sh --fail-boots, for
+# the harness's own test) panics the kernel here, as a boot that dies would.
 
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 
@@ -40,6 +43,7 @@ for arg in $(cat /proc/cmdline); do
 	metroblk.debug=1) debug=1 ;;
 	metroblk.interactive=1) interactive=1 ;;
 	metroblk.keep=*) keeps=${arg#metroblk.keep=} ;;
+	metroblk.fail_boot=1) fail_boot=1 ;;
 	esac
 done
 [ -n "$debug" ] && echo "metroblk-vm: init started ($(uname -r))"
@@ -115,6 +119,13 @@ chmod 1777 /host/tmp/scratch
 [ -n "$script" ] || fatal "no metroblk.script= on the kernel command line"
 [ -f "/host$script" ] || fatal "script $script is not visible in the VM (it must live on the host's root filesystem, not under /tmp, /run or /var/tmp)"
 
+if [ -n "${fail_boot:-}" ]; then
+	echo "metroblk-vm: metroblk.fail_boot=1: crashing the kernel before the script starts"
+	echo 1 >/proc/sys/kernel/sysrq
+	echo c >/proc/sysrq-trigger
+	fatal "sysrq crash did not happen"
+fi
+
 [ -n "$debug" ] && echo "metroblk-vm: running $script in $cwd"
 # Inside the chroot: read the environment file, cd, run the script (bash unless executable).
 # shellcheck disable=SC2016 # expanded by the bash in the chroot
@@ -135,6 +146,8 @@ set -- chroot /host /usr/bin/env -i \
 	METROBLK_SCRATCH=/tmp/scratch \
 	${modprobe_options:+MODPROBE_OPTIONS="$modprobe_options"} \
 	/bin/bash -c "$wrapper" metroblk-vm "$cwd" "$script" "$envfile"
+# From here on a failure is the script's: run.sh never retries a VM that printed this.
+echo "METROBLK_VM_SCRIPT_START"
 if [ -n "$interactive" ]; then
 	# The serial line becomes the script's controlling terminal (job control, ^C).
 	setsid -c "$@" </dev/ttyS0 >/dev/ttyS0 2>&1

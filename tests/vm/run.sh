@@ -3,11 +3,19 @@
 # ublk_drv, over a read-only view of this machine's root filesystem. See tests/vm/README.md.
 #
 #   tests/vm/run.sh SCRIPT [--timeout SECS] [--mem MB] [--cpus N] [--workdir DIR] [--env K=V]...
+#                   [--fail-boots N]
 #   tests/vm/run.sh --interactive [SCRIPT] [options]      (default SCRIPT: a login shell)
 #
 # The console (the script's stdout and stderr) streams to stdout. Exit status: the script's,
 # 124 when the VM ran past --timeout (default 600 s; QEMU is killed), 125 when the VM stopped
 # without reporting the script's status (boot or setup failure, kernel panic).
+#
+# A VM that dies before the script starts (a kernel panic or oops while booting: multi-threaded
+# TCG occasionally trips over the kernel patching its own text; an init that fails) is booted
+# again, up to 3 attempts in all, and each retry is announced on stdout ("vm: boot attempt 1
+# of 3 died before the test script started (...); retrying"). Once the script has started
+# (the init prints METROBLK_VM_SCRIPT_START), nothing is retried. --fail-boots N makes the
+# first N boots crash on purpose (the harness's own test).
 #
 # Environment: METROBLK_VM_CACHE (see prepare.sh), METROBLK_VM_TIMEOUT, METROBLK_VM_MEM,
 # METROBLK_VM_CPUS (defaults of the options), METROBLK_VM_ACCEL (default tcg,thread=multi),
@@ -32,6 +40,7 @@ mem=${METROBLK_VM_MEM:-2048}
 cpus=${METROBLK_VM_CPUS:-2}
 workdir=$PWD
 interactive=
+fail_boots=0
 envs=()
 while [ $# -gt 0 ]; do
 	case "$1" in
@@ -45,6 +54,7 @@ while [ $# -gt 0 ]; do
 	--workdir=*) workdir=${1#*=}; shift ;;
 	--env) envs+=("${2:?--env needs NAME=VALUE}"); shift 2 ;;
 	--env=*) envs+=("${1#*=}"); shift ;;
+	--fail-boots) fail_boots=${2:?--fail-boots needs a value}; shift 2 ;;
 	--interactive | -i) interactive=1; shift ;;
 	-h | --help) usage ;;
 	-*) echo "run.sh: unknown option $1" >&2; usage ;;
@@ -63,6 +73,7 @@ if ! [[ "$timeout_s" =~ ^[0-9]+$ ]] || [ "$timeout_s" -eq 0 ]; then
 fi
 [[ "$mem" =~ ^[0-9]+$ ]] || die "--mem must be a number of MiB"
 [[ "$cpus" =~ ^[0-9]+$ ]] || die "--cpus must be a number"
+[[ "$fail_boots" =~ ^[0-9]+$ ]] || die "--fail-boots must be a number"
 workdir=$(cd "$workdir" && pwd -P) || die "--workdir $workdir does not exist"
 case "$workdir" in
 *[[:space:]]*) die "--workdir $workdir contains white space (it goes on the kernel command line)" ;;
@@ -138,66 +149,101 @@ case "$cache/" in
 esac
 if ((${#keep[@]})); then append+=" metroblk.keep=$(IFS=,; echo "${keep[*]}")"; fi
 
-# shellcheck disable=SC2054 # the commas are QEMU's
-qemu=(
-	qemu-system-x86_64
-	-accel "${METROBLK_VM_ACCEL:-tcg,thread=multi}"
-	-cpu max
-	-m "$mem"
-	-smp "$cpus"
-	-nographic
-	-no-reboot
-	-nic none
-	# Keep SeaBIOS off the serial console (its banner and terminal resets). QEMU warns
-	# about the name; the warning is filtered out below.
-	-fw_cfg name=etc/sercon-port,string=0
-	-kernel "$kernel"
-	-initrd "$initrd"
-	-append "$append"
-	-virtfs local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap
-)
-if [ -n "$interactive" ]; then
-	echo "run.sh: interactive VM; the shell's exit powers it off (or press Ctrl-A x)" >&2
-fi
+# Boot attempts: a VM that dies before the script starts is booted again (see the top).
+BOOT_ATTEMPTS_MAX=3
 
-log=$job/console.log
-start_ns=$(date +%s%N)
-# QEMU's console goes through sed (drop the serial line's CRs, unbuffered) and tee (stream and
-# keep a copy to find the exit marker in). timeout(1) runs QEMU in its own process group, so
-# cleanup() passes signals on to it. Interactive: QEMU keeps the terminal (timeout
-# --foreground), and its output is not filtered (sed would hold back prompts).
-if [ -n "$interactive" ]; then exec 3<&0; fi
-set +e
-{
+# boot_once ATTEMPT: runs one VM to its end; sets qemu_rc and elapsed, console in $log.
+boot_once() {
+	local attempt=$1 cmdline=$append
+	if [ "$attempt" -le "$fail_boots" ]; then cmdline+=" metroblk.fail_boot=1"; fi
+	# shellcheck disable=SC2054 # the commas are QEMU's
+	local qemu=(
+		qemu-system-x86_64
+		-accel "${METROBLK_VM_ACCEL:-tcg,thread=multi}"
+		-cpu max
+		-m "$mem"
+		-smp "$cpus"
+		-nographic
+		-no-reboot
+		-nic none
+		# Keep SeaBIOS off the serial console (its banner and terminal resets). QEMU warns
+		# about the name; the warning is filtered out below.
+		-fw_cfg name=etc/sercon-port,string=0
+		-kernel "$kernel"
+		-initrd "$initrd"
+		-append "$cmdline"
+		-virtfs local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap
+	)
 	if [ -n "$interactive" ]; then
-		timeout --foreground -k 10 "$timeout_s" "${qemu[@]}" <&3 \
-			2> >(grep --line-buffered -v 'fw_cfg item names should be prefixed' >&2) &
-	else
-		timeout -k 10 "$timeout_s" "${qemu[@]}" </dev/null \
-			2> >(grep --line-buffered -v 'fw_cfg item names should be prefixed' >&2) &
+		echo "run.sh: interactive VM; the shell's exit powers it off (or press Ctrl-A x)" >&2
 	fi
-	echo $! >"$job/timeout.pid"
-	wait $!
-	echo $? >"$job/qemu.rc"
-} | if [ -n "$interactive" ]; then
-	tee "$log"
-else
-	sed -u -e 's/\r$//' -e '/^\[ *[0-9.]*\] reboot: Power down$/d' | tee "$log"
-fi &
-pipeline=$!
-# Wait for the pid file, then for the pipeline (tee ends after QEMU's output ends).
-for _ in $(seq 100); do
-	[ -s "$job/timeout.pid" ] && break
-	sleep 0.05
+	log=$job/console-$attempt.log
+	rm -f "$job/timeout.pid" "$job/qemu.rc"
+	local start_ns pipeline
+	start_ns=$(date +%s%N)
+	# QEMU's console goes through sed (drop the serial line's CRs, unbuffered) and tee (stream
+	# and keep a copy to find the markers in). timeout(1) runs QEMU in its own process group,
+	# so cleanup() passes signals on to it. Interactive: QEMU keeps the terminal (timeout
+	# --foreground), and its output is not filtered (sed would hold back prompts).
+	if [ -n "$interactive" ]; then exec 3<&0; fi
+	set +e
+	{
+		if [ -n "$interactive" ]; then
+			timeout --foreground -k 10 "$timeout_s" "${qemu[@]}" <&3 \
+				2> >(grep --line-buffered -v 'fw_cfg item names should be prefixed' >&2) &
+		else
+			timeout -k 10 "$timeout_s" "${qemu[@]}" </dev/null \
+				2> >(grep --line-buffered -v 'fw_cfg item names should be prefixed' >&2) &
+		fi
+		echo $! >"$job/timeout.pid"
+		wait $!
+		echo $? >"$job/qemu.rc"
+	} | if [ -n "$interactive" ]; then
+		tee "$log"
+	else
+		sed -u -e 's/\r$//' -e '/^\[ *[0-9.]*\] reboot: Power down$/d' | tee "$log"
+	fi &
+	pipeline=$!
+	# Wait for the pid file, then for the pipeline (tee ends after QEMU's output ends).
+	for _ in $(seq 100); do
+		[ -s "$job/timeout.pid" ] && break
+		sleep 0.05
+	done
+	timeout_pid=$(cat "$job/timeout.pid" 2>/dev/null)
+	wait "$pipeline"
+	timeout_pid=
+	set -e
+	if [ -n "$interactive" ]; then exec 3<&-; fi
+	local elapsed_ms=$((($(date +%s%N) - start_ns) / 1000000))
+	elapsed=$((elapsed_ms / 1000)).$(printf '%03d' $((elapsed_ms % 1000)))
+	qemu_rc=$(cat "$job/qemu.rc" 2>/dev/null || echo '?')
+}
+
+# Why a boot died, in one line: the kernel's panic or oops line, or the init's error.
+boot_death_reason() {
+	local line
+	line=$(grep -a -m 1 -E 'Kernel panic|Oops|BUG:|METROBLK_VM_ERROR|general protection fault|int3' "$log" | tr -d '\r' || true)
+	if [ -n "$line" ]; then
+		echo "$line" | sed 's/^\[ *[0-9.]*\] //' | cut -c1-160
+	elif [ "$qemu_rc" = 124 ] || [ "$qemu_rc" = 137 ]; then
+		echo "no sign of life within ${timeout_s}s"
+	else
+		echo "QEMU exit status $qemu_rc, no kernel message"
+	fi
+}
+
+attempt=1
+while :; do
+	boot_once "$attempt"
+	if grep -a -q '^METROBLK_VM_SCRIPT_START'$'\r''\{0,1\}$' "$log"; then
+		break
+	fi
+	if [ -n "$interactive" ] || [ "$attempt" -ge "$BOOT_ATTEMPTS_MAX" ]; then
+		break
+	fi
+	echo "vm: boot attempt $attempt of $BOOT_ATTEMPTS_MAX died before the test script started ($(boot_death_reason)); retrying"
+	attempt=$((attempt + 1))
 done
-timeout_pid=$(cat "$job/timeout.pid" 2>/dev/null)
-wait "$pipeline"
-timeout_pid=
-set -e
-exec 3<&-
-elapsed_ms=$((($(date +%s%N) - start_ns) / 1000000))
-elapsed=$((elapsed_ms / 1000)).$(printf '%03d' $((elapsed_ms % 1000)))
-qemu_rc=$(cat "$job/qemu.rc" 2>/dev/null || echo '?')
 
 marker=$(grep -a -o '^METROBLK_VM_EXIT=[0-9]*'$'\r''\{0,1\}$' "$log" | tail -n 1 | tr -d '\r' || true)
 if [ -n "$marker" ]; then
@@ -217,5 +263,9 @@ if [ -z "$error" ]; then
 	echo "run.sh: last console lines:" >&2
 	tail -n 20 "$log" | sed 's/^/run.sh:   /' >&2
 	echo "run.sh: rerun with METROBLK_VM_DEBUG=1 to see the kernel's messages and the init's steps" >&2
+fi
+# Last, so that whoever keeps only the end of this output keeps the verdict.
+if ! grep -a -q '^METROBLK_VM_SCRIPT_START' "$log"; then
+	echo "run.sh: error: the VM died before the test script started, $attempt time(s) in a row; last: $(boot_death_reason)" >&2
 fi
 exit 125
