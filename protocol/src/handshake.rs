@@ -16,16 +16,22 @@
 //!
 //! ```text
 //! D -> L  Hello_D
-//! L -> D  Verdict (refusal: reason, then L fails)      | ok + Hello_L
-//! D -> L  Verdict (refusal: reason, then D fails)      | ok + Auth_D = HMAC(key, "metroblk-peer-v1 dialer" || Hello_D || Hello_L)
-//! L -> D  Verdict (wrong key: "authentication failed") | ok + Auth_L = HMAC(key, "metroblk-peer-v1 listener" || Hello_D || Hello_L)
-//! D -> L  Verdict (ok, or the dialer could not verify Auth_L)
+//! L -> D  Verdict (unparsable hello: generic refusal)  | ok + Hello_L
+//! D -> L  Verdict (unparsable hello: generic refusal)  | ok + Auth_D = HMAC(key, "metroblk-peer-v1 dialer" || Hello_D || Hello_L)
+//! L -> D  Verdict (wrong key: "authentication failed"; else the volume check: detailed reason)
+//!                                                      | ok + Auth_L = HMAC(key, "metroblk-peer-v1 listener" || Hello_D || Hello_L)
+//! D -> L  Verdict (wrong key, or the volume check: detailed reason) | ok
 //! ```
+//!
+//! Each side compares the peer's hello with its own (peer name, volume uuid, size, region and
+//! block size) only once the peer has proven it holds the key, and only then tells it which
+//! field differs: a stranger without the key gets "authentication failed" or a generic refusal
+//! and learns nothing about this node's volumes; the detail goes to the local log.
 //!
 //! The last verdict lets the listener know that the dialer accepted it before it starts
 //! replicating; without it a listener could believe a link is up that the dialer already dropped.
-//! Every refusal is sent to the other side as a verdict whose text is the refuser's own error
-//! message, so the operator sees the same reason on both nodes.
+//! A refusal after authentication is sent to the other side as a verdict whose text is the
+//! refuser's own error message, so the operator sees the same reason on both nodes.
 //!
 //! [`Handshake`] is a sans-I/O state machine (the daemon drives it from its event loop or through
 //! [`run_handshake`]); it never panics, whatever bytes it is fed.
@@ -163,7 +169,27 @@ pub enum HandshakeError {
     Malformed(String),
 }
 
+/// What an unauthenticated peer is told when it is refused; the detail goes to our own log.
+pub const REFUSED_BEFORE_AUTH: &str = "handshake refused before authentication (the refusing node's log says why)";
+
 impl HandshakeError {
+    /// The refusal text the peer gets. Which field differs and our expected values are told
+    /// only to a peer that has proven it holds the key (the mismatch checks run only after
+    /// authentication); a failed proof is named as such; anything else before authentication
+    /// gets a generic text, so a stranger learns nothing about this node's volumes.
+    fn peer_text(&self) -> String {
+        match self {
+            HandshakeError::WrongPeer { .. }
+            | HandshakeError::UuidMismatch { .. }
+            | HandshakeError::SizeMismatch { .. }
+            | HandshakeError::RegionSizeMismatch { .. }
+            | HandshakeError::BlockSizeMismatch { .. }
+            | HandshakeError::AuthFailed
+            | HandshakeError::PeerAuthFailed => self.to_string(),
+            _ => REFUSED_BEFORE_AUTH.to_owned(),
+        }
+    }
+
     fn verdict_code(&self) -> u32 {
         match self {
             HandshakeError::BadMagic => V_BAD_MAGIC,
@@ -192,8 +218,9 @@ fn fmt_uuid(u: &[u8; 16]) -> String {
 }
 
 /// Turns peer-supplied text into one printable line: a hostile peer must not be able to forge
-/// log lines or terminal escapes through its node name or refusal reason.
-fn printable(bytes: &[u8]) -> String {
+/// log lines or terminal escapes through its node name, refusal reason or ERROR frame text.
+/// Stops at the first NUL.
+pub fn printable(bytes: &[u8]) -> String {
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
     String::from_utf8_lossy(bytes.get(..end).unwrap_or(bytes))
         .chars()
@@ -238,8 +265,9 @@ fn encode_hello(h: &HelloInfo) -> Result<Vec<u8>, HandshakeError> {
     Ok(wire.as_bytes().to_vec())
 }
 
-/// Parses a hello and checks it against ours; the error is what we tell the peer and the operator.
-fn check_hello(bytes: &[u8], local: &HelloInfo, expected_peer: &str) -> Result<HelloInfo, HandshakeError> {
+/// Parses a hello (magic, version, a UTF-8 name). Nothing is compared with ours yet: that waits
+/// until the peer has proven it holds the key (`check_compat`).
+fn parse_hello(bytes: &[u8]) -> Result<HelloInfo, HandshakeError> {
     let w = WireHello::read_from_bytes(bytes)
         .map_err(|_| HandshakeError::Malformed(format!("hello is not {HELLO_LEN} bytes")))?;
     if w.magic != PEER_MAGIC {
@@ -268,6 +296,12 @@ fn check_hello(bytes: &[u8], local: &HelloInfo, expected_peer: &str) -> Result<H
         epoch: w.epoch.get(),
         nonce: w.nonce,
     };
+    Ok(peer)
+}
+
+/// Checks an authenticated peer's hello against ours; the error is what we tell the peer (it
+/// has authenticated, so it may learn which field differs) and the operator.
+fn check_compat(peer: &HelloInfo, local: &HelloInfo, expected_peer: &str) -> Result<(), HandshakeError> {
     if peer.node_name != expected_peer {
         return Err(HandshakeError::WrongPeer {
             expected: expected_peer.to_owned(),
@@ -286,7 +320,7 @@ fn check_hello(bytes: &[u8], local: &HelloInfo, expected_peer: &str) -> Result<H
     if peer.block_size != local.block_size {
         return Err(HandshakeError::BlockSizeMismatch { local: local.block_size, peer: peer.block_size });
     }
-    Ok(peer)
+    Ok(())
 }
 
 fn verdict(code: u32, reason: &str) -> Vec<u8> {
@@ -446,7 +480,7 @@ impl Handshake {
             }
             Err((e, tell_peer)) => {
                 if tell_peer {
-                    self.out.push_back(verdict(e.verdict_code(), &e.to_string()));
+                    self.out.push_back(verdict(e.verdict_code(), &e.peer_text()));
                 }
                 self.state = State::Failed(e.clone());
                 Err(e)
@@ -469,7 +503,7 @@ impl Handshake {
     fn step(&mut self, step: Step, msg: &[u8]) -> Result<State, (HandshakeError, bool)> {
         match step {
             Step::HelloD => {
-                let peer = check_hello(msg, &self.local, &self.expected_peer).map_err(|e| (e, true))?;
+                let peer = parse_hello(msg).map_err(|e| (e, true))?;
                 self.hello_d = msg.to_vec();
                 self.peer = Some(peer);
                 self.out.push_back(verdict(V_OK, ""));
@@ -481,7 +515,7 @@ impl Handshake {
                 Ok(State::Waiting(Step::HelloL))
             }
             Step::HelloL => {
-                let peer = check_hello(msg, &self.local, &self.expected_peer).map_err(|e| (e, true))?;
+                let peer = parse_hello(msg).map_err(|e| (e, true))?;
                 self.hello_l = msg.to_vec();
                 self.peer = Some(peer);
                 let mac = self.mac_for(DIALER_LABEL).map_err(|e| (e, true))?;
@@ -497,6 +531,8 @@ impl Handshake {
                 let mac = self.mac_for(DIALER_LABEL).map_err(|e| (e, true))?;
                 // verify_slice compares in constant time.
                 mac.verify_slice(msg).map_err(|_| (HandshakeError::AuthFailed, true))?;
+                // The dialer holds the key: it may now learn what does not match.
+                self.check_peer().map_err(|e| (e, true))?;
                 let mine = self.mac_for(LISTENER_LABEL).map_err(|e| (e, true))?;
                 self.out.push_back(verdict(V_OK, ""));
                 self.out.push_back(mine.finalize().into_bytes().to_vec());
@@ -509,6 +545,7 @@ impl Handshake {
             Step::AuthL => {
                 let mac = self.mac_for(LISTENER_LABEL).map_err(|e| (e, true))?;
                 mac.verify_slice(msg).map_err(|_| (HandshakeError::PeerAuthFailed, true))?;
+                self.check_peer().map_err(|e| (e, true))?;
                 self.out.push_back(verdict(V_OK, ""));
                 self.done()
             }
@@ -516,6 +553,13 @@ impl Handshake {
                 read_verdict(msg).map_err(|e| (e, false))?;
                 self.done()
             }
+        }
+    }
+
+    fn check_peer(&self) -> Result<(), HandshakeError> {
+        match &self.peer {
+            Some(peer) => check_compat(peer, &self.local, &self.expected_peer),
+            None => Err(HandshakeError::Malformed("no peer hello".into())),
         }
     }
 
@@ -821,24 +865,36 @@ mod tests {
     }
 
     #[test]
-    fn dialer_side_mismatch_refused() {
-        // A mismatch only the dialer sees: the listener passes the dialer, then the dialer gets a
-        // hello whose size differs from its own and must refuse it to the listener.
+    fn a_peer_without_the_key_learns_nothing_about_the_volume() {
+        // Wrong key and a different size: the listener checks the proof first, so the stranger
+        // hears only that authentication failed, never which size this node has.
+        let mut stranger = info("a", 1);
+        stranger.volume_size = 4096;
+        let (d, l) = run_pair(stranger, b"not-the-key-at-all-0123", "b", info("b", 2), KEY, "a");
+        assert_eq!(l, Err(HandshakeError::AuthFailed));
+        let text = d.unwrap_err().to_string();
+        assert_eq!(text, "peer refused the link: authentication failed: wrong authkey");
+        assert!(!text.contains("1073741824") && !text.contains("size"), "{text}");
+    }
+
+    #[test]
+    fn the_volume_check_runs_only_after_the_proof() {
+        // Right key, wrong size: refused in detail, but only after the dialer's proof arrived.
         let mut d = Handshake::new(Role::Dialer, info("a", 1), KEY, "b");
-        let mut l = Handshake::new(Role::Listener, info("b", 2), KEY, "a");
-        l.feed(&d.poll_output().unwrap()).unwrap();
-        d.feed(&l.poll_output().unwrap()).unwrap(); // verdict ok
-        let _real_hello_l = l.poll_output().unwrap();
         let mut other = info("b", 2);
         other.volume_size = 4096;
+        let mut l = Handshake::new(Role::Listener, other, KEY, "a");
+        l.feed(&d.poll_output().unwrap()).unwrap(); // Hello_D: parsed, not yet compared
+        assert_eq!(read_verdict(&l.poll_output().unwrap()), Ok(()));
+        d.feed(&verdict(V_OK, "")).unwrap();
+        d.feed(&l.poll_output().unwrap()).unwrap(); // Hello_L
+        l.feed(&d.poll_output().unwrap()).unwrap(); // verdict ok
+        let auth_d = d.poll_output().unwrap();
+        assert_eq!(l.feed(&auth_d), Err(HandshakeError::SizeMismatch { local: 4096, peer: 1 << 30 }));
+        d.feed(&l.poll_output().unwrap()).unwrap_err();
         assert_eq!(
-            d.feed(&encode_hello(&other).unwrap()),
-            Err(HandshakeError::SizeMismatch { local: 1 << 30, peer: 4096 })
-        );
-        l.feed(&d.poll_output().unwrap()).unwrap_err();
-        assert_eq!(
-            l.outcome().unwrap().unwrap_err().to_string(),
-            "peer refused the link: volume size mismatch: local 1073741824 bytes, peer 4096 bytes"
+            d.outcome().unwrap().unwrap_err().to_string(),
+            "peer refused the link: volume size mismatch: local 4096 bytes, peer 1073741824 bytes"
         );
     }
 
@@ -847,7 +903,8 @@ mod tests {
         let mut l = Handshake::new(Role::Listener, info("b", 2), KEY, "a");
         assert_eq!(l.feed(raw), Err(want.clone()));
         let v = l.poll_output().expect("a refusal verdict");
-        assert_eq!(read_verdict(&v), Err(HandshakeError::Rejected(want.to_string())));
+        // Before authentication the peer gets a generic text; the detail is ours to log.
+        assert_eq!(read_verdict(&v), Err(HandshakeError::Rejected(REFUSED_BEFORE_AUTH.into())));
         assert_eq!(l.wants(), 0);
         assert_eq!(l.outcome(), Some(Err(want)));
     }
@@ -858,7 +915,7 @@ mod tests {
         d.feed(&verdict(V_OK, "")).unwrap();
         assert_eq!(d.feed(raw), Err(want.clone()));
         let v = d.poll_output().expect("a refusal verdict");
-        assert_eq!(read_verdict(&v), Err(HandshakeError::Rejected(want.to_string())));
+        assert_eq!(read_verdict(&v), Err(HandshakeError::Rejected(REFUSED_BEFORE_AUTH.into())));
         assert_eq!(d.outcome(), Some(Err(want)));
     }
 

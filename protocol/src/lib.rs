@@ -17,5 +17,6 @@ pub use frame::{
     MAX_ERROR_TEXT, MAX_PAYLOAD,
 };
 pub use handshake::{
-    run_handshake, Handshake, HandshakeError, HelloInfo, Role, MAX_NODE_NAME, PEER_MAGIC, PEER_PROTOCOL_VERSION,
+    printable, run_handshake, Handshake, HandshakeError, HelloInfo, Role, MAX_NODE_NAME, PEER_MAGIC,
+    PEER_PROTOCOL_VERSION, REFUSED_BEFORE_AUTH,
 };
