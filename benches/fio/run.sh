@@ -44,6 +44,7 @@ cleanup() {
 }
 trap cleanup EXIT
 echo "metroblk-fio-bench-authkey-0123456789" >"$W/key"
+chmod 600 "$W/key"
 
 config() { # name peer role listen peerport [peer section yes/no]
 	{

@@ -257,6 +257,7 @@ fn bench_mirror_with(
 ) -> Result_ {
     let key = dir.join("bench.key");
     std::fs::write(&key, "pipeline-benchmark-authkey-0123").unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let port = |()| TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let (pa, pb) = (port(()), port(()));
     let mode = if direct { "direct" } else { "buffered" };

@@ -138,6 +138,7 @@ struct RawPeer {
     name: String,
     address: String,
     authkey_file: PathBuf,
+    allow_from: Option<Vec<String>>,
 }
 
 /// A validated node configuration.
@@ -177,6 +178,57 @@ pub struct PeerConfig {
     pub name: String,
     pub address: SocketAddr,
     pub authkey_file: PathBuf,
+    /// Source addresses the listener accepts links from (default: the peer's address only).
+    pub allow_from: Vec<AddrRange>,
+}
+
+/// An address or a CIDR range (`10.0.0.0/8`, `fd00::/8`, `192.0.2.7`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddrRange {
+    pub addr: std::net::IpAddr,
+    pub prefix_len: u8,
+}
+
+impl AddrRange {
+    pub fn parse(s: &str) -> Result<AddrRange, String> {
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: std::net::IpAddr = a.trim().parse().map_err(|_| format!("'{s}' is not an address or CIDR range"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix_len = match p {
+            None => max,
+            Some(p) => match p.trim().parse::<u8>() {
+                Ok(n) if n <= max => n,
+                _ => return Err(format!("'{s}': the prefix length must be 0..={max}")),
+            },
+        };
+        Ok(AddrRange { addr, prefix_len })
+    }
+
+    /// Does `ip` fall in this range? IPv4-mapped IPv6 sources match IPv4 ranges.
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        let bits = |x: u128, total: u32| if self.prefix_len == 0 { 0 } else { x >> (total - self.prefix_len as u32) };
+        match (self.addr, ip) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => bits(u32::from(a) as u128, 32) == bits(u32::from(b) as u128, 32),
+            (IpAddr::V6(a), IpAddr::V6(b)) => bits(u128::from(a), 128) == bits(u128::from(b), 128),
+            _ => false,
+        }
+    }
+}
+
+/// Whether [`NodeConfig::load_with`] reads the authkey files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keys {
+    Read,
+    /// For commands that only talk to the local control socket (`status`): they need no key.
+    Skip,
 }
 
 /// UUIDv5 namespace for volume uuids derived from the volume name, so that two nodes whose
@@ -185,15 +237,23 @@ const VOLUME_UUID_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6d65_7472_6f62
 
 impl NodeConfig {
     pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
+        Self::load_with(path, Keys::Read)
+    }
+
+    pub fn load_with(path: &Path, keys: Keys) -> Result<NodeConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: path.to_path_buf(),
             field: String::new(),
             message: format!("cannot read config: {e}"),
         })?;
-        Self::parse(path, &text)
+        Self::parse_with(path, &text, keys)
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<NodeConfig, ConfigError> {
+        Self::parse_with(path, text, Keys::Read)
+    }
+
+    pub fn parse_with(path: &Path, text: &str, keys: Keys) -> Result<NodeConfig, ConfigError> {
         let err =
             |field: &str, message: String| ConfigError { file: path.to_path_buf(), field: field.to_string(), message };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
@@ -266,16 +326,51 @@ impl NodeConfig {
                         err(&f("peer.address"), format!("'{}' is not an address like 10.0.0.2:7789", p.address))
                     })?;
                     let authkey_file = resolve(path, &p.authkey_file);
-                    let authkey = read_authkey(&authkey_file).map_err(|m| err(&f("peer.authkey_file"), m))?;
-                    (Some(PeerConfig { name: p.name, address, authkey_file }), authkey)
+                    let authkey = match keys {
+                        Keys::Read => read_authkey(&authkey_file).map_err(|m| err(&f("peer.authkey_file"), m))?,
+                        Keys::Skip => Vec::new(),
+                    };
+                    let allow_from = match &p.allow_from {
+                        None => {
+                            vec![AddrRange { addr: address.ip(), prefix_len: if address.is_ipv4() { 32 } else { 128 } }]
+                        }
+                        Some(list) => {
+                            let mut out = Vec::with_capacity(list.len());
+                            for a in list {
+                                out.push(AddrRange::parse(a).map_err(|m| err(&f("peer.allow_from"), m))?);
+                            }
+                            out
+                        }
+                    };
+                    (Some(PeerConfig { name: p.name, address, authkey_file, allow_from }), authkey)
                 }
             };
+            let backing_file = resolve(path, &v.backing_file);
+            let metadata_file = resolve(path, &v.metadata_file);
+            // Two volumes on one file or port would corrupt each other or fail to start.
+            for o in &volumes {
+                let clash = if o.backing_file == backing_file || o.metadata_file == backing_file {
+                    Some(("backing_file", backing_file.display().to_string()))
+                } else if o.metadata_file == metadata_file || o.backing_file == metadata_file {
+                    Some(("metadata_file", metadata_file.display().to_string()))
+                } else if o.listen == listen {
+                    Some(("listen", listen.to_string()))
+                } else {
+                    None
+                };
+                if let Some((field, what)) = clash {
+                    return Err(err(&f(field), format!("{what} is already used by volume '{}'", o.name)));
+                }
+            }
+            if backing_file == metadata_file {
+                return Err(err(&f("metadata_file"), "is the same file as backing_file".into()));
+            }
             volumes.push(VolumeConfig {
                 name: v.name,
                 uuid,
                 size,
-                backing_file: resolve(path, &v.backing_file),
-                metadata_file: resolve(path, &v.metadata_file),
+                backing_file,
+                metadata_file,
                 region_size,
                 block_size,
                 listen,
@@ -320,6 +415,17 @@ fn check_name(name: &str) -> Result<(), String> {
 /// An authkey is the file's content with surrounding whitespace trimmed; at least 16 bytes so a
 /// placeholder like "secret" is refused.
 fn read_authkey(path: &Path) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::PermissionsExt;
+    // Like ssh with a private key: a key others can read is no longer a secret.
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{} is accessible by group or others (mode {mode:04o}); make it private: chmod 600 {}",
+            path.display(),
+            path.display()
+        ));
+    }
     let raw = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let key = raw.trim_ascii().to_vec();
     if key.len() < 16 {
@@ -333,7 +439,9 @@ mod tests {
     use super::*;
 
     fn write_key(dir: &Path) {
+        use std::os::unix::fs::PermissionsExt;
         std::fs::write(dir.join("key"), "0123456789abcdef0123\n").unwrap();
+        std::fs::set_permissions(dir.join("key"), std::fs::Permissions::from_mode(0o600)).unwrap();
     }
 
     fn good(dir: &Path) -> String {
@@ -426,5 +534,79 @@ authkey_file = "key"
         assert_eq!(parse_size("1G").unwrap(), 1 << 30);
         assert!(parse_size("x").is_err());
         assert!(parse_size("99999999999999T").is_err());
+    }
+
+    #[test]
+    fn a_key_readable_by_others_is_refused_and_status_needs_no_key() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alpha.toml");
+        let text = good(dir.path());
+        std::fs::set_permissions(dir.path().join("key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = NodeConfig::parse(&path, &text).unwrap_err().to_string();
+        assert!(
+            e.contains("volume[0].peer.authkey_file:") && e.contains("(mode 0644)") && e.contains("chmod 600"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'));
+        // `status` reads no key: it works with an unreadable or missing key file.
+        std::fs::remove_file(dir.path().join("key")).unwrap();
+        let c = NodeConfig::parse_with(&path, &text, Keys::Skip).unwrap();
+        assert!(c.volumes[0].authkey.is_empty());
+    }
+
+    #[test]
+    fn two_volumes_may_not_share_a_file_or_a_listen_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alpha.toml");
+        let base = good(dir.path());
+        let second = |backing: &str, meta: &str, listen: &str| {
+            format!(
+                "{base}\n[[volume]]\nname = \"vol1\"\nsize = \"64MiB\"\nbacking_file = \"{backing}\"\n\
+                 metadata_file = \"{meta}\"\nlisten = \"{listen}\"\nrole = \"primary\"\n"
+            )
+        };
+        let ok = second("vol1.img", "vol1.meta", "127.0.0.1:7791");
+        assert_eq!(NodeConfig::parse(&path, &ok).unwrap().volumes.len(), 2);
+        for (text, want) in [
+            (second("vol0.img", "vol1.meta", "127.0.0.1:7791"), "volume[1].backing_file: "),
+            (second("vol1.img", "vol0.meta", "127.0.0.1:7791"), "volume[1].metadata_file: "),
+            (second("vol0.meta", "vol1.meta", "127.0.0.1:7791"), "volume[1].backing_file: "),
+            (
+                second("vol1.img", "vol1.meta", "127.0.0.1:7789"),
+                "volume[1].listen: 127.0.0.1:7789 is already used by volume 'vol0'",
+            ),
+            (
+                second("vol1.img", "vol1.img", "127.0.0.1:7791"),
+                "volume[1].metadata_file: is the same file as backing_file",
+            ),
+        ] {
+            let e = NodeConfig::parse(&path, &text).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+    }
+
+    #[test]
+    fn allow_from_defaults_to_the_peer_and_takes_cidr_ranges() {
+        use std::net::IpAddr;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alpha.toml");
+        let c = NodeConfig::parse(&path, &good(dir.path())).unwrap();
+        let allow = &c.volumes[0].peer.as_ref().unwrap().allow_from;
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(allow.iter().any(|r| r.contains(ip("127.0.0.1"))));
+        assert!(!allow.iter().any(|r| r.contains(ip("127.0.0.2"))));
+        let text = good(dir.path())
+            .replace("authkey_file = \"key\"", "authkey_file = \"key\"\nallow_from = [\"10.0.0.0/8\", \"192.0.2.7\"]");
+        let c = NodeConfig::parse(&path, &text).unwrap();
+        let allow = &c.volumes[0].peer.as_ref().unwrap().allow_from;
+        assert!(allow.iter().any(|r| r.contains(ip("10.200.3.4"))));
+        assert!(allow.iter().any(|r| r.contains(ip("::ffff:10.1.1.1"))));
+        assert!(allow.iter().any(|r| r.contains(ip("192.0.2.7"))));
+        assert!(!allow.iter().any(|r| r.contains(ip("192.0.2.8")) || r.contains(ip("127.0.0.1"))));
+        let bad = good(dir.path())
+            .replace("authkey_file = \"key\"", "authkey_file = \"key\"\nallow_from = [\"10.0.0.0/33\"]");
+        let e = NodeConfig::parse(&path, &bad).unwrap_err().to_string();
+        assert!(e.contains("volume[0].peer.allow_from: '10.0.0.0/33'"), "{e}");
     }
 }

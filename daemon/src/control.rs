@@ -115,13 +115,22 @@ struct ControlRequest {
 }
 
 /// Serves the control socket on a background thread. A stale socket file from a crashed
-/// daemon is replaced; a live one (another daemon answering) is an error.
+/// daemon is replaced; a live one (another daemon answering) is an error, and so is anything
+/// at that path that is not a socket: a mistyped path must never delete someone's file.
 pub fn serve(path: &Path, node: String, volumes: Arc<Vec<VolumeHandle>>) -> Result<(), String> {
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(format!(
+                "control socket {} exists and is not a socket; refusing to replace it (fix node.control_socket)",
+                path.display()
+            ));
+        }
         if UnixStream::connect(path).is_ok() {
             return Err(format!("control socket {} is in use by another running node", path.display()));
         }
-        let _ = std::fs::remove_file(path);
+        std::fs::remove_file(path)
+            .map_err(|e| format!("cannot remove the stale control socket {}: {e}", path.display()))?;
     }
     if let Some(dir) = path.parent() {
         if !dir.as_os_str().is_empty() {

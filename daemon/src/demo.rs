@@ -37,6 +37,8 @@ pub fn run(opts: DemoOptions) -> Result<(), String> {
 fn write_configs(dir: &Path) -> Result<(PathBuf, PathBuf), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     std::fs::write(dir.join("demo.key"), DEMO_KEY).map_err(|e| e.to_string())?;
+    std::fs::set_permissions(dir.join("demo.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(|e| e.to_string())?;
     let cfg = |name: &str,
                peer: &str,
                role: &str,

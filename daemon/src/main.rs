@@ -116,7 +116,10 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Status { config, socket, json } => {
             let path = match (config, socket) {
-                (Some(c), _) => NodeConfig::load(&c).map_err(|e| e.to_string())?.control_socket,
+                // Status talks to the local control socket only: it needs no authkey.
+                (Some(c), _) => {
+                    NodeConfig::load_with(&c, metroblk::config::Keys::Skip).map_err(|e| e.to_string())?.control_socket
+                }
                 (None, Some(s)) => s,
                 (None, None) => return Err("status needs --config FILE or --socket PATH".into()),
             };

@@ -12,6 +12,7 @@
 //! picked it, the one remembered in `<metadata_file>.ublk-id`.
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -200,7 +201,8 @@ pub fn read_ublk_id(path: &Path) -> Result<Option<i32>, String> {
 pub fn write_ublk_id(path: &Path, id: i32, volume: &str) -> Result<(), String> {
     let fail = |e: std::io::Error| format!("{}: cannot record the ublk device id: {e}", path.display());
     let tmp = path.with_extension("ublk-id.tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(fail)?;
+    let mut f =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(fail)?;
     writeln!(f, "# ublk device id of volume {volume} on this node; a restarted node recovers /dev/ublkb{id}")
         .and_then(|()| writeln!(f, "{id}"))
         .and_then(|()| f.sync_all())

@@ -43,6 +43,8 @@ pub struct NodeSpec<'a> {
 pub fn write_config(dir: &Path, s: &NodeSpec) -> PathBuf {
     let key = dir.join(format!("{}.key", s.name));
     std::fs::write(&key, s.key).unwrap();
+    // A key readable by others is refused (config.rs), as ssh refuses such a private key.
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let text = format!(
         r#"[node]
 name = "{name}"

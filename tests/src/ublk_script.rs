@@ -45,6 +45,7 @@ trap 'echo "FAILED at line $LINENO: $BASH_COMMAND"' ERR
 trap 'rc=$?; [ $rc = 0 ] || dump_logs' EXIT
 
 printf '%s\n' "$KEY" > "$W/key"
+chmod 600 "$W/key"
 # config NAME PEER ROLE LISTEN_PORT PEER_PORT [EXTRA_VOLUME_LINES]
 config() {
     cat > "$W/$1.toml" <<EOF

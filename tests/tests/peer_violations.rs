@@ -152,3 +152,47 @@ fn acks_for_frames_not_sent_or_of_the_wrong_kind_drop_the_link_and_complete_noth
 fn cfg_of(path: &std::path::Path) -> metroblk::config::VolumeConfig {
     NodeConfig::load(path).unwrap().volumes[0].clone()
 }
+
+#[test]
+fn hostile_error_text_from_the_peer_is_sanitised_before_logs_and_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb) = (free_port(), free_port());
+    let alpha = write_config(
+        dir.path(),
+        &NodeSpec {
+            name: "alpha",
+            peer: "beta",
+            role: "primary",
+            size: VOLUME,
+            listen_port: pa,
+            peer_port: pb,
+            key: TEST_KEY,
+            extra: "",
+        },
+    );
+    let listener = TcpListener::bind(("127.0.0.1", pb)).unwrap();
+    let cfg = cfg_of(&alpha);
+    let fake = std::thread::spawn({
+        let cfg = cfg.clone();
+        move || {
+            let mut s = accept_link(&listener, &cfg);
+            let text = b"\x1b[2J\x1b[31mdisk on fire\nINFO forged: all good\r";
+            let mut h = [0u8; HEADER_LEN];
+            Frame::error(-libc::EIO, text).encode(&mut h);
+            s.write_all(&h).unwrap();
+            s.write_all(text).unwrap();
+            closed_by_primary(&mut s, Duration::from_secs(5))
+        }
+    });
+    let vol = Volume::open_primary(&cfg, "alpha", 1).unwrap();
+    let mut drv = QueueDriver::new(vol.queue(0, 4)).unwrap();
+    let h = vol.handoff(0).clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !h.last_error().is_some_and(|e| e.contains("disk on fire")) {
+        assert!(Instant::now() < deadline, "the peer's error never reached the link error");
+        drv.poll(Some(Duration::from_millis(20)), |_, _| {}).unwrap();
+    }
+    let e = h.last_error().unwrap();
+    assert!(!e.chars().any(|c| c.is_control()), "control characters reached status: {e:?}");
+    assert!(fake.join().unwrap(), "the primary kept the link after an ERROR frame");
+}

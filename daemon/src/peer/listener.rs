@@ -4,12 +4,26 @@
 //! authkey) and checked against this node's volume (uuid, size, region and block size)
 //! before a single data frame is read from it; then it is handed to `replica::serve` on a
 //! thread of its own. One connection per primary queue.
+//!
+//! Nobody without the key can wedge the listener:
+//! - only the configured peer's address (or `allow_from`) may connect; others are closed at
+//!   once, before a byte is read;
+//! - a handshake has one absolute deadline ([`HANDSHAKE_TIMEOUT`] for all of it, not per read),
+//!   so a peer trickling a byte a second is cut off;
+//! - at most [`HANDSHAKES_MAX`] handshakes run at once (a thread each); a connection beyond
+//!   that is closed at once. The cap is far above what a real primary needs (one link per
+//!   queue), so a few hundred trickling connections from an allowed address do not keep the
+//!   real primary out;
+//! - an `accept` error (EMFILE, ENFILE, ENOBUFS) backs off instead of spinning;
+//! - refusal details reach the peer only after it proved the key (`protocol::handshake`).
 
-use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use metroblk_protocol::{run_handshake, Handshake, Role};
+use metroblk_protocol::{Handshake, HandshakeError, HelloInfo, Role};
 
 use super::connector::{local_hello, HANDSHAKE_TIMEOUT};
 use super::replica;
@@ -19,9 +33,44 @@ use crate::volume::VolumeShared;
 /// Most simultaneous links one volume accepts (one per primary queue, plus slack for a
 /// reconnecting primary whose old links are still closing).
 pub const MAX_LINKS: u64 = 2 * crate::config::MAX_QUEUES as u64;
+/// Most handshakes in progress at once per volume; beyond this a connection is closed at once.
+pub const HANDSHAKES_MAX: usize = 512;
+/// Stack of a handshake thread, which then serves the link (the replica keeps its buffers on
+/// the heap). Reserved address space, touched only as used.
+const LINK_THREAD_STACK: usize = 1 << 20;
+/// Backoff after a failed `accept` (EMFILE and the like), doubling up to the max.
+pub const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+pub const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Refused connections are logged at most once per this interval (plus a count).
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 pub struct Listener {
     pub local_addr: std::net::SocketAddr,
+}
+
+/// Logs the first refusal of a kind, then at most one summary line per interval: a flood of
+/// strangers must not flood the log either.
+struct RateLimitedLog {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimitedLog {
+    fn log(&mut self, volume: &str, what: &str) {
+        let now = Instant::now();
+        match self.last {
+            Some(t) if now.duration_since(t) < REFUSAL_LOG_INTERVAL => self.suppressed += 1,
+            _ => {
+                let more = std::mem::take(&mut self.suppressed);
+                if more > 0 {
+                    tracing::warn!(volume, "{what} (and {more} more since the last report)");
+                } else {
+                    tracing::warn!(volume, "{what}");
+                }
+                self.last = Some(now);
+            }
+        }
+    }
 }
 
 /// Binds the volume's listen address and serves links from the primary on background threads.
@@ -32,42 +81,127 @@ pub fn start(v: Arc<VolumeShared>) -> Result<Listener, String> {
     tracing::info!(volume = %v.config.name, %local_addr, "secondary: waiting for the primary");
     v.queue_stats[0].set_link(LinkState::Connecting);
     let links = Arc::new(AtomicU64::new(0));
+    let handshakes = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name(format!("listen-{}", v.config.name))
-        .spawn(move || {
-            for conn in listener.incoming() {
-                match conn {
-                    Ok(stream) => {
-                        if links.load(Ordering::Relaxed) >= MAX_LINKS {
-                            tracing::warn!(volume = %v.config.name, "refusing a link: {MAX_LINKS} already open");
-                            continue;
-                        }
-                        let v = v.clone();
-                        let links = links.clone();
-                        let _ = std::thread::Builder::new()
-                            .name(format!("replica-{}", v.config.name))
-                            .spawn(move || accept_one(v, stream, links));
-                    }
-                    Err(e) => tracing::warn!(volume = %v.config.name, "accept failed: {e}"),
-                }
-            }
-        })
+        .spawn(move || accept_loop(v, listener, links, handshakes))
         .map_err(|e| e.to_string())?;
     Ok(Listener { local_addr })
 }
 
-fn accept_one(v: Arc<VolumeShared>, mut stream: TcpStream, links: Arc<AtomicU64>) {
-    let from = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
-    let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT));
-    let Some(expected) = v.config.peer.as_ref().map(|p| p.name.clone()) else {
-        tracing::error!(volume = %v.config.name, "refused link from {from}: this volume is standalone");
-        return;
+fn accept_loop(v: Arc<VolumeShared>, listener: TcpListener, links: Arc<AtomicU64>, handshakes: Arc<AtomicUsize>) {
+    let name = v.config.name.clone();
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    let mut not_allowed = RateLimitedLog { last: None, suppressed: 0 };
+    let mut over_cap = RateLimitedLog { last: None, suppressed: 0 };
+    loop {
+        let (stream, from) = match listener.accept() {
+            Ok(c) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                c
+            }
+            Err(e) => {
+                // EMFILE and friends persist until something closes: retrying at once would spin.
+                tracing::warn!(volume = %name, "accept failed: {e}; retrying in {} ms", backoff.as_millis());
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                continue;
+            }
+        };
+        let Some(peer) = v.config.peer.as_ref() else {
+            not_allowed.log(&name, &format!("refused link from {from}: this volume is standalone"));
+            continue;
+        };
+        if !peer.allow_from.iter().any(|r| r.contains(from.ip())) {
+            not_allowed.log(
+                &name,
+                &format!("refused link from {from}: not the peer's address (set volume.peer.allow_from to allow it)"),
+            );
+            continue;
+        }
+        if handshakes.fetch_add(1, Ordering::AcqRel) >= HANDSHAKES_MAX {
+            handshakes.fetch_sub(1, Ordering::AcqRel);
+            over_cap.log(&name, &format!("refused link from {from}: {HANDSHAKES_MAX} handshakes already in progress"));
+            continue;
+        }
+        let (v, links, hs) = (v.clone(), links.clone(), handshakes.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("replica-{name}"))
+            .stack_size(LINK_THREAD_STACK)
+            .spawn(move || accept_one(v, stream, from, links, hs));
+        if let Err(e) = spawned {
+            // The closure (and the stream) is gone with the error; give the slot back.
+            handshakes.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!(volume = %name, "cannot start a thread for the link from {from}: {e}");
+        }
+    }
+}
+
+/// Runs `hs` over a blocking stream until it ends or `deadline` passes, whatever the peer
+/// sends and however slowly: every read and write is bounded by the time left.
+pub fn handshake_until(
+    stream: &mut TcpStream,
+    mut hs: Handshake,
+    deadline: Instant,
+) -> Result<HelloInfo, HandshakeError> {
+    let late = || {
+        HandshakeError::Io(format!("the peer did not finish the handshake within {} s", HANDSHAKE_TIMEOUT.as_secs()))
     };
+    let mut buf = [0u8; 256];
+    loop {
+        while let Some(out) = hs.poll_output() {
+            let left = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()).ok_or_else(late)?;
+            stream.set_write_timeout(Some(left)).map_err(|e| HandshakeError::Io(e.to_string()))?;
+            stream.write_all(&out).map_err(|e| match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => late(),
+                _ => HandshakeError::Io(e.to_string()),
+            })?;
+        }
+        if let Some(result) = hs.outcome() {
+            return result;
+        }
+        let want = hs.wants().min(buf.len());
+        if want == 0 {
+            return Err(HandshakeError::Malformed("handshake stalled".into()));
+        }
+        let left = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()).ok_or_else(late)?;
+        stream.set_read_timeout(Some(left)).map_err(|e| HandshakeError::Io(e.to_string()))?;
+        let n = match stream.read(&mut buf[..want]) {
+            Ok(0) => return Err(HandshakeError::Io("the peer closed the connection during the handshake".into())),
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return Err(late())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(HandshakeError::Io(e.to_string())),
+        };
+        // A refusal verdict is queued before the error returns; send it before giving up.
+        if let Err(e) = hs.feed(&buf[..n]) {
+            while let Some(out) = hs.poll_output() {
+                let _ = stream.write_all(&out);
+            }
+            return Err(e);
+        }
+    }
+}
+
+fn accept_one(
+    v: Arc<VolumeShared>,
+    mut stream: TcpStream,
+    from: SocketAddr,
+    links: Arc<AtomicU64>,
+    handshakes: Arc<AtomicUsize>,
+) {
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let expected = v.config.peer.as_ref().map(|p| p.name.clone()).unwrap_or_default();
     let hs = Handshake::new(Role::Listener, local_hello(&v, 0), &v.config.authkey, &expected);
-    let peer = match run_handshake(&mut stream, hs) {
+    let result = handshake_until(&mut stream, hs, deadline);
+    handshakes.fetch_sub(1, Ordering::AcqRel);
+    let peer = match result {
         Ok(p) => p,
         Err(e) => {
+            // The full reason stays here; the peer got a generic refusal unless it had proven
+            // the key (protocol::handshake).
             tracing::error!(volume = %v.config.name, "refused link from {from}: {e}");
             return;
         }
@@ -75,7 +209,12 @@ fn accept_one(v: Arc<VolumeShared>, mut stream: TcpStream, links: Arc<AtomicU64>
     let _ = stream.set_read_timeout(None);
     let _ = stream.set_write_timeout(None);
     let stats = &v.queue_stats[0];
-    if links.fetch_add(1, Ordering::Relaxed) == 0 {
+    if links.fetch_add(1, Ordering::Relaxed) >= MAX_LINKS {
+        links.fetch_sub(1, Ordering::Relaxed);
+        tracing::warn!(volume = %v.config.name, "refusing a link from {from}: {MAX_LINKS} already open");
+        return;
+    }
+    if links.load(Ordering::Relaxed) == 1 {
         stats.set_link(LinkState::Connected);
     }
     tracing::info!(volume = %v.config.name, peer = %peer.node_name, queue = peer.queue, "link from primary up");

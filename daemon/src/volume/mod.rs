@@ -76,10 +76,20 @@ pub fn open_backing_file(cfg: &VolumeConfig) -> Result<File, OpenError> {
         message,
     };
     let mut opts = OpenOptions::new();
-    opts.read(true).write(true);
+    // Created private: the volume's data is nobody else's business.
+    opts.read(true).write(true).mode(0o600);
+    let mut flags = 0;
     if cfg.io_mode == IoMode::Direct {
-        opts.custom_flags(libc::O_DIRECT);
+        flags |= libc::O_DIRECT;
     }
+    // A block device is opened exclusively (O_EXCL without O_CREAT: the kernel refuses it with
+    // EBUSY while the device is mounted or claimed by another exclusive opener, such as a
+    // second node or md), so two writers cannot share the disk.
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::metadata(&cfg.backing_file).is_ok_and(|m| m.file_type().is_block_device()) {
+        flags |= libc::O_EXCL;
+    }
+    opts.custom_flags(flags);
     let file = match opts.open(&cfg.backing_file) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

@@ -513,7 +513,8 @@ impl Queue {
                 None => return,
                 Some(Ok((f, payload))) => {
                     let text = if f.kind == FrameKind::Error {
-                        String::from_utf8_lossy(payload).into_owned()
+                        // Peer text: one printable line before it reaches logs and status.
+                        metroblk_protocol::printable(payload)
                     } else {
                         String::new()
                     };
