@@ -123,3 +123,81 @@ fn a_local_write_error_on_the_primary_latches_failed_and_nothing_writes_after_it
         assert!(copy[r].iter().all(|&b| b == 0x5A), "secondary lacks completed write {i}");
     }
 }
+
+#[test]
+fn a_secondary_out_of_space_gets_nothing_completed_and_shows_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let _fs = SmallFs::mount(&small, 4 << 20);
+    // The secondary's backing file: sparse, 16 MiB, on the 4 MiB tmpfs (reached by a symlink
+    // at the path its config names).
+    let sparse = small.join("beta.img");
+    std::fs::File::create(&sparse).unwrap().set_len(VOLUME).unwrap();
+    std::os::unix::fs::symlink(&sparse, dir.path().join("beta-vol0.img")).unwrap();
+    let (pa, pb) = (free_port(), free_port());
+    let spec = |name, peer, role, listen_port, peer_port| NodeSpec {
+        name,
+        peer,
+        role,
+        size: VOLUME,
+        listen_port,
+        peer_port,
+        key: TEST_KEY,
+        extra: "",
+    };
+    let alpha = write_config(dir.path(), &spec("alpha", "beta", "primary", pa, pb));
+    let beta = write_config(dir.path(), &spec("beta", "alpha", "secondary", pb, pa));
+    let mut secondary = NodeProcess::start(&beta);
+    secondary.wait_ready(Duration::from_secs(10));
+
+    let cfg = NodeConfig::load(&alpha).unwrap().volumes[0].clone();
+    let vol = Volume::open_primary(&cfg, "alpha", 1).unwrap();
+    let mut drv = QueueDriver::new(vol.queue(0, 4)).unwrap();
+    let mut mem = vec![0x3Cu8; (1 << 20) + 4096];
+    let buf = ((mem.as_mut_ptr() as usize + 4095) & !4095) as *mut u8;
+    let write = |offset| Request { kind: ReqKind::Write, offset, len: 1 << 20, fua: false, buf };
+
+    // Write 1 MiB at a time; the secondary runs out of space after about 4.
+    let mut held_at = None;
+    for i in 0..16u64 {
+        drv.submit(0, write(i << 20)).unwrap();
+        let mut res = None;
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while res.is_none() && Instant::now() < deadline {
+            drv.poll(Some(Duration::from_millis(50)), |_, r| res = Some(r)).unwrap();
+        }
+        match res {
+            Some(r) => assert_eq!(r, 1 << 20, "write {i} completed with {r}"),
+            None => {
+                held_at = Some(i);
+                break;
+            }
+        }
+    }
+    let held_at = held_at.expect("the secondary cannot hold 16 MiB on 4 MiB");
+    assert!(held_at >= 2, "the first writes fit");
+    // Not completed while the secondary lacks it: held, not failed, not done.
+    assert_eq!(drv.queue().inflight(), 1);
+    let st = secondary.status_json();
+    let v = &st["volumes"][0];
+    assert_eq!(v["disk_state"], "failed", "{st}");
+    assert!(v["disk_error"].as_str().unwrap_or("").contains("No space left on device"), "{st}");
+
+    // A FLUSH is not reported done either (the secondary's fsync may not vouch for lost data).
+    let flush = Request { kind: ReqKind::Flush, offset: 0, len: 0, fua: false, buf: std::ptr::null_mut() };
+    drv.submit(1, flush).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        drv.poll(Some(Duration::from_millis(50)), |tag, r| panic!("tag {tag} completed with {r} after the peer failed"))
+            .unwrap();
+    }
+    // Room again on the secondary's filesystem changes nothing: the failure latched.
+    drop(_fs);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        drv.poll(Some(Duration::from_millis(50)), |tag, r| panic!("tag {tag} completed with {r} after the peer failed"))
+            .unwrap();
+    }
+    assert_eq!(secondary.status_json()["volumes"][0]["disk_state"], "failed");
+}

@@ -325,6 +325,12 @@ impl Conn {
     }
 
     fn issue_local(&mut self, slot: u16) {
+        if self.v.disk.is_failed() {
+            // Errors latch: a failed disk applies nothing more; the request is acked with the
+            // error (the primary then treats this node as lost and holds its writes).
+            self.ack(slot, -libc::EIO);
+            return;
+        }
         let s = &self.slots[slot as usize];
         let f = s.frame;
         let fd = types::Fd(self.v.file.as_raw_fd());
@@ -347,32 +353,9 @@ impl Conn {
         self.push(sqe.user_data(UD_LOCAL | slot as u64));
     }
 
-    fn on_local(&mut self, slot: u16, res: i32) {
-        self.local_in_flight -= 1;
-        QueueStats::sub(&self.stats.inflight, 1);
-        let s = &mut self.slots[slot as usize];
-        let f = s.frame;
-        let mut status = 0;
-        if res < 0 {
-            status = res;
-            tracing::error!(volume = %self.v.config.name, kind = ?f.kind, offset = f.offset, len = f.length, "local I/O failed: {}", errno_text(-res));
-        } else if f.kind == FrameKind::Write {
-            s.done += res as u32;
-            if res == 0 {
-                status = -libc::EIO;
-            } else if s.done < f.length {
-                self.issue_local(slot);
-                return;
-            }
-        }
-        match f.kind {
-            FrameKind::Write if status == 0 => {
-                QueueStats::add(&self.stats.local_write_requests, 1);
-                QueueStats::add(&self.stats.local_write_bytes, f.length as u64);
-            }
-            FrameKind::Flush if status == 0 => QueueStats::add(&self.stats.flushes, 1),
-            _ => {}
-        }
+    /// Queues the ack (or error ack) of `slot`; the slot is freed once the ack is sent.
+    fn ack(&mut self, slot: u16, status: i32) {
+        let f = self.slots[slot as usize].frame;
         let ack =
             if f.kind == FrameKind::Flush { Frame::flush_ack(f.seq, status) } else { Frame::write_ack(f.seq, status) };
         let s = &mut self.slots[slot as usize];
@@ -383,6 +366,43 @@ impl Conn {
         }
         let n = self.sender.enqueue(SendItem { header: s.ack.as_ptr(), payload: std::ptr::null(), payload_len: 0 });
         self.ack_fifo.push_back((slot, n));
+    }
+
+    fn on_local(&mut self, slot: u16, res: i32) {
+        self.local_in_flight -= 1;
+        QueueStats::sub(&self.stats.inflight, 1);
+        let s = &mut self.slots[slot as usize];
+        let f = s.frame;
+        let mut status = 0;
+        if res < 0 {
+            status = res;
+        } else if f.kind == FrameKind::Write {
+            s.done += res as u32;
+            if res == 0 {
+                status = -libc::EIO;
+            } else if s.done < f.length {
+                self.issue_local(slot);
+                return;
+            }
+        }
+        if status < 0 {
+            let why = format!("{} at {} (+{}) failed: {}", f.kind.name(), f.offset, f.length, errno_text(-status));
+            tracing::error!(volume = %self.v.config.name, "local I/O failed: {why}");
+            self.v.disk.latch_failed(&self.v.config.name, &why);
+        } else if self.v.disk.is_failed() {
+            // Linux reports a writeback error to one fsync only: once the disk has failed
+            // (here or on another connection) nothing is acked as done.
+            status = -libc::EIO;
+        }
+        match f.kind {
+            FrameKind::Write if status == 0 => {
+                QueueStats::add(&self.stats.local_write_requests, 1);
+                QueueStats::add(&self.stats.local_write_bytes, f.length as u64);
+            }
+            FrameKind::Flush if status == 0 => QueueStats::add(&self.stats.flushes, 1),
+            _ => {}
+        }
+        self.ack(slot, status);
     }
 
     fn on_send(&mut self, res: i32) {
