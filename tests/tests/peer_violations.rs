@@ -20,7 +20,11 @@ const VOLUME: u64 = 16 << 20;
 
 /// Accepts one link as the secondary "beta" would and authenticates it.
 fn accept_link(listener: &TcpListener, cfg: &metroblk::config::VolumeConfig) -> TcpStream {
-    let (mut s, _) = listener.accept().unwrap();
+    let (s, _) = listener.accept().unwrap();
+    handshake_accepted(s, cfg)
+}
+
+fn handshake_accepted(mut s: TcpStream, cfg: &metroblk::config::VolumeConfig) -> TcpStream {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let hello = HelloInfo {
         node_name: "beta".into(),
@@ -195,4 +199,58 @@ fn hostile_error_text_from_the_peer_is_sanitised_before_logs_and_status() {
     let e = h.last_error().unwrap();
     assert!(!e.chars().any(|c| c.is_control()), "control characters reached status: {e:?}");
     assert!(fake.join().unwrap(), "the primary kept the link after an ERROR frame");
+}
+
+#[test]
+fn a_peer_that_keeps_ending_links_is_redialled_with_growing_backoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb) = (free_port(), free_port());
+    let alpha = write_config(
+        dir.path(),
+        &NodeSpec {
+            name: "alpha",
+            peer: "beta",
+            role: "primary",
+            size: VOLUME,
+            listen_port: pa,
+            peer_port: pb,
+            key: TEST_KEY,
+            extra: "",
+        },
+    );
+    let listener = TcpListener::bind(("127.0.0.1", pb)).unwrap();
+    let cfg = cfg_of(&alpha);
+    // Every link is authenticated and then ended at once with an ERROR frame, as a peer with a
+    // failed disk or a newer epoch does. Count the links in 4 s.
+    let counter = std::thread::spawn({
+        let cfg = cfg.clone();
+        move || {
+            listener.set_nonblocking(true).unwrap();
+            let t0 = Instant::now();
+            let mut links = 0;
+            while t0.elapsed() < Duration::from_secs(4) {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        s.set_nonblocking(false).unwrap();
+                        let mut s = handshake_accepted(s, &cfg);
+                        let text = b"stale epoch";
+                        let mut h = [0u8; HEADER_LEN];
+                        Frame::error(-libc::ESTALE, text).encode(&mut h);
+                        let _ = s.write_all(&h).and_then(|()| s.write_all(text));
+                        links += 1;
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            links
+        }
+    });
+    let vol = Volume::open_primary(&cfg, "alpha", 1).unwrap();
+    let mut drv = QueueDriver::new(vol.queue(0, 4)).unwrap();
+    while !counter.is_finished() {
+        drv.poll(Some(Duration::from_millis(10)), |_, _| {}).unwrap();
+    }
+    let links = counter.join().unwrap();
+    // 50 ms doubling: about 7 links in 4 s; without backoff it would be hundreds.
+    assert!((2..=10).contains(&links), "{links} links in 4 s");
 }

@@ -19,6 +19,9 @@ use crate::volume::VolumeShared;
 /// capped so a long outage costs little.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// A link must stay up this long to reset the backoff: one that the peer ends sooner (error
+/// acks, a stale epoch, an ERROR frame) is a failure cycle and keeps backing off.
+pub const LINK_HEALTHY_AFTER: Duration = Duration::from_secs(10);
 /// Bounds on connection set-up so a half-open peer cannot stall the connector.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -159,12 +162,25 @@ pub fn spawn(v: Arc<VolumeShared>, queue: u16, h: Arc<LinkHandoff>) -> std::thre
         .spawn(move || {
             let mut backoff = BACKOFF_MIN;
             let mut last_logged: Option<String> = None;
+            let mut link_up_at: Option<std::time::Instant> = None;
             while h.wait_wanted() {
+                if let Some(up_at) = link_up_at.take() {
+                    if up_at.elapsed() >= LINK_HEALTHY_AFTER {
+                        backoff = BACKOFF_MIN;
+                    } else {
+                        // The last link died young: do not dial straight back into the same
+                        // refusal.
+                        if !h.sleep(backoff) {
+                            break;
+                        }
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    }
+                }
                 match dial(&v, queue) {
                     Ok(sock) => {
                         tracing::info!(volume = %v.config.name, queue, "connected to peer");
                         h.deliver(sock);
-                        backoff = BACKOFF_MIN;
+                        link_up_at = Some(std::time::Instant::now());
                         last_logged = None;
                     }
                     Err(e) => {
