@@ -189,15 +189,19 @@ fn a_secondary_out_of_space_gets_nothing_completed_and_shows_failed() {
     drv.submit(1, flush).unwrap();
     let deadline = Instant::now() + Duration::from_secs(3);
     while Instant::now() < deadline {
-        drv.poll(Some(Duration::from_millis(50)), |tag, r| panic!("tag {tag} completed with {r} after the peer failed"))
-            .unwrap();
+        drv.poll(Some(Duration::from_millis(50)), |tag, r| {
+            panic!("tag {tag} completed with {r} after the peer failed")
+        })
+        .unwrap();
     }
     // Room again on the secondary's filesystem changes nothing: the failure latched.
     drop(_fs);
     let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline {
-        drv.poll(Some(Duration::from_millis(50)), |tag, r| panic!("tag {tag} completed with {r} after the peer failed"))
-            .unwrap();
+        drv.poll(Some(Duration::from_millis(50)), |tag, r| {
+            panic!("tag {tag} completed with {r} after the peer failed")
+        })
+        .unwrap();
     }
     assert_eq!(secondary.status_json()["volumes"][0]["disk_state"], "failed");
 }

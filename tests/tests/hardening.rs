@@ -170,3 +170,40 @@ fn files_are_private_and_nothing_is_unlinked_that_is_not_a_socket() {
     assert!(err.contains("is not a socket"), "{err}");
     assert_eq!(std::fs::read_to_string(&sock).unwrap(), "precious");
 }
+
+#[test]
+fn a_silent_authenticated_link_is_closed_by_the_secondary() {
+    use metroblk_protocol::{run_handshake, Handshake, HelloInfo, Role};
+    let dir = tempfile::tempdir().unwrap();
+    let (alpha, beta, port) = configs(dir.path());
+    let mut secondary = NodeProcess::start(&beta);
+    secondary.wait_ready(Duration::from_secs(10));
+    let cfg = NodeConfig::load(&alpha).unwrap().volumes[0].clone();
+    // A primary that authenticates and then says nothing, not even PINGs: half-open as far
+    // as the secondary can tell.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let hello = HelloInfo {
+        node_name: "alpha".into(),
+        volume_uuid: *cfg.uuid.as_bytes(),
+        volume_size: cfg.size,
+        region_size: cfg.region_size as u32,
+        block_size: cfg.block_size,
+        queue: 0,
+        session: 1,
+        epoch: 1,
+        nonce: [9; 32],
+    };
+    run_handshake(&mut s, Handshake::new(Role::Dialer, hello, TEST_KEY.as_bytes(), "beta")).unwrap();
+    let t0 = Instant::now();
+    assert!(closed_by_peer(&mut s, Duration::from_secs(10)), "the secondary kept a silent link");
+    let after = t0.elapsed();
+    assert!(after >= Duration::from_secs(4), "closed after {after:?}, before the peer timeout");
+    wait_until(Duration::from_secs(3), "the reason in the log", || {
+        secondary.log_text().contains("nothing heard from the primary")
+    });
+    // The slot is free again: the status no longer counts the link.
+    wait_until(Duration::from_secs(3), "the link to be gone", || {
+        secondary.status_json()["volumes"][0]["link_state"] == "connecting"
+    });
+}

@@ -144,6 +144,7 @@ pub fn dial(v: &VolumeShared, queue: u16) -> Result<OwnedFd, String> {
     let stream = TcpStream::connect_timeout(&p.address, CONNECT_TIMEOUT)
         .map_err(|e| format!("cannot connect to peer {} at {}: {e}", p.name, p.address))?;
     let _ = stream.set_nodelay(true);
+    super::set_dead_peer_detection(&stream).map_err(|e| format!("cannot set keepalive on the link: {e}"))?;
     stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| e.to_string())?;
     stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| e.to_string())?;
     let hs = Handshake::new(Role::Dialer, local_hello(v, queue), &c.authkey, &p.name);

@@ -12,3 +12,39 @@ pub mod listener;
 pub mod receiver;
 pub mod replica;
 pub mod sender;
+
+use std::os::fd::AsRawFd;
+
+/// Kernel-level dead-peer detection for a data link, on both ends: TCP keepalive probes after
+/// 2 s of silence (every 1 s, 3 of them) end a half-open connection whose peer vanished, and
+/// TCP_USER_TIMEOUT ends one whose sent data stays unacknowledged for the peer timeout. The
+/// application-level timeouts (PING on the primary, silence on the secondary) catch a peer
+/// whose kernel is alive but whose daemon is not.
+pub fn set_dead_peer_detection(sock: &impl AsRawFd) -> std::io::Result<()> {
+    let fd = sock.as_raw_fd();
+    let user_timeout_ms = crate::volume::queue::PEER_TIMEOUT.as_millis() as libc::c_int;
+    for (level, opt, val) in [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 2),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3),
+        (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, user_timeout_ms),
+    ] {
+        let v: libc::c_int = val;
+        // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live c_int; `fd` is an
+        // open socket owned by the caller for the duration of the call.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                opt,
+                &v as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

@@ -90,11 +90,16 @@ struct Conn {
     err_text: Box<[u8; MAX_ERROR_TEXT as usize]>,
     closing: Option<String>,
     peer: String,
+    /// When bytes last arrived from the primary.
+    last_heard: std::time::Instant,
 }
 
 /// Serves one authenticated connection until it ends. Returns why it ended.
 pub fn serve(v: Arc<VolumeShared>, stream: TcpStream, peer: String) -> String {
     let _ = stream.set_nodelay(true);
+    if let Err(e) = super::set_dead_peer_detection(&stream) {
+        return format!("cannot set keepalive on the link: {e}");
+    }
     let _ = stream.set_nonblocking(true);
     let sock = OwnedFd::from(stream);
     let ring = match IoUring::builder().build(256) {
@@ -123,6 +128,7 @@ pub fn serve(v: Arc<VolumeShared>, stream: TcpStream, peer: String) -> String {
         err_text: Box::new([0; MAX_ERROR_TEXT as usize]),
         closing: None,
         peer,
+        last_heard: std::time::Instant::now(),
         v,
     };
     c.run()
@@ -138,14 +144,20 @@ impl Conn {
             if self.closing.is_some() && !self.recv_in_flight && !self.sender.in_flight() && self.local_in_flight == 0 {
                 return self.closing.take().unwrap_or_default();
             }
-            if let Err(e) = self.ring.submit_and_wait(1) {
-                if e.raw_os_error() == Some(libc::EINTR) {
+            // Wake at least every tick, so a primary that went silent (it pings every 500 ms)
+            // is noticed even when no completion comes.
+            let ts = io_uring::types::Timespec::from(crate::volume::queue::TICK);
+            let args = io_uring::types::SubmitArgs::new().timespec(&ts);
+            if let Err(e) = self.ring.submitter().submit_with_args(1, &args) {
+                if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::ETIME)) {
+                    self.check_silence();
                     continue;
                 }
                 // Without the ring nothing in flight can be reaped; the kernel cancels it when
                 // the ring closes. Nothing was acknowledged that was not written.
                 return format!("io_uring wait failed: {e}");
             }
+            self.check_silence();
             loop {
                 let Some(cqe) = self.ring.completion().next() else { break };
                 let (ud, res) = (cqe.user_data(), cqe.result());
@@ -156,6 +168,15 @@ impl Conn {
                     _ => tracing::error!("unknown completion {ud:#x}"),
                 }
             }
+        }
+    }
+
+    /// Ends a link from which nothing has been heard for the peer timeout: a half-open or
+    /// silent connection must not hold its slot (or its session) forever.
+    fn check_silence(&mut self) {
+        let silent = self.last_heard.elapsed();
+        if self.closing.is_none() && silent > crate::volume::queue::PEER_TIMEOUT {
+            self.close(format!("nothing heard from the primary for {} ms", silent.as_millis()));
         }
     }
 
@@ -207,6 +228,9 @@ impl Conn {
 
     fn on_recv(&mut self, res: i32) {
         self.recv_in_flight = false;
+        if res > 0 {
+            self.last_heard = std::time::Instant::now();
+        }
         if self.closing.is_some() {
             return;
         }
