@@ -114,6 +114,17 @@ impl LinkHandoff {
     }
 }
 
+/// The session number of the next link of a queue: above the last one, and above any a
+/// previous run of this daemon can have used (wall-clock nanoseconds), so the secondary always
+/// sees a restarted primary's links as newer. If the clock stepped back by more than the
+/// previous run's lifetime, the secondary refuses the new links until the old ones end (peer
+/// timeout, 5 s) and frees their sessions.
+pub fn next_session(last: u64) -> u64 {
+    let now_ns =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    now_ns.max(last + 1)
+}
+
 pub fn random_nonce() -> [u8; 32] {
     let mut n = [0u8; 32];
     // SAFETY: getrandom writes at most `len` bytes into the live buffer.
@@ -122,7 +133,7 @@ pub fn random_nonce() -> [u8; 32] {
     n
 }
 
-pub fn local_hello(v: &VolumeShared, queue: u16) -> HelloInfo {
+pub fn local_hello(v: &VolumeShared, queue: u16, session: u64) -> HelloInfo {
     let c = &v.config;
     HelloInfo {
         node_name: v.node_name.clone(),
@@ -131,14 +142,14 @@ pub fn local_hello(v: &VolumeShared, queue: u16) -> HelloInfo {
         region_size: c.region_size as u32,
         block_size: c.block_size,
         queue,
-        session: 0,
+        session,
         epoch: v.epoch(),
         nonce: random_nonce(),
     }
 }
 
 /// Dials and authenticates one link for `queue`.
-pub fn dial(v: &VolumeShared, queue: u16) -> Result<OwnedFd, String> {
+pub fn dial(v: &VolumeShared, queue: u16, session: u64) -> Result<OwnedFd, String> {
     let c = &v.config;
     let p = c.peer.as_ref().ok_or_else(|| format!("volume {} is standalone: it has no peer to dial", c.name))?;
     let stream = TcpStream::connect_timeout(&p.address, CONNECT_TIMEOUT)
@@ -147,7 +158,7 @@ pub fn dial(v: &VolumeShared, queue: u16) -> Result<OwnedFd, String> {
     super::set_dead_peer_detection(&stream).map_err(|e| format!("cannot set keepalive on the link: {e}"))?;
     stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| e.to_string())?;
     stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| e.to_string())?;
-    let hs = Handshake::new(Role::Dialer, local_hello(v, queue), &c.authkey, &p.name);
+    let hs = Handshake::new(Role::Dialer, local_hello(v, queue, session), &c.authkey, &p.name);
     let mut s = stream;
     let peer = run_handshake(&mut s, hs).map_err(|e| format!("peer {} at {}: {e}", p.name, p.address))?;
     s.set_read_timeout(None).map_err(|e| e.to_string())?;
@@ -164,6 +175,7 @@ pub fn spawn(v: Arc<VolumeShared>, queue: u16, h: Arc<LinkHandoff>) -> std::thre
             let mut backoff = BACKOFF_MIN;
             let mut last_logged: Option<String> = None;
             let mut link_up_at: Option<std::time::Instant> = None;
+            let mut session = 0;
             while h.wait_wanted() {
                 if let Some(up_at) = link_up_at.take() {
                     if up_at.elapsed() >= LINK_HEALTHY_AFTER {
@@ -177,7 +189,8 @@ pub fn spawn(v: Arc<VolumeShared>, queue: u16, h: Arc<LinkHandoff>) -> std::thre
                         backoff = (backoff * 2).min(BACKOFF_MAX);
                     }
                 }
-                match dial(&v, queue) {
+                session = next_session(session);
+                match dial(&v, queue, session) {
                     Ok(sock) => {
                         tracing::info!(volume = %v.config.name, queue, "connected to peer");
                         h.deliver(sock);

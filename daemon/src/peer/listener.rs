@@ -27,6 +27,7 @@ use metroblk_protocol::{Handshake, HandshakeError, HelloInfo, Role};
 
 use super::connector::{local_hello, HANDSHAKE_TIMEOUT};
 use super::replica;
+use super::sessions::SessionTable;
 use crate::volume::stats::LinkState;
 use crate::volume::VolumeShared;
 
@@ -82,14 +83,21 @@ pub fn start(v: Arc<VolumeShared>) -> Result<Listener, String> {
     v.queue_stats[0].set_link(LinkState::Connecting);
     let links = Arc::new(AtomicU64::new(0));
     let handshakes = Arc::new(AtomicUsize::new(0));
+    let sessions = Arc::new(SessionTable::default());
     std::thread::Builder::new()
         .name(format!("listen-{}", v.config.name))
-        .spawn(move || accept_loop(v, listener, links, handshakes))
+        .spawn(move || accept_loop(v, listener, links, handshakes, sessions))
         .map_err(|e| e.to_string())?;
     Ok(Listener { local_addr })
 }
 
-fn accept_loop(v: Arc<VolumeShared>, listener: TcpListener, links: Arc<AtomicU64>, handshakes: Arc<AtomicUsize>) {
+fn accept_loop(
+    v: Arc<VolumeShared>,
+    listener: TcpListener,
+    links: Arc<AtomicU64>,
+    handshakes: Arc<AtomicUsize>,
+    sessions: Arc<SessionTable>,
+) {
     let name = v.config.name.clone();
     let mut backoff = ACCEPT_BACKOFF_MIN;
     let mut not_allowed = RateLimitedLog { last: None, suppressed: 0 };
@@ -124,11 +132,11 @@ fn accept_loop(v: Arc<VolumeShared>, listener: TcpListener, links: Arc<AtomicU64
             over_cap.log(&name, &format!("refused link from {from}: {HANDSHAKES_MAX} handshakes already in progress"));
             continue;
         }
-        let (v, links, hs) = (v.clone(), links.clone(), handshakes.clone());
+        let (v, links, hs, sessions) = (v.clone(), links.clone(), handshakes.clone(), sessions.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("replica-{name}"))
             .stack_size(LINK_THREAD_STACK)
-            .spawn(move || accept_one(v, stream, from, links, hs));
+            .spawn(move || accept_one(v, stream, from, links, hs, &sessions));
         if let Err(e) = spawned {
             // The closure (and the stream) is gone with the error; give the slot back.
             handshakes.fetch_sub(1, Ordering::AcqRel);
@@ -191,10 +199,11 @@ fn accept_one(
     from: SocketAddr,
     links: Arc<AtomicU64>,
     handshakes: Arc<AtomicUsize>,
+    sessions: &SessionTable,
 ) {
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let expected = v.config.peer.as_ref().map(|p| p.name.clone()).unwrap_or_default();
-    let hs = Handshake::new(Role::Listener, local_hello(&v, 0), &v.config.authkey, &expected);
+    let hs = Handshake::new(Role::Listener, local_hello(&v, 0, 0), &v.config.authkey, &expected);
     let result = handshake_until(&mut stream, hs, deadline);
     handshakes.fetch_sub(1, Ordering::AcqRel);
     let peer = match result {
@@ -208,9 +217,18 @@ fn accept_one(
     };
     let _ = stream.set_read_timeout(None);
     let _ = stream.set_write_timeout(None);
+    // Session rule (`sessions.rs`): an older link of this queue stops and drains first.
+    let control = match sessions.admit(peer.queue, peer.session, std::os::fd::AsRawFd::as_raw_fd(&stream)) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(volume = %v.config.name, "refused link from {from}: {e}");
+            return;
+        }
+    };
     let stats = &v.queue_stats[0];
     if links.fetch_add(1, Ordering::Relaxed) >= MAX_LINKS {
         links.fetch_sub(1, Ordering::Relaxed);
+        sessions.finish(&control);
         tracing::warn!(volume = %v.config.name, "refusing a link from {from}: {MAX_LINKS} already open");
         return;
     }
@@ -218,7 +236,8 @@ fn accept_one(
         stats.set_link(LinkState::Connected);
     }
     tracing::info!(volume = %v.config.name, peer = %peer.node_name, queue = peer.queue, "link from primary up");
-    let why = replica::serve(v.clone(), stream, peer.node_name.clone());
+    let why = replica::serve(v.clone(), stream, peer.node_name.clone(), control.clone());
+    sessions.finish(&control);
     tracing::warn!(volume = %v.config.name, peer = %peer.node_name, queue = peer.queue, "link from primary ended: {why}");
     if links.fetch_sub(1, Ordering::Relaxed) == 1 {
         stats.set_link(LinkState::Connecting);

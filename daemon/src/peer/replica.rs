@@ -18,6 +18,7 @@ use io_uring::{opcode, types, IoUring};
 use metroblk_protocol::{decode_header, verify_payload, Frame, FrameKind, HEADER_LEN, MAX_ERROR_TEXT};
 
 use super::sender::{FrameSender, SendItem};
+use super::sessions::LinkControl;
 use crate::volume::queue::errno_text;
 use crate::volume::stats::QueueStats;
 use crate::volume::VolumeShared;
@@ -92,10 +93,12 @@ struct Conn {
     peer: String,
     /// When bytes last arrived from the primary.
     last_heard: std::time::Instant,
+    /// Set when a newer link for this queue arrived: apply and ack nothing more.
+    control: Arc<LinkControl>,
 }
 
 /// Serves one authenticated connection until it ends. Returns why it ended.
-pub fn serve(v: Arc<VolumeShared>, stream: TcpStream, peer: String) -> String {
+pub fn serve(v: Arc<VolumeShared>, stream: TcpStream, peer: String, control: Arc<LinkControl>) -> String {
     let _ = stream.set_nodelay(true);
     if let Err(e) = super::set_dead_peer_detection(&stream) {
         return format!("cannot set keepalive on the link: {e}");
@@ -129,6 +132,7 @@ pub fn serve(v: Arc<VolumeShared>, stream: TcpStream, peer: String) -> String {
         closing: None,
         peer,
         last_heard: std::time::Instant::now(),
+        control,
         v,
     };
     c.run()
@@ -228,6 +232,11 @@ impl Conn {
 
     fn on_recv(&mut self, res: i32) {
         self.recv_in_flight = false;
+        if self.closing.is_none() && self.control.is_superseded() {
+            // Whatever this receive brought belongs to a superseded link: dropped unapplied.
+            self.close(format!("superseded by a newer link (session {} ended)", self.control.session));
+            return;
+        }
         if res > 0 {
             self.last_heard = std::time::Instant::now();
         }
