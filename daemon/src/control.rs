@@ -73,6 +73,9 @@ pub fn volume_status(h: &VolumeHandle) -> VolumeStatus {
     };
     let link_state = if c.peer.is_none() {
         LinkState::Standalone
+    } else if h.role == Role::Secondary {
+        // The listener keeps the secondary's link state in the first counters.
+        v.queue_stats[0].link()
     } else if v.queue_stats.iter().all(|q| q.link() == LinkState::Connected) {
         LinkState::Connected
     } else {

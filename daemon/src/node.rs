@@ -37,7 +37,8 @@ pub fn start_secondary(cfg: &VolumeConfig, node_name: &str) -> Result<VolumeHand
         file,
         conflicts: volume::conflict::ConflictTable::new(cfg.size),
         disk: volume::disk::DiskHealth::new(volume::disk::DiskState::UpToDate),
-        queue_stats: vec![Arc::new(QueueStats::default())],
+        // One set of counters per primary queue's link; [0] also holds the link state.
+        queue_stats: (0..MAX_QUEUES).map(|_| Arc::new(QueueStats::default())).collect(),
     });
     listener::start(shared.clone())?;
     Ok(VolumeHandle { shared, role: Role::Secondary, handoffs: Vec::new(), ublk_device: None })

@@ -236,7 +236,9 @@ fn accept_one(
         stats.set_link(LinkState::Connected);
     }
     tracing::info!(volume = %v.config.name, peer = %peer.node_name, queue = peer.queue, "link from primary up");
-    let why = replica::serve(v.clone(), stream, peer.node_name.clone(), control.clone());
+    // Each queue's link has its own counters (one live link per queue: `sessions.rs`).
+    let link_stats = v.queue_stats[peer.queue as usize % v.queue_stats.len()].clone();
+    let why = replica::serve(v.clone(), stream, peer.node_name.clone(), control.clone(), link_stats);
     sessions.finish(&control);
     tracing::warn!(volume = %v.config.name, peer = %peer.node_name, queue = peer.queue, "link from primary ended: {why}");
     if links.fetch_sub(1, Ordering::Relaxed) == 1 {

@@ -5,6 +5,7 @@
 //! - `listener`: the secondary accepts and authenticates links from the primary.
 //! - `sender` / `receiver`: in-order batched frame I/O on a socket through io_uring.
 //! - `replica`: the secondary applies replicated writes and acknowledges them.
+//! - `replica_state`: the secondary's link rules as pure state, tested exhaustively.
 //! - `sessions`: on the secondary, a newer link for a queue supersedes the older one.
 
 pub mod connector;
@@ -12,6 +13,7 @@ pub mod link;
 pub mod listener;
 pub mod receiver;
 pub mod replica;
+pub mod replica_state;
 pub mod sender;
 pub mod sessions;
 

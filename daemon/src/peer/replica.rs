@@ -7,6 +7,9 @@
 //! after the local write completed (protocol C); for FUA, after it is durable (RWF_DSYNC).
 //! A write from an epoch lower than this node's is refused with an ERROR frame and the link is
 //! dropped: that primary has been replaced (design, "epoch").
+//!
+//! Every decision (what to receive, which slot, apply or not, ack with what) is made by the
+//! pure [`ReplicaCore`](super::replica_state::ReplicaCore); this module only does the I/O.
 
 use std::collections::VecDeque;
 use std::net::TcpStream;
@@ -17,6 +20,7 @@ use std::sync::Arc;
 use io_uring::{opcode, types, IoUring};
 use metroblk_protocol::{decode_header, verify_payload, Frame, FrameKind, HEADER_LEN, MAX_ERROR_TEXT};
 
+use super::replica_state::{OnHeader, RecvNext, ReplicaCore};
 use super::sender::{FrameSender, SendItem};
 use super::sessions::LinkControl;
 use crate::volume::queue::errno_text;
@@ -57,31 +61,27 @@ impl Drop for AlignedBuf {
     }
 }
 
+/// A slot's I/O state: its buffer, how much of its transfer is done, its ack header.
 struct RSlot {
     buf: Option<AlignedBuf>,
-    frame: Frame,
     done: u32,
     ack: [u8; HEADER_LEN],
 }
 
-enum RecvPhase {
-    Header { got: usize },
-    Payload { slot: u16, got: usize },
-}
-
 struct Conn {
     v: Arc<VolumeShared>,
+    /// This connection's own counters (status sums every connection's).
     stats: Arc<QueueStats>,
     /// Owns the socket `fd` refers to; closed when the connection ends.
     _sock: OwnedFd,
     fd: RawFd,
     ring: IoUring,
+    core: ReplicaCore,
     hdr: Box<[u8; HEADER_LEN]>,
-    phase: RecvPhase,
+    /// Bytes of the current header, or of the current payload, received so far.
+    got: usize,
     recv_in_flight: bool,
     slots: Vec<RSlot>,
-    free: Vec<u16>,
-    local_in_flight: usize,
     sender: FrameSender,
     /// Slots whose ack is queued, with its frame number: freed once the ack is sent.
     ack_fifo: VecDeque<(u16, u64)>,
@@ -89,7 +89,7 @@ struct Conn {
     pong_frame: Option<u64>,
     err_hdr: Box<[u8; HEADER_LEN]>,
     err_text: Box<[u8; MAX_ERROR_TEXT as usize]>,
-    closing: Option<String>,
+    shut: bool,
     peer: String,
     /// When bytes last arrived from the primary.
     last_heard: std::time::Instant,
@@ -98,7 +98,13 @@ struct Conn {
 }
 
 /// Serves one authenticated connection until it ends. Returns why it ended.
-pub fn serve(v: Arc<VolumeShared>, stream: TcpStream, peer: String, control: Arc<LinkControl>) -> String {
+pub fn serve(
+    v: Arc<VolumeShared>,
+    stream: TcpStream,
+    peer: String,
+    control: Arc<LinkControl>,
+    stats: Arc<QueueStats>,
+) -> String {
     let _ = stream.set_nodelay(true);
     if let Err(e) = super::set_dead_peer_detection(&stream) {
         return format!("cannot set keepalive on the link: {e}");
@@ -109,27 +115,23 @@ pub fn serve(v: Arc<VolumeShared>, stream: TcpStream, peer: String, control: Arc
         Ok(r) => r,
         Err(e) => return format!("cannot create io_uring: {e}"),
     };
-    let stats = v.queue_stats[0].clone();
     let mut c = Conn {
         fd: sock.as_raw_fd(),
         _sock: sock,
         stats,
         ring,
+        core: ReplicaCore::new(REPLICA_SLOTS),
         hdr: Box::new([0; HEADER_LEN]),
-        phase: RecvPhase::Header { got: 0 },
+        got: 0,
         recv_in_flight: false,
-        slots: (0..REPLICA_SLOTS)
-            .map(|_| RSlot { buf: None, frame: Frame::ping(0), done: 0, ack: [0; HEADER_LEN] })
-            .collect(),
-        free: (0..REPLICA_SLOTS as u16).rev().collect(),
-        local_in_flight: 0,
+        slots: (0..REPLICA_SLOTS).map(|_| RSlot { buf: None, done: 0, ack: [0; HEADER_LEN] }).collect(),
         sender: FrameSender::new(REPLICA_SLOTS + 2),
         ack_fifo: VecDeque::with_capacity(REPLICA_SLOTS),
         pong: Box::new([0; HEADER_LEN]),
         pong_frame: None,
         err_hdr: Box::new([0; HEADER_LEN]),
         err_text: Box::new([0; MAX_ERROR_TEXT as usize]),
-        closing: None,
+        shut: false,
         peer,
         last_heard: std::time::Instant::now(),
         control,
@@ -145,8 +147,10 @@ impl Conn {
             if let Some(sqe) = self.sender.next_sqe(self.fd, UD_SEND) {
                 self.push(sqe);
             }
-            if self.closing.is_some() && !self.recv_in_flight && !self.sender.in_flight() && self.local_in_flight == 0 {
-                return self.closing.take().unwrap_or_default();
+            if let Some(why) = self.core.closing() {
+                if !self.recv_in_flight && !self.sender.in_flight() && self.core.applying() == 0 {
+                    return why.to_string();
+                }
             }
             // Wake at least every tick, so a primary that went silent (it pings every 500 ms)
             // is noticed even when no completion comes.
@@ -179,7 +183,7 @@ impl Conn {
     /// silent connection must not hold its slot (or its session) forever.
     fn check_silence(&mut self) {
         let silent = self.last_heard.elapsed();
-        if self.closing.is_none() && silent > crate::volume::queue::PEER_TIMEOUT {
+        if self.core.closing().is_none() && silent > crate::volume::queue::PEER_TIMEOUT {
             self.close(format!("nothing heard from the primary for {} ms", silent.as_millis()));
         }
     }
@@ -197,31 +201,31 @@ impl Conn {
     }
 
     fn close(&mut self, why: String) {
-        if self.closing.is_none() {
-            self.closing = Some(why);
+        self.core.close(why);
+        self.shut_socket();
+    }
+
+    fn shut_socket(&mut self) {
+        if !self.shut {
+            self.shut = true;
             // SAFETY: plain syscall on our socket; makes an in-flight RECV finish.
             unsafe { libc::shutdown(self.fd, libc::SHUT_RD) };
         }
     }
 
     fn post_recv(&mut self) {
-        if self.recv_in_flight || self.closing.is_some() {
+        if self.recv_in_flight {
             return;
         }
-        let (ptr, want) = match self.phase {
-            RecvPhase::Header { got } => {
-                // Backpressure: read no new request until a slot is free.
-                if self.free.is_empty() {
-                    return;
-                }
-                // SAFETY: got < HEADER_LEN, inside the boxed header.
-                (unsafe { self.hdr.as_mut_ptr().add(got) }, HEADER_LEN - got)
-            }
-            RecvPhase::Payload { slot, got } => {
-                let s = &mut self.slots[slot as usize];
-                let buf = s.buf.as_ref().expect("payload slot has a buffer");
+        let (ptr, want) = match self.core.recv_next() {
+            RecvNext::Nothing => return,
+            // SAFETY: got < HEADER_LEN, inside the boxed header.
+            RecvNext::Header => (unsafe { self.hdr.as_mut_ptr().add(self.got) }, HEADER_LEN - self.got),
+            RecvNext::Payload(slot) => {
+                let len = self.core.frame(slot).map_or(0, |f| f.length as usize);
+                let buf = self.slots[slot as usize].buf.as_ref().expect("payload slot has a buffer");
                 // SAFETY: got < frame length <= buffer length.
-                (unsafe { buf.ptr.add(got) }, s.frame.length as usize - got)
+                (unsafe { buf.ptr.add(self.got) }, len - self.got)
             }
         };
         self.recv_in_flight = true;
@@ -232,15 +236,12 @@ impl Conn {
 
     fn on_recv(&mut self, res: i32) {
         self.recv_in_flight = false;
-        if self.closing.is_none() && self.control.is_superseded() {
+        if self.core.closing().is_none() && self.control.is_superseded() {
             // Whatever this receive brought belongs to a superseded link: dropped unapplied.
             self.close(format!("superseded by a newer link (session {} ended)", self.control.session));
             return;
         }
-        if res > 0 {
-            self.last_heard = std::time::Instant::now();
-        }
-        if self.closing.is_some() {
+        if self.core.closing().is_some() {
             return;
         }
         if res <= 0 {
@@ -252,77 +253,55 @@ impl Conn {
             self.close(why);
             return;
         }
-        let n = res as usize;
-        match self.phase {
-            RecvPhase::Header { got } => {
-                let got = got + n;
-                if got < HEADER_LEN {
-                    self.phase = RecvPhase::Header { got };
-                    return;
+        self.last_heard = std::time::Instant::now();
+        self.got += res as usize;
+        match self.core.recv_next() {
+            RecvNext::Header if self.got == HEADER_LEN => {
+                self.got = 0;
+                let decoded = decode_header(&self.hdr, &self.v.geometry).map_err(|e| e.to_string());
+                let (out, adopt) = self.core.on_header(decoded, self.v.epoch(), self.v.disk.is_failed());
+                if let Some(e) = adopt {
+                    // A newer primary: remember its epoch so an older one is refused from now.
+                    self.v.epoch.fetch_max(e, Ordering::Relaxed);
                 }
-                self.phase = RecvPhase::Header { got: 0 };
-                self.on_header();
+                self.act(out);
             }
-            RecvPhase::Payload { slot, got } => {
-                let got = got + n;
-                let s = &self.slots[slot as usize];
-                if got < s.frame.length as usize {
-                    self.phase = RecvPhase::Payload { slot, got };
+            RecvNext::Payload(slot) => {
+                let Some(f) = self.core.frame(slot) else { return };
+                if self.got < f.length as usize {
                     return;
                 }
-                self.phase = RecvPhase::Header { got: 0 };
-                let buf = s.buf.as_ref().expect("payload slot has a buffer");
+                self.got = 0;
+                let buf = self.slots[slot as usize].buf.as_ref().expect("payload slot has a buffer");
                 // SAFETY: the buffer holds `length` received bytes.
-                let payload = unsafe { std::slice::from_raw_parts(buf.ptr, s.frame.length as usize) };
-                if let Err(e) = verify_payload(&s.frame, payload) {
-                    self.free.push(slot);
-                    self.refuse(libc::EBADMSG, &format!("malformed frame from primary: {e}"));
-                    return;
-                }
-                self.issue_local(slot);
+                let payload = unsafe { std::slice::from_raw_parts(buf.ptr, f.length as usize) };
+                let crc = verify_payload(&f, payload).map_err(|e| e.to_string());
+                let out = self.core.on_payload(crc, self.v.disk.is_failed());
+                self.act(out);
             }
+            _ => {}
         }
     }
 
-    fn on_header(&mut self) {
-        let frame = match decode_header(&self.hdr, &self.v.geometry) {
-            Ok(f) => f,
-            Err(e) => {
-                self.refuse(libc::EBADMSG, &format!("malformed frame from primary: {e}"));
-                return;
-            }
-        };
-        match frame.kind {
-            FrameKind::Write | FrameKind::Flush | FrameKind::Discard | FrameKind::WriteZeroes => {
-                let mine = self.v.epoch();
-                if frame.epoch < mine {
-                    self.refuse(
-                        libc::ESTALE,
-                        &format!("write from epoch {} refused: this node is at epoch {mine}", frame.epoch),
-                    );
-                    return;
-                }
-                if frame.epoch > mine {
-                    // A newer primary: remember its epoch so an older one is refused from now.
-                    self.v.epoch.fetch_max(frame.epoch, Ordering::Relaxed);
-                }
-                let slot = self.free.pop().expect("header read only with a free slot");
+    /// Carries out what the core decided.
+    fn act(&mut self, out: OnHeader) {
+        match out {
+            OnHeader::ReceivePayload(slot) => {
                 let s = &mut self.slots[slot as usize];
-                s.frame = frame;
-                s.done = 0;
-                if frame.kind == FrameKind::Write {
-                    if s.buf.is_none() {
-                        s.buf = Some(AlignedBuf::new(self.v.geometry.max_payload as usize));
-                    }
-                    self.phase = RecvPhase::Payload { slot, got: 0 };
-                } else {
-                    self.issue_local(slot);
+                if s.buf.is_none() {
+                    s.buf = Some(AlignedBuf::new(self.v.geometry.max_payload as usize));
                 }
             }
-            FrameKind::Ping => {
+            OnHeader::Apply(slot) => {
+                self.slots[slot as usize].done = 0;
+                QueueStats::add(&self.stats.inflight, 1);
+                self.issue_local(slot);
+            }
+            OnHeader::AckError(slot, status) => self.send_ack(slot, status),
+            OnHeader::Pong(seq) => {
                 let busy = self.pong_frame.is_some_and(|n| self.sender.frames_sent <= n);
                 if !busy {
-                    Frame::pong(frame.seq).encode(&mut self.pong);
+                    Frame::pong(seq).encode(&mut self.pong);
                     let n = self.sender.enqueue(SendItem {
                         header: self.pong.as_ptr(),
                         payload: std::ptr::null(),
@@ -331,41 +310,27 @@ impl Conn {
                     self.pong_frame = Some(n);
                 }
             }
-            FrameKind::Pong => {}
-            FrameKind::Error => {
-                // The text follows; the link ends either way, so name the code only.
-                self.close(format!("primary reported an error ({})", frame.status));
+            OnHeader::Nothing => {}
+            OnHeader::Refuse(errno, why) => {
+                tracing::error!(volume = %self.v.config.name, peer = %self.peer, "{why}; dropping the link");
+                let text = why.as_bytes();
+                let n = text.len().min(self.err_text.len());
+                self.err_text[..n].copy_from_slice(&text[..n]);
+                Frame::error(-errno, &self.err_text[..n]).encode(&mut self.err_hdr);
+                self.sender.enqueue(SendItem {
+                    header: self.err_hdr.as_ptr(),
+                    payload: self.err_text.as_ptr(),
+                    payload_len: n as u32,
+                });
+                self.shut_socket();
             }
-            other => self.refuse(libc::EPROTO, &format!("unexpected {other:?} frame from primary")),
+            OnHeader::Close(_) => self.shut_socket(),
         }
-    }
-
-    /// Sends an ERROR frame with `why` and ends the connection.
-    fn refuse(&mut self, errno: i32, why: &str) {
-        tracing::error!(volume = %self.v.config.name, peer = %self.peer, "{why}; dropping the link");
-        if self.closing.is_none() {
-            let text = why.as_bytes();
-            let n = text.len().min(self.err_text.len());
-            self.err_text[..n].copy_from_slice(&text[..n]);
-            Frame::error(-errno, &self.err_text[..n]).encode(&mut self.err_hdr);
-            self.sender.enqueue(SendItem {
-                header: self.err_hdr.as_ptr(),
-                payload: self.err_text.as_ptr(),
-                payload_len: n as u32,
-            });
-        }
-        self.close(why.to_string());
     }
 
     fn issue_local(&mut self, slot: u16) {
-        if self.v.disk.is_failed() {
-            // Errors latch: a failed disk applies nothing more; the request is acked with the
-            // error (the primary then treats this node as lost and holds its writes).
-            self.ack(slot, -libc::EIO);
-            return;
-        }
+        let Some(f) = self.core.frame(slot) else { return };
         let s = &self.slots[slot as usize];
-        let f = s.frame;
         let fd = types::Fd(self.v.file.as_raw_fd());
         let sqe = match f.kind {
             FrameKind::Write => {
@@ -381,31 +346,23 @@ impl Conn {
                 .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
                 .build(),
         };
-        self.local_in_flight += 1;
-        QueueStats::add(&self.stats.inflight, 1);
         self.push(sqe.user_data(UD_LOCAL | slot as u64));
     }
 
     /// Queues the ack (or error ack) of `slot`; the slot is freed once the ack is sent.
-    fn ack(&mut self, slot: u16, status: i32) {
-        let f = self.slots[slot as usize].frame;
+    fn send_ack(&mut self, slot: u16, status: i32) {
+        let Some(f) = self.core.frame(slot) else { return };
         let ack =
             if f.kind == FrameKind::Flush { Frame::flush_ack(f.seq, status) } else { Frame::write_ack(f.seq, status) };
         let s = &mut self.slots[slot as usize];
         ack.encode(&mut s.ack);
-        if self.closing.is_some() {
-            self.free.push(slot);
-            return;
-        }
         let n = self.sender.enqueue(SendItem { header: s.ack.as_ptr(), payload: std::ptr::null(), payload_len: 0 });
         self.ack_fifo.push_back((slot, n));
     }
 
     fn on_local(&mut self, slot: u16, res: i32) {
-        self.local_in_flight -= 1;
-        QueueStats::sub(&self.stats.inflight, 1);
+        let Some(f) = self.core.frame(slot) else { return };
         let s = &mut self.slots[slot as usize];
-        let f = s.frame;
         let mut status = 0;
         if res < 0 {
             status = res;
@@ -414,41 +371,43 @@ impl Conn {
             if res == 0 {
                 status = -libc::EIO;
             } else if s.done < f.length {
+                // Short write: issue the rest.
                 self.issue_local(slot);
                 return;
             }
         }
+        QueueStats::sub(&self.stats.inflight, 1);
         if status < 0 {
             let why = format!("{} at {} (+{}) failed: {}", f.kind.name(), f.offset, f.length, errno_text(-status));
             tracing::error!(volume = %self.v.config.name, "local I/O failed: {why}");
             self.v.disk.latch_failed(&self.v.config.name, &why);
-        } else if self.v.disk.is_failed() {
-            // Linux reports a writeback error to one fsync only: once the disk has failed
-            // (here or on another connection) nothing is acked as done.
-            status = -libc::EIO;
         }
-        match f.kind {
-            FrameKind::Write if status == 0 => {
-                QueueStats::add(&self.stats.local_write_requests, 1);
-                QueueStats::add(&self.stats.local_write_bytes, f.length as u64);
+        let Some(ack) = self.core.on_applied(slot, status, self.v.disk.is_failed()) else { return };
+        if ack == 0 {
+            match f.kind {
+                FrameKind::Write => {
+                    QueueStats::add(&self.stats.local_write_requests, 1);
+                    QueueStats::add(&self.stats.local_write_bytes, f.length as u64);
+                }
+                FrameKind::Flush => QueueStats::add(&self.stats.flushes, 1),
+                _ => {}
             }
-            FrameKind::Flush if status == 0 => QueueStats::add(&self.stats.flushes, 1),
-            _ => {}
         }
-        self.ack(slot, status);
+        self.send_ack(slot, ack);
     }
 
     fn on_send(&mut self, res: i32) {
         if let Err(errno) = self.sender.complete(res) {
             self.sender.reset();
             self.close(format!("send failed: {}", errno_text(errno)));
+            return;
         }
         while let Some(&(slot, n)) = self.ack_fifo.front() {
             if self.sender.frames_sent <= n {
                 break;
             }
             self.ack_fifo.pop_front();
-            self.free.push(slot);
+            self.core.on_ack_sent(slot);
         }
     }
 }
