@@ -21,9 +21,9 @@ use io_uring::{opcode, types, IoUring};
 use metroblk_protocol::{decode_header, verify_payload, Frame, FrameKind, HEADER_LEN, MAX_ERROR_TEXT};
 
 use super::replica_state::{OnHeader, RecvNext, ReplicaCore};
-use super::sender::{FrameSender, SendItem};
+use super::sender::{FrameSender, PongSlot, SendItem};
 use super::sessions::LinkControl;
-use crate::volume::queue::errno_text;
+use crate::volume::local_io::{self, errno_text, LocalOp};
 use crate::volume::stats::QueueStats;
 use crate::volume::VolumeShared;
 
@@ -85,8 +85,7 @@ struct Conn {
     sender: FrameSender,
     /// Slots whose ack is queued, with its frame number: freed once the ack is sent.
     ack_fifo: VecDeque<(u16, u64)>,
-    pong: Box<[u8; HEADER_LEN]>,
-    pong_frame: Option<u64>,
+    pong: PongSlot,
     err_hdr: Box<[u8; HEADER_LEN]>,
     err_text: Box<[u8; MAX_ERROR_TEXT as usize]>,
     shut: bool,
@@ -127,8 +126,7 @@ pub fn serve(
         slots: (0..REPLICA_SLOTS).map(|_| RSlot { buf: None, done: 0, ack: [0; HEADER_LEN] }).collect(),
         sender: FrameSender::new(REPLICA_SLOTS + 2),
         ack_fifo: VecDeque::with_capacity(REPLICA_SLOTS),
-        pong: Box::new([0; HEADER_LEN]),
-        pong_frame: None,
+        pong: PongSlot::default(),
         err_hdr: Box::new([0; HEADER_LEN]),
         err_text: Box::new([0; MAX_ERROR_TEXT as usize]),
         shut: false,
@@ -189,15 +187,10 @@ impl Conn {
     }
 
     fn push(&mut self, sqe: io_uring::squeue::Entry) {
-        loop {
-            // SAFETY: every entry points at memory owned by `self` (boxed headers, slot
-            // buffers, the sender's iovecs) that outlives its completion: `run` returns only
-            // when nothing is in flight.
-            if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
-                return;
-            }
-            let _ = self.ring.submit();
-        }
+        // SAFETY: every entry points at memory owned by `self` (boxed headers, slot buffers,
+        // the sender's iovecs) that outlives its completion: `run` returns only when nothing
+        // is in flight.
+        unsafe { crate::volume::ring::push_retrying(&mut self.ring, &sqe) }
     }
 
     fn close(&mut self, why: String) {
@@ -298,18 +291,7 @@ impl Conn {
                 self.issue_local(slot);
             }
             OnHeader::AckError(slot, status) => self.send_ack(slot, status),
-            OnHeader::Pong(seq) => {
-                let busy = self.pong_frame.is_some_and(|n| self.sender.frames_sent <= n);
-                if !busy {
-                    Frame::pong(seq).encode(&mut self.pong);
-                    let n = self.sender.enqueue(SendItem {
-                        header: self.pong.as_ptr(),
-                        payload: std::ptr::null(),
-                        payload_len: 0,
-                    });
-                    self.pong_frame = Some(n);
-                }
-            }
+            OnHeader::Pong(seq) => self.pong.answer(&mut self.sender, seq),
             OnHeader::Nothing => {}
             OnHeader::Refuse(errno, why) => {
                 tracing::error!(volume = %self.v.config.name, peer = %self.peer, "{why}; dropping the link");
@@ -331,21 +313,12 @@ impl Conn {
     fn issue_local(&mut self, slot: u16) {
         let Some(f) = self.core.frame(slot) else { return };
         let s = &self.slots[slot as usize];
-        let fd = types::Fd(self.v.file.as_raw_fd());
-        let sqe = match f.kind {
-            FrameKind::Write => {
-                let buf = s.buf.as_ref().expect("write slot has a buffer");
-                // SAFETY: done < length <= buffer length.
-                let p = unsafe { buf.ptr.add(s.done as usize) };
-                let flags = if f.fua() { libc::RWF_DSYNC } else { 0 };
-                opcode::Write::new(fd, p, f.length - s.done).offset(f.offset + s.done as u64).rw_flags(flags).build()
-            }
-            FrameKind::Flush => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
-            _ => opcode::Fallocate::new(fd, f.length as u64)
-                .offset(f.offset)
-                .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
-                .build(),
+        let (op, buf) = match f.kind {
+            FrameKind::Write => (LocalOp::Write { fua: f.fua() }, s.buf.as_ref().expect("write slot has a buffer").ptr),
+            FrameKind::Flush => (LocalOp::Flush, std::ptr::null_mut()),
+            _ => (LocalOp::PunchHole, std::ptr::null_mut()),
         };
+        let sqe = local_io::sqe(self.v.file.as_raw_fd(), op, f.offset, f.length, buf, s.done);
         self.push(sqe.user_data(UD_LOCAL | slot as u64));
     }
 

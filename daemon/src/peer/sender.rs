@@ -174,3 +174,34 @@ impl FrameSender {
         Ok(())
     }
 }
+
+/// The answer to the peer's keepalive PING, on either end of a link: one PONG header, reused;
+/// a PING is answered only once the previous PONG has gone out (its header may not be
+/// rewritten while the kernel may still read it). A PING not answered is harmless: the peer
+/// pings again, and any traffic counts as a sign of life.
+pub struct PongSlot {
+    header: Box<[u8; HEADER_LEN]>,
+    frame: Option<u64>,
+}
+
+impl Default for PongSlot {
+    fn default() -> Self {
+        PongSlot { header: Box::new([0; HEADER_LEN]), frame: None }
+    }
+}
+
+impl PongSlot {
+    pub fn answer(&mut self, sender: &mut FrameSender, seq: u64) {
+        if self.frame.is_some_and(|n| sender.frames_sent <= n) {
+            return;
+        }
+        metroblk_protocol::Frame::pong(seq).encode(&mut self.header);
+        self.frame =
+            Some(sender.enqueue(SendItem { header: self.header.as_ptr(), payload: std::ptr::null(), payload_len: 0 }));
+    }
+
+    /// A new socket: nothing of ours is in flight on it.
+    pub fn reset(&mut self) {
+        self.frame = None;
+    }
+}

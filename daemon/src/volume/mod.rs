@@ -8,6 +8,7 @@
 
 pub mod conflict;
 pub mod disk;
+pub mod local_io;
 pub mod queue;
 pub mod request;
 pub mod ring;

@@ -20,6 +20,7 @@ use io_uring::{opcode, types};
 use metroblk_protocol::{Frame, FrameKind, HEADER_LEN};
 
 use super::conflict::GranuleRange;
+use super::local_io::{self, errno_text, LocalOp};
 use super::request::{Half, RequestState};
 use super::ring::{self, op, OwnRing, Submitter};
 use super::stats::{LinkState, QueueStats};
@@ -27,7 +28,7 @@ use super::VolumeShared;
 use crate::peer::connector::LinkHandoff;
 use crate::peer::link::{LinkMachine, LinkPhase, TickAction};
 use crate::peer::receiver::FrameReceiver;
-use crate::peer::sender::{FrameSender, SendItem};
+use crate::peer::sender::{FrameSender, PongSlot, SendItem};
 
 /// How often the queue checks the link and sends a keepalive PING.
 pub const TICK: Duration = Duration::from_millis(500);
@@ -74,9 +75,7 @@ struct Link {
     sender: FrameSender,
     receiver: FrameReceiver,
     ping_header: [u8; HEADER_LEN],
-    pong_header: [u8; HEADER_LEN],
-    /// Frame number of the PONG in flight, if any (its header may not be rewritten before).
-    pong_frame: Option<u64>,
+    pong: PongSlot,
     ping_frame: Option<u64>,
 }
 
@@ -161,8 +160,7 @@ impl Queue {
                 sender: FrameSender::new(depth as usize + 2),
                 receiver: FrameReceiver::default(),
                 ping_header: [0; HEADER_LEN],
-                pong_header: [0; HEADER_LEN],
-                pong_frame: None,
+                pong: PongSlot::default(),
                 ping_frame: None,
             },
             handoff,
@@ -316,30 +314,14 @@ impl Queue {
     fn issue_local(&mut self, s: &mut impl Submitter, tag: u16) {
         let slot = &self.slots[tag as usize];
         let r = slot.req;
-        let fd = types::Fd(self.fd);
-        let ud = ring::user_data(op::LOCAL, tag, 0);
-        let done = slot.local_done;
-        let sqe = match r.kind {
-            ReqKind::Read => {
-                // SAFETY: `done < len` and the caller's buffer holds `len` bytes.
-                let p = unsafe { r.buf.add(done as usize) };
-                opcode::Read::new(fd, p, r.len - done).offset(r.offset + done as u64).build()
-            }
-            ReqKind::Write => {
-                // SAFETY: as above.
-                let p = unsafe { r.buf.add(done as usize) };
-                let flags = if r.fua { libc::RWF_DSYNC } else { 0 };
-                opcode::Write::new(fd, p, r.len - done).offset(r.offset + done as u64).rw_flags(flags).build()
-            }
-            ReqKind::Flush => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
-            // Both become holes: reads of a punched range return zeros, which is what
-            // WRITE_ZEROES promises, and the file keeps its size.
-            ReqKind::Discard | ReqKind::WriteZeroes => opcode::Fallocate::new(fd, r.len as u64)
-                .offset(r.offset)
-                .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
-                .build(),
+        let op = match r.kind {
+            ReqKind::Read => LocalOp::Read,
+            ReqKind::Write => LocalOp::Write { fua: r.fua },
+            ReqKind::Flush => LocalOp::Flush,
+            ReqKind::Discard | ReqKind::WriteZeroes => LocalOp::PunchHole,
         };
-        s.push(sqe.user_data(ud));
+        let sqe = local_io::sqe(self.fd, op, r.offset, r.len, r.buf, slot.local_done);
+        s.push(sqe.user_data(ring::user_data(op::LOCAL, tag, 0)));
     }
 
     fn encode_frame(&mut self, tag: u16) {
@@ -578,18 +560,7 @@ impl Queue {
                         self.stats.rtt_ns.store(rtt.as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
-                FrameKind::Ping => {
-                    let busy = self.link.pong_frame.is_some_and(|n| self.link.sender.frames_sent <= n);
-                    if !busy {
-                        Frame::pong(frame.seq).encode(&mut self.link.pong_header);
-                        let n = self.link.sender.enqueue(SendItem {
-                            header: self.link.pong_header.as_ptr(),
-                            payload: std::ptr::null(),
-                            payload_len: 0,
-                        });
-                        self.link.pong_frame = Some(n);
-                    }
-                }
+                FrameKind::Ping => self.link.pong.answer(&mut self.link.sender, frame.seq),
                 FrameKind::Error => {
                     self.link_failed(s, &format!("peer reported an error ({}): {text}", frame.status));
                     return;
@@ -630,7 +601,7 @@ impl Queue {
         self.link.sock = Some(sock);
         self.link.receiver.reset();
         self.link.ping_frame = None;
-        self.link.pong_frame = None;
+        self.link.pong.reset();
         self.stats.set_link(LinkState::Connected);
         // Re-send held requests in the order they were first issued.
         let mut held: Vec<(u64, u16)> = self
@@ -696,10 +667,6 @@ impl Queue {
             unsafe { libc::shutdown(sock.as_raw_fd(), libc::SHUT_RDWR) };
         }
     }
-}
-
-pub fn errno_text(errno: i32) -> String {
-    std::io::Error::from_raw_os_error(errno).to_string()
 }
 
 /// Drives a [`Queue`] on a ring of its own: the engine API for tests, benchmarks and any

@@ -64,17 +64,26 @@ impl OwnRing {
 
 impl Submitter for OwnRing {
     fn push(&mut self, sqe: squeue::Entry) {
-        loop {
-            // SAFETY: every entry the engine builds points at memory that stays valid and
-            // unmoved until its completion is handled (slot buffers, boxed link state).
-            if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
-                return;
-            }
-            // Submission queue full: hand what is queued to the kernel and retry.
-            if let Err(e) = self.ring.submit() {
-                tracing::error!("io_uring submit failed while the queue was full: {e}");
-                std::thread::yield_now();
-            }
+        // SAFETY: every entry the engine builds points at memory that stays valid and unmoved
+        // until its completion is handled (slot buffers, boxed link state).
+        unsafe { push_retrying(&mut self.ring, &sqe) }
+    }
+}
+
+/// Pushes `sqe`; when the submission queue is full, hands what is queued to the kernel and
+/// retries.
+///
+/// # Safety
+/// Everything `sqe` points at must stay valid and unmoved until its completion is reaped.
+pub unsafe fn push_retrying(ring: &mut IoUring, sqe: &squeue::Entry) {
+    loop {
+        // SAFETY: the caller's contract above.
+        if unsafe { ring.submission().push(sqe) }.is_ok() {
+            return;
+        }
+        if let Err(e) = ring.submit() {
+            tracing::error!("io_uring submit failed while the queue was full: {e}");
+            std::thread::yield_now();
         }
     }
 }
