@@ -8,11 +8,13 @@
 //! - `node`: `metroblk node run` — wires a config to volumes, links, the ublk device and the
 //!   control socket.
 //! - `control`: the control socket and the `status` report.
+//! - `metadata`: the metadata file (superblock and dirty bitmap), crash-safe; `create-md`.
 
 pub mod config;
 pub mod control;
 pub mod demo;
 pub mod frontend;
+pub mod metadata;
 pub mod node;
 pub mod peer;
 pub mod volume;

@@ -36,6 +36,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Initialise the metadata file (superblock and dirty bitmap) of a volume on this node.
+    /// Refuses to overwrite an existing one unless --force.
+    CreateMd {
+        /// The node's config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The volume's name in that config.
+        volume: String,
+        /// Overwrite an existing metadata file (what it recorded is lost; resync in full).
+        #[arg(long)]
+        force: bool,
+    },
     /// Start a primary and a secondary on loopback with a mirrored /dev/ublkb0 and show it
     /// working. On a kernel without ublk_drv it runs inside a QEMU VM (from a source checkout).
     Demo {
@@ -109,6 +121,10 @@ fn run(cli: Cli) -> Result<(), String> {
                 };
                 println!("  volume {} {} bytes, {} on {}, {peer}", v.name, v.size, v.role, v.backing_file.display());
             }
+            Ok(())
+        }
+        Command::CreateMd { config, volume, force } => {
+            println!("{}", metroblk::metadata::create_md_command(&config, &volume, force)?);
             Ok(())
         }
         Command::Demo { dir, scripted, vm } => {
