@@ -154,9 +154,16 @@ impl Conn {
                     self.check_silence();
                     continue;
                 }
-                // Without the ring nothing in flight can be reaped; the kernel cancels it when
-                // the ring closes. Nothing was acknowledged that was not written.
-                return format!("io_uring wait failed: {e}");
+                // Returning now would free buffers the kernel may still write into, and let a
+                // newer link start while local writes of this one are in flight. So end the
+                // link and keep reaping until it has drained (such errors are transient:
+                // EAGAIN, EBUSY, ENOMEM; a drained link returns above).
+                if self.core.closing().is_none() {
+                    tracing::error!(volume = %self.v.config.name, "io_uring wait failed: {e}; ending the link");
+                    self.close(format!("io_uring wait failed: {e}"));
+                }
+                // The completion queue is shared memory: it is reaped below without the ring.
+                std::thread::sleep(std::time::Duration::from_millis(10));
             }
             self.check_silence();
             self.check_superseded();
