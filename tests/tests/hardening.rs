@@ -194,7 +194,7 @@ fn a_silent_authenticated_link_is_closed_by_the_secondary() {
         epoch: 1,
         nonce: [9; 32],
     };
-    run_handshake(&mut s, Handshake::new(Role::Dialer, hello, TEST_KEY.as_bytes(), "beta")).unwrap();
+    run_handshake(&mut s, Handshake::new(Role::Dialer, hello.clone(), TEST_KEY.as_bytes(), "beta")).unwrap();
     let t0 = Instant::now();
     assert!(closed_by_peer(&mut s, Duration::from_secs(10)), "the secondary kept a silent link");
     let after = t0.elapsed();
@@ -206,4 +206,18 @@ fn a_silent_authenticated_link_is_closed_by_the_secondary() {
     wait_until(Duration::from_secs(3), "the link to be gone", || {
         secondary.status_json()["volumes"][0]["link_state"] == "connecting"
     });
+    // And so is its session: while it was open, session 1 again would have been refused as
+    // not newer; now a link with it is served (a PING is answered).
+    let mut again = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    again.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let hello = HelloInfo { nonce: [10; 32], ..hello };
+    run_handshake(&mut again, Handshake::new(Role::Dialer, hello, TEST_KEY.as_bytes(), "beta")).unwrap();
+    let mut ping = [0u8; metroblk_protocol::HEADER_LEN];
+    metroblk_protocol::Frame::ping(77).encode(&mut ping);
+    again.write_all(&ping).unwrap();
+    let mut pong = [0u8; metroblk_protocol::HEADER_LEN];
+    again.read_exact(&mut pong).expect("the secondary serves the new link");
+    let geo = metroblk_protocol::Geometry { volume_size: cfg.size, block_size: cfg.block_size, max_payload: 1 << 20 };
+    let f = metroblk_protocol::decode_header(&pong, &geo).unwrap();
+    assert_eq!((f.kind, f.seq), (metroblk_protocol::FrameKind::Pong, 77));
 }

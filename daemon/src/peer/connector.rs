@@ -11,7 +11,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use metroblk_protocol::{run_handshake, Handshake, HelloInfo, Role};
+use metroblk_protocol::{run_handshake, Handshake, HandshakeError, HelloInfo, Role};
 
 use crate::volume::VolumeShared;
 
@@ -19,8 +19,8 @@ use crate::volume::VolumeShared;
 /// capped so a long outage costs little.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
-/// A link must stay up this long to reset the backoff: one that the peer ends sooner (error
-/// acks, a stale epoch, an ERROR frame) is a failure cycle and keeps backing off.
+/// A link must stay up this long to reset the backoff: one that ends sooner is a failure
+/// cycle and keeps backing off.
 pub const LINK_HEALTHY_AFTER: Duration = Duration::from_secs(10);
 /// Bounds on connection set-up so a half-open peer cannot stall the connector.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -32,6 +32,8 @@ struct HandoffInner {
     ready: Option<OwnedFd>,
     shutdown: bool,
     last_error: Option<String>,
+    /// The last link ended in an error from the peer (set by the queue, read by the connector).
+    ended_by_peer: bool,
 }
 
 pub struct LinkHandoff {
@@ -66,6 +68,17 @@ impl LinkHandoff {
     /// The socket the connector made ready, if any.
     pub fn take(&self) -> Option<OwnedFd> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner()).ready.take()
+    }
+
+    /// The queue's link ended; `peer_error`: the peer ended it with an error of its own (an
+    /// error ack, an ERROR frame such as a stale-epoch refusal), so redialling at once would
+    /// only meet the same error.
+    pub fn link_ended(&self, peer_error: bool) {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).ended_by_peer = peer_error;
+    }
+
+    fn take_ended_by_peer(&self) -> bool {
+        std::mem::take(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner()).ended_by_peer)
     }
 
     pub fn set_error(&self, e: &str) {
@@ -114,6 +127,63 @@ impl LinkHandoff {
     }
 }
 
+/// When the connector dials again, as pure state (time passed in as durations).
+///
+/// Failures the peer causes deliberately (a handshake refusal, an error ack, an ERROR frame:
+/// a failed disk, a stale epoch, a wrong key) will repeat, so they back off to the maximum at
+/// once; an unreachable peer (connect refused, timeouts) doubles from the minimum, so a
+/// restarted peer is picked up quickly; only a link that stayed up for [`LINK_HEALTHY_AFTER`]
+/// and did not end in a peer error resets the backoff.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    delay: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { delay: BACKOFF_MIN }
+    }
+}
+
+impl Backoff {
+    /// A dial failed; `peer_refused`: the peer answered the handshake and refused (or failed
+    /// to prove the key). Returns how long to wait before the next dial.
+    pub fn dial_failed(&mut self, peer_refused: bool) -> Duration {
+        let wait = if peer_refused { BACKOFF_MAX } else { self.delay };
+        self.delay = if peer_refused { BACKOFF_MAX } else { (self.delay * 2).min(BACKOFF_MAX) };
+        wait
+    }
+
+    /// A delivered link ended after being up for `up_for`; `peer_error` as in
+    /// [`LinkHandoff::link_ended`]. Returns how long to wait before dialling again.
+    pub fn link_ended(&mut self, up_for: Duration, peer_error: bool) -> Duration {
+        if peer_error {
+            self.delay = BACKOFF_MAX;
+            return BACKOFF_MAX;
+        }
+        if up_for >= LINK_HEALTHY_AFTER {
+            self.delay = BACKOFF_MIN;
+            return Duration::ZERO;
+        }
+        let wait = self.delay;
+        self.delay = (self.delay * 2).min(BACKOFF_MAX);
+        wait
+    }
+}
+
+/// Why a dial failed: one line for logs and status, and whether the peer itself refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DialError {
+    pub text: String,
+    pub peer_refused: bool,
+}
+
+impl DialError {
+    fn local(text: String) -> DialError {
+        DialError { text, peer_refused: false }
+    }
+}
+
 /// The session number of the next link of a queue: above the last one, and above any a
 /// previous run of this daemon can have used (wall-clock nanoseconds), so the secondary always
 /// sees a restarted primary's links as newer. If the clock stepped back by more than the
@@ -149,21 +219,31 @@ pub fn local_hello(v: &VolumeShared, queue: u16, session: u64) -> HelloInfo {
 }
 
 /// Dials and authenticates one link for `queue`.
-pub fn dial(v: &VolumeShared, queue: u16, session: u64) -> Result<OwnedFd, String> {
+pub fn dial(v: &VolumeShared, queue: u16, session: u64) -> Result<OwnedFd, DialError> {
     let c = &v.config;
-    let p = c.peer.as_ref().ok_or_else(|| format!("volume {} is standalone: it has no peer to dial", c.name))?;
+    let p = c
+        .peer
+        .as_ref()
+        .ok_or_else(|| DialError::local(format!("volume {} is standalone: it has no peer to dial", c.name)))?;
     let stream = TcpStream::connect_timeout(&p.address, CONNECT_TIMEOUT)
-        .map_err(|e| format!("cannot connect to peer {} at {}: {e}", p.name, p.address))?;
+        .map_err(|e| DialError::local(format!("cannot connect to peer {} at {}: {e}", p.name, p.address)))?;
     let _ = stream.set_nodelay(true);
-    super::set_dead_peer_detection(&stream).map_err(|e| format!("cannot set keepalive on the link: {e}"))?;
-    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| e.to_string())?;
-    stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| e.to_string())?;
+    super::set_dead_peer_detection(&stream)
+        .map_err(|e| DialError::local(format!("cannot set keepalive on the link: {e}")))?;
+    let io = |e: std::io::Error| DialError::local(format!("peer {} at {}: {e}", p.name, p.address));
+    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(io)?;
+    stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(io)?;
     let hs = Handshake::new(Role::Dialer, local_hello(v, queue, session), &c.authkey, &p.name);
     let mut s = stream;
-    let peer = run_handshake(&mut s, hs).map_err(|e| format!("peer {} at {}: {e}", p.name, p.address))?;
-    s.set_read_timeout(None).map_err(|e| e.to_string())?;
-    s.set_write_timeout(None).map_err(|e| e.to_string())?;
-    s.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let peer = run_handshake(&mut s, hs).map_err(|e| DialError {
+        text: format!("peer {} at {}: {e}", p.name, p.address),
+        // An I/O error is the network's (or a peer that is not up yet); anything else is
+        // the peer's answer, and dialling again at once would get the same one.
+        peer_refused: !matches!(e, HandshakeError::Io(_)),
+    })?;
+    s.set_read_timeout(None).map_err(io)?;
+    s.set_write_timeout(None).map_err(io)?;
+    s.set_nonblocking(true).map_err(io)?;
     tracing::debug!(volume = %c.name, queue, peer = %peer.node_name, "handshake done");
     Ok(OwnedFd::from(s))
 }
@@ -172,21 +252,16 @@ pub fn spawn(v: Arc<VolumeShared>, queue: u16, h: Arc<LinkHandoff>) -> std::thre
     std::thread::Builder::new()
         .name(format!("connect-{}-q{queue}", v.config.name))
         .spawn(move || {
-            let mut backoff = BACKOFF_MIN;
+            let mut backoff = Backoff::default();
             let mut last_logged: Option<String> = None;
             let mut link_up_at: Option<std::time::Instant> = None;
             let mut session = 0;
             while h.wait_wanted() {
                 if let Some(up_at) = link_up_at.take() {
-                    if up_at.elapsed() >= LINK_HEALTHY_AFTER {
-                        backoff = BACKOFF_MIN;
-                    } else {
-                        // The last link died young: do not dial straight back into the same
-                        // refusal.
-                        if !h.sleep(backoff) {
-                            break;
-                        }
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    // The queue asks again only once the last link has ended.
+                    let wait = backoff.link_ended(up_at.elapsed(), h.take_ended_by_peer());
+                    if !wait.is_zero() && !h.sleep(wait) {
+                        break;
                     }
                 }
                 session = next_session(session);
@@ -199,18 +274,60 @@ pub fn spawn(v: Arc<VolumeShared>, queue: u16, h: Arc<LinkHandoff>) -> std::thre
                     }
                     Err(e) => {
                         // Log a reason once, not once per retry.
-                        if last_logged.as_deref() != Some(e.as_str()) {
-                            tracing::warn!(volume = %v.config.name, queue, "{e}; retrying");
-                            last_logged = Some(e.clone());
+                        if last_logged.as_deref() != Some(e.text.as_str()) {
+                            tracing::warn!(volume = %v.config.name, queue, "{}; retrying", e.text);
+                            last_logged = Some(e.text.clone());
                         }
-                        h.set_error(&e);
-                        if !h.sleep(backoff) {
+                        h.set_error(&e.text);
+                        if !h.sleep(backoff.dial_failed(e.peer_refused)) {
                             break;
                         }
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
                     }
                 }
             }
         })
         .expect("spawning a connector thread")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHORT: Duration = Duration::from_millis(100);
+    const LONG: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn an_unreachable_peer_doubles_from_the_minimum_to_the_maximum() {
+        let mut b = Backoff::default();
+        let waits: Vec<_> = (0..8).map(|_| b.dial_failed(false).as_millis()).collect();
+        assert_eq!(waits, [50, 100, 200, 400, 800, 1600, 2000, 2000]);
+    }
+
+    #[test]
+    fn peer_errors_back_off_to_the_maximum_at_once_and_never_reset() {
+        let mut b = Backoff::default();
+        assert_eq!(b.dial_failed(true), BACKOFF_MAX, "a handshake refusal");
+        let mut b = Backoff::default();
+        // Error acks / a stale epoch: every link ends in a peer error, whether young or old.
+        for up_for in [SHORT, LONG, SHORT] {
+            assert_eq!(b.link_ended(up_for, true), BACKOFF_MAX);
+        }
+        // Even a refusal after a long healthy link does not let the next cycle start small.
+        assert_eq!(b.dial_failed(false), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn only_a_link_healthy_for_a_while_resets_the_backoff() {
+        let mut b = Backoff::default();
+        for _ in 0..10 {
+            b.dial_failed(false);
+        }
+        // A link that dies young (for no error of the peer's) keeps backing off.
+        assert_eq!(b.link_ended(SHORT, false), BACKOFF_MAX);
+        assert_eq!(b.link_ended(LINK_HEALTHY_AFTER - SHORT, false), BACKOFF_MAX);
+        // A healthy one: dial again at once, and start small.
+        assert_eq!(b.link_ended(LINK_HEALTHY_AFTER, false), Duration::ZERO);
+        assert_eq!(b.dial_failed(false), BACKOFF_MIN);
+        assert_eq!(b.link_ended(SHORT, false), 2 * BACKOFF_MIN);
+    }
 }

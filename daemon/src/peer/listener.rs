@@ -217,8 +217,14 @@ fn accept_one(
     };
     let _ = stream.set_read_timeout(None);
     let _ = stream.set_write_timeout(None);
-    // Session rule (`sessions.rs`): an older link of this queue stops and drains first.
-    let control = match sessions.admit(peer.queue, peer.session, std::os::fd::AsRawFd::as_raw_fd(&stream)) {
+    // A primary has at most MAX_QUEUES queues; the number also picks the link's counters.
+    if peer.queue >= crate::config::MAX_QUEUES {
+        tracing::warn!(volume = %v.config.name, "refused link from {from}: queue {} is above the limit of {} queues", peer.queue, crate::config::MAX_QUEUES);
+        return;
+    }
+    // Session rule (`sessions.rs`): the older links of this queue stop and drain first. The
+    // table owns the socket from here until `finish`.
+    let control = match sessions.admit(peer.queue, peer.session, stream) {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(volume = %v.config.name, "refused link from {from}: {e}");
@@ -235,12 +241,14 @@ fn accept_one(
     if links.load(Ordering::Relaxed) == 1 {
         stats.set_link(LinkState::Connected);
     }
-    tracing::info!(volume = %v.config.name, peer = %peer.node_name, queue = peer.queue, "link from primary up");
-    // Each queue's link has its own counters (one live link per queue: `sessions.rs`).
+    tracing::info!(volume = %v.config.name, peer = %peer.node_name, queue = peer.queue, session = peer.session, "link from primary up");
+    // Each queue's link has its own counters: one link per queue serves at a time
+    // (`sessions.rs`), and the queue number was checked above.
     let link_stats = v.queue_stats[peer.queue as usize % v.queue_stats.len()].clone();
-    let why = replica::serve(v.clone(), stream, peer.node_name.clone(), control.clone(), link_stats);
+    let why = replica::serve(v.clone(), peer.node_name.clone(), control.clone(), link_stats);
+    tracing::warn!(volume = %v.config.name, peer = %peer.node_name, queue = peer.queue, session = peer.session, "link from primary ended: {why}");
+    // Closes the socket (nothing is in flight on it any more), then lets a newer link start.
     sessions.finish(&control);
-    tracing::warn!(volume = %v.config.name, peer = %peer.node_name, queue = peer.queue, "link from primary ended: {why}");
     if links.fetch_sub(1, Ordering::Relaxed) == 1 {
         stats.set_link(LinkState::Connecting);
     }

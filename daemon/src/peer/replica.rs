@@ -12,10 +12,10 @@
 //! pure [`ReplicaCore`](super::replica_state::ReplicaCore); this module only does the I/O.
 
 use std::collections::VecDeque;
-use std::net::TcpStream;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use io_uring::{opcode, types, IoUring};
 use metroblk_protocol::{decode_header, verify_payload, Frame, FrameKind, HEADER_LEN, MAX_ERROR_TEXT};
@@ -72,8 +72,7 @@ struct Conn {
     v: Arc<VolumeShared>,
     /// This connection's own counters (status sums every connection's).
     stats: Arc<QueueStats>,
-    /// Owns the socket `fd` refers to; closed when the connection ends.
-    _sock: OwnedFd,
+    /// The socket, owned by the session table (`control`) until this link has finished.
     fd: RawFd,
     ring: IoUring,
     core: ReplicaCore,
@@ -90,36 +89,32 @@ struct Conn {
     err_text: Box<[u8; MAX_ERROR_TEXT as usize]>,
     shut: bool,
     peer: String,
-    /// When bytes last arrived from the primary.
-    last_heard: std::time::Instant,
     /// Set when a newer link for this queue arrived: apply and ack nothing more.
     control: Arc<LinkControl>,
 }
 
-/// Serves one authenticated connection until it ends. Returns why it ended.
-pub fn serve(
-    v: Arc<VolumeShared>,
-    stream: TcpStream,
-    peer: String,
-    control: Arc<LinkControl>,
-    stats: Arc<QueueStats>,
-) -> String {
-    let _ = stream.set_nodelay(true);
-    if let Err(e) = super::set_dead_peer_detection(&stream) {
-        return format!("cannot set keepalive on the link: {e}");
+/// Serves one authenticated, admitted connection (its socket is in `control`) until it ends,
+/// with nothing of it left in flight. Returns why it ended.
+pub fn serve(v: Arc<VolumeShared>, peer: String, control: Arc<LinkControl>, stats: Arc<QueueStats>) -> String {
+    let set_up = control.with_socket(|s| {
+        let _ = s.set_nodelay(true);
+        super::set_dead_peer_detection(s).map_err(|e| format!("cannot set keepalive on the link: {e}"))?;
+        s.set_nonblocking(true).map_err(|e| format!("cannot make the link's socket non-blocking: {e}"))
+    });
+    match set_up {
+        Some(Ok(())) => {}
+        Some(Err(e)) => return e,
+        None => return "the link's socket is already closed".into(),
     }
-    let _ = stream.set_nonblocking(true);
-    let sock = OwnedFd::from(stream);
     let ring = match IoUring::builder().build(256) {
         Ok(r) => r,
         Err(e) => return format!("cannot create io_uring: {e}"),
     };
     let mut c = Conn {
-        fd: sock.as_raw_fd(),
-        _sock: sock,
+        fd: control.fd(),
         stats,
         ring,
-        core: ReplicaCore::new(REPLICA_SLOTS),
+        core: ReplicaCore::new(REPLICA_SLOTS, Instant::now(), crate::volume::queue::PEER_TIMEOUT),
         hdr: Box::new([0; HEADER_LEN]),
         got: 0,
         recv_in_flight: false,
@@ -131,7 +126,6 @@ pub fn serve(
         err_text: Box::new([0; MAX_ERROR_TEXT as usize]),
         shut: false,
         peer,
-        last_heard: std::time::Instant::now(),
         control,
         v,
     };
@@ -141,6 +135,7 @@ pub fn serve(
 impl Conn {
     fn run(&mut self) -> String {
         loop {
+            self.check_superseded();
             self.post_recv();
             if let Some(sqe) = self.sender.next_sqe(self.fd, UD_SEND) {
                 self.push(sqe);
@@ -159,11 +154,19 @@ impl Conn {
                     self.check_silence();
                     continue;
                 }
-                // Without the ring nothing in flight can be reaped; the kernel cancels it when
-                // the ring closes. Nothing was acknowledged that was not written.
-                return format!("io_uring wait failed: {e}");
+                // Returning now would free buffers the kernel may still write into, and let a
+                // newer link start while local writes of this one are in flight. So end the
+                // link and keep reaping until it has drained (such errors are transient:
+                // EAGAIN, EBUSY, ENOMEM; a drained link returns above).
+                if self.core.closing().is_none() {
+                    tracing::error!(volume = %self.v.config.name, "io_uring wait failed: {e}; ending the link");
+                    self.close(format!("io_uring wait failed: {e}"));
+                }
+                // The completion queue is shared memory: it is reaped below without the ring.
+                std::thread::sleep(std::time::Duration::from_millis(10));
             }
             self.check_silence();
+            self.check_superseded();
             loop {
                 let Some(cqe) = self.ring.completion().next() else { break };
                 let (ud, res) = (cqe.user_data(), cqe.result());
@@ -177,12 +180,20 @@ impl Conn {
         }
     }
 
+    /// The session rule: once a newer link for this queue exists, nothing read or completed
+    /// from here on is applied or acknowledged (the core is closed before any completion that
+    /// follows is handled).
+    fn check_superseded(&mut self) {
+        if self.core.closing().is_none() && self.control.is_superseded() {
+            self.close(format!("superseded by a newer link (session {} ended)", self.control.session));
+        }
+    }
+
     /// Ends a link from which nothing has been heard for the peer timeout: a half-open or
     /// silent connection must not hold its slot (or its session) forever.
     fn check_silence(&mut self) {
-        let silent = self.last_heard.elapsed();
-        if self.core.closing().is_none() && silent > crate::volume::queue::PEER_TIMEOUT {
-            self.close(format!("nothing heard from the primary for {} ms", silent.as_millis()));
+        if self.core.on_tick(Instant::now()).is_some() {
+            self.shut_socket();
         }
     }
 
@@ -229,11 +240,9 @@ impl Conn {
 
     fn on_recv(&mut self, res: i32) {
         self.recv_in_flight = false;
-        if self.core.closing().is_none() && self.control.is_superseded() {
-            // Whatever this receive brought belongs to a superseded link: dropped unapplied.
-            self.close(format!("superseded by a newer link (session {} ended)", self.control.session));
-            return;
-        }
+        // Whatever this receive brought belongs to a superseded link if the flag is set now:
+        // dropped unapplied.
+        self.check_superseded();
         if self.core.closing().is_some() {
             return;
         }
@@ -246,7 +255,7 @@ impl Conn {
             self.close(why);
             return;
         }
-        self.last_heard = std::time::Instant::now();
+        self.core.on_heard(Instant::now());
         self.got += res as usize;
         match self.core.recv_next() {
             RecvNext::Header if self.got == HEADER_LEN => {

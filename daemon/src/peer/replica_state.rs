@@ -15,6 +15,12 @@
 //!   acknowledgement carries an error, whatever a later local I/O returns.
 //! - **Bounds:** at most `slots` requests are in flight; no header is read without a free slot
 //!   (TCP pushes back on the primary).
+//! - **Silence:** a link from which nothing has been heard for the peer timeout while it was
+//!   waiting to read ends (the primary pings every 500 ms, so only a dead or half-open primary
+//!   is that quiet). Time spent not reading because every slot is busy does not count: that
+//!   silence is ours, not the primary's.
+
+use std::time::{Duration, Instant};
 
 use metroblk_protocol::{Frame, FrameKind};
 
@@ -65,10 +71,13 @@ pub struct ReplicaCore {
     receiving: Option<u16>,
     closing: Option<String>,
     applying: usize,
+    /// When bytes last arrived from the primary (or the link last started waiting for them).
+    last_heard: Instant,
+    peer_timeout: Duration,
 }
 
 impl ReplicaCore {
-    pub fn new(slots: usize) -> ReplicaCore {
+    pub fn new(slots: usize, now: Instant, peer_timeout: Duration) -> ReplicaCore {
         assert!(slots > 0 && slots <= u16::MAX as usize);
         ReplicaCore {
             slots: vec![Slot::Free; slots],
@@ -76,7 +85,34 @@ impl ReplicaCore {
             receiving: None,
             closing: None,
             applying: 0,
+            last_heard: now,
+            peer_timeout,
         }
+    }
+
+    /// Bytes arrived from the primary.
+    pub fn on_heard(&mut self, now: Instant) {
+        self.last_heard = now;
+    }
+
+    /// The periodic check (at least every tick). Returns the reason when the link has just
+    /// been closed for silence.
+    pub fn on_tick(&mut self, now: Instant) -> Option<String> {
+        if self.closing.is_some() {
+            return None;
+        }
+        if self.recv_next() == RecvNext::Nothing {
+            // Every slot is busy: we are not reading, so the primary cannot be heard.
+            self.last_heard = now;
+            return None;
+        }
+        let silent = now.saturating_duration_since(self.last_heard);
+        if silent <= self.peer_timeout {
+            return None;
+        }
+        let why = format!("nothing heard from the primary for {} ms", silent.as_millis());
+        self.close(why.clone());
+        Some(why)
     }
 
     pub fn recv_next(&self) -> RecvNext {
@@ -242,9 +278,13 @@ mod tests {
         AckSent(usize),
         Superseded,
         DiskFails,
+        /// A tick after the peer timeout with nothing heard.
+        Silence,
     }
 
-    const EVENTS: [Ev; 12] = [
+    const T: Duration = Duration::from_secs(5);
+
+    const EVENTS: [Ev; 13] = [
         Ev::Header(FrameKind::Write, 5),
         Ev::Header(FrameKind::Flush, 5),
         Ev::Header(FrameKind::Write, 4),
@@ -257,20 +297,23 @@ mod tests {
         Ev::AckSent(1),
         Ev::Superseded,
         Ev::DiskFails,
+        Ev::Silence,
     ];
 
-    /// Every sequence of up to 7 events (12^7, about 36 million, is too many for a unit test;
-    /// 12^6 = 3 million runs in a few seconds) over a two-slot link, checked against an
+    /// Every sequence of 6 events (13^7, about 63 million, is too many for a unit test;
+    /// 13^6 = 4.8 million runs in a few seconds) over a two-slot link, checked against an
     /// independent record of what happened: acks only after a successful local write, nothing
-    /// applied or acked after supersession, errors only after a disk failure, lower epochs
-    /// never applied.
+    /// applied or acked after supersession (or a close for silence), errors only after a disk
+    /// failure, lower epochs never applied, at most two requests in flight.
     #[test]
     fn exhaustive_sequences_keep_the_replica_rules() {
         const LEN: u32 = 6;
         let mut sequences = 0u64;
         for code in 0..EVENTS.len().pow(LEN) {
             sequences += 1;
-            let mut core = ReplicaCore::new(2);
+            let t0 = Instant::now();
+            let mut now = t0;
+            let mut core = ReplicaCore::new(2, t0, T);
             let mut epoch = 5u64;
             let mut disk_failed = false;
             let mut superseded = false;
@@ -362,6 +405,17 @@ mod tests {
                         core.close("superseded".into());
                     }
                     Ev::DiskFails => disk_failed = true,
+                    Ev::Silence => {
+                        let reading = core.recv_next() != RecvNext::Nothing;
+                        now += 2 * T;
+                        match core.on_tick(now) {
+                            Some(why) => {
+                                assert!(reading && !closing_before && why.contains("nothing heard"));
+                                assert_eq!(core.recv_next(), RecvNext::Nothing);
+                            }
+                            None => assert!(closing_before || !reading, "a silent reading link stayed open"),
+                        }
+                    }
                 }
                 assert_eq!(core.applying(), applying.iter().filter(|a| a.is_some()).count());
                 if superseded {
@@ -370,6 +424,28 @@ mod tests {
             }
             let _ = ok_done;
         }
-        assert_eq!(sequences, 12u64.pow(LEN));
+        assert_eq!(sequences, 13u64.pow(LEN));
+    }
+
+    #[test]
+    fn silence_ends_a_reading_link_but_not_one_whose_slots_are_all_busy() {
+        let t0 = Instant::now();
+        let mut core = ReplicaCore::new(1, t0, T);
+        assert_eq!(core.on_tick(t0 + T), None, "not before the timeout");
+        core.on_heard(t0 + T);
+        assert_eq!(core.on_tick(t0 + 2 * T), None, "heard at T: silent for exactly T");
+        // The only slot is busy with a slow local write: not reading, so no silence counts.
+        let (out, _) = core.on_header(Ok(Frame::flush(1, 1)), 1, false);
+        assert_eq!(out, OnHeader::Apply(0));
+        assert_eq!(core.recv_next(), RecvNext::Nothing);
+        assert_eq!(core.on_tick(t0 + 10 * T), None, "a busy link is not silent");
+        assert_eq!(core.on_applied(0, 0, false), Some(0));
+        core.on_ack_sent(0);
+        // Reading again: the clock starts when reading resumed (the last tick), not earlier.
+        assert_eq!(core.on_tick(t0 + 10 * T + T), None);
+        let why = core.on_tick(t0 + 12 * T).expect("silent for longer than the timeout");
+        assert!(why.contains("nothing heard from the primary"), "{why}");
+        assert_eq!(core.recv_next(), RecvNext::Nothing);
+        assert_eq!(core.on_tick(t0 + 20 * T), None, "closes once");
     }
 }

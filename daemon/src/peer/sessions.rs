@@ -1,4 +1,4 @@
-//! Link sessions on the secondary: a newer link for a queue supersedes the older one, and no
+//! Link sessions on the secondary: a newer link for a queue supersedes the older ones, and no
 //! frame of a superseded link is ever applied after the newer one starts.
 //!
 //! Why: when the primary gives up a link (peer timeout during a partition) and dials again,
@@ -7,105 +7,156 @@
 //! over the new link and was acknowledged. So each dialled link carries a session number that
 //! rises with every connection the primary makes for a queue, and here:
 //!
-//! 1. a link whose session is not newer than the live one for its queue is refused;
-//! 2. a newer one first marks the live one superseded (its thread applies and acks nothing it
-//!    reads after that) and shuts its socket for reading, then waits until that thread has
-//!    finished its in-flight local writes and closed it, and only then starts serving.
+//! 1. a link whose session is not newer than every link of its queue still open here is
+//!    refused;
+//! 2. a newer one first marks every older link of the queue superseded (its thread applies and
+//!    acks nothing it reads or completes after that) and shuts their sockets for reading, then
+//!    waits until each has finished its in-flight local I/O and closed its socket, and only
+//!    then starts serving;
+//! 3. a link that gives up waiting (the old one's disk hangs) or is itself superseded while it
+//!    waits never serves; the older links stay in the table, still draining, so whoever comes
+//!    next waits for them too. "Finished" always means closed with nothing in flight.
+//!
+//! The table owns each link's socket from admission to [`SessionTable::finish`], so the
+//! `shutdown` a newer link does on an older one can never hit a reused descriptor number.
 
 use std::collections::HashMap;
-use std::os::fd::RawFd;
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-/// How long a newer link waits for the superseded one to drain before it is refused (the
+/// How long a newer link waits for the superseded ones to drain before it is refused (the
 /// primary dials again): local writes in flight finish in far less on a healthy disk.
 pub const SUPERSEDE_WAIT_MAX: Duration = Duration::from_secs(10);
 
-/// Shared between a link's thread and the table: the flag that stops it and the signal that
-/// it has stopped.
+/// One admitted link, shared between its thread and the table.
 pub struct LinkControl {
     pub queue: u16,
     pub session: u64,
     superseded: AtomicBool,
-    fd: RawFd,
-    finished: Mutex<bool>,
-    cv: Condvar,
+    /// The link's socket, owned here until the link finishes; only the link's thread does I/O
+    /// on it (through [`LinkControl::fd`]); the table only shuts it down.
+    sock: Mutex<Option<TcpStream>>,
 }
 
 impl LinkControl {
-    /// Checked by the link's thread before it applies anything it has read.
+    /// Checked by the link's thread before it applies or acknowledges anything.
     #[inline]
     pub fn is_superseded(&self) -> bool {
         self.superseded.load(Ordering::Acquire)
     }
 
-    fn wait_finished(&self, max: Duration) -> bool {
-        let g = self.finished.lock().unwrap_or_else(|p| p.into_inner());
-        let (g, _) = self.cv.wait_timeout_while(g, max, |done| !*done).unwrap_or_else(|p| p.into_inner());
-        *g
+    /// The socket's descriptor; valid until [`SessionTable::finish`] is called for this link,
+    /// which its own thread does once it stopped using it.
+    pub fn fd(&self) -> RawFd {
+        self.sock.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map_or(-1, |s| s.as_raw_fd())
+    }
+
+    /// The socket, to set options on before serving.
+    pub fn with_socket<R>(&self, f: impl FnOnce(&TcpStream) -> R) -> Option<R> {
+        self.sock.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(f)
+    }
+
+    fn supersede(&self) {
+        self.superseded.store(true, Ordering::Release);
+        if let Some(s) = self.sock.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            // Makes an in-flight RECV of that link finish, so its thread sees the flag.
+            let _ = s.shutdown(std::net::Shutdown::Read);
+        }
     }
 }
 
+/// The links of one volume that are open (admitted and not finished), per queue.
 #[derive(Default)]
 pub struct SessionTable {
-    live: Mutex<HashMap<u16, Arc<LinkControl>>>,
+    open: Mutex<HashMap<u16, Vec<Arc<LinkControl>>>>,
+    changed: Condvar,
 }
 
 impl SessionTable {
-    /// Admits a link for `queue` with `session` on socket `fd`. Supersedes and waits for the
-    /// live link of that queue if this one is newer; refuses it if not. Returns the control the
-    /// link's thread must check and hand back to [`SessionTable::finish`].
-    pub fn admit(&self, queue: u16, session: u64, fd: RawFd) -> Result<Arc<LinkControl>, String> {
-        let control = Arc::new(LinkControl {
-            queue,
-            session,
-            superseded: AtomicBool::new(false),
-            fd,
-            finished: Mutex::new(false),
-            cv: Condvar::new(),
-        });
-        let old = {
-            let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(cur) = live.get(&queue) {
-                if cur.session >= session {
-                    return Err(format!(
-                        "link session {session} for queue {queue} is not newer than the live session {}",
-                        cur.session
-                    ));
-                }
-            }
-            live.insert(queue, control.clone())
-        };
-        if let Some(old) = old {
-            old.superseded.store(true, Ordering::Release);
-            // SAFETY: plain syscall on the old link's socket, which its thread keeps open until
-            // it has finished (and it finishes only after we stop waiting or it drained). A
-            // socket already closed makes this fail with EBADF, harmlessly: a finished link
-            // no longer needs waking.
-            unsafe { libc::shutdown(old.fd, libc::SHUT_RD) };
-            if !old.wait_finished(SUPERSEDE_WAIT_MAX) {
-                self.finish(&control);
-                return Err(format!(
-                    "the superseded link (session {}) of queue {queue} did not drain within {} s",
-                    old.session,
-                    SUPERSEDE_WAIT_MAX.as_secs()
-                ));
-            }
+    fn lock(&self) -> MutexGuard<'_, HashMap<u16, Vec<Arc<LinkControl>>>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Admits a link for `queue` with `session` on `sock`. Supersedes every older open link of
+    /// that queue and waits until they have finished; refuses the link if one is not older.
+    /// Returns the control the link's thread must check and hand back to
+    /// [`SessionTable::finish`].
+    pub fn admit(&self, queue: u16, session: u64, sock: TcpStream) -> Result<Arc<LinkControl>, String> {
+        self.admit_within(queue, session, sock, SUPERSEDE_WAIT_MAX)
+    }
+
+    fn admit_within(
+        &self,
+        queue: u16,
+        session: u64,
+        sock: TcpStream,
+        wait_max: Duration,
+    ) -> Result<Arc<LinkControl>, String> {
+        let control =
+            Arc::new(LinkControl { queue, session, superseded: AtomicBool::new(false), sock: Mutex::new(Some(sock)) });
+        let mut open = self.lock();
+        let links = open.entry(queue).or_default();
+        if let Some(newest) = links.iter().map(|c| c.session).max().filter(|&s| s >= session) {
+            return Err(format!(
+                "link session {session} for queue {queue} is not newer than session {newest}, which is still open"
+            ));
+        }
+        for old in links.iter() {
+            old.supersede();
+        }
+        links.push(control.clone());
+        // An older link still waiting to start must see that it was superseded.
+        self.changed.notify_all();
+        let deadline = Instant::now() + wait_max;
+        loop {
+            let links = open.get(&queue).map(Vec::as_slice).unwrap_or_default();
+            let older = links.iter().filter(|c| c.session < session).map(|c| c.session).min();
+            let Some(older) = older else { break };
+            let why = if control.is_superseded() {
+                format!("link session {session} for queue {queue} was superseded before it started")
+            } else if let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) {
+                open = self.changed.wait_timeout(open, left).unwrap_or_else(|p| p.into_inner()).0;
+                continue;
+            } else {
+                format!(
+                    "the superseded link (session {older}) of queue {queue} did not drain within {} s",
+                    wait_max.as_secs()
+                )
+            };
+            // This link never served: it leaves at once; the older ones stay until they drain.
+            drop(open);
+            self.finish(&control);
+            return Err(why);
+        }
+        if control.is_superseded() {
+            drop(open);
+            self.finish(&control);
+            return Err(format!("link session {session} for queue {queue} was superseded before it started"));
         }
         Ok(control)
     }
 
-    /// The link's thread has stopped: nothing of it is in flight any more.
+    /// The link's thread has stopped: nothing of it is in flight any more. Closes its socket,
+    /// then lets the links waiting for it start.
     pub fn finish(&self, control: &Arc<LinkControl>) {
-        {
-            let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-            if live.get(&control.queue).is_some_and(|c| Arc::ptr_eq(c, control)) {
-                live.remove(&control.queue);
+        let mut open = self.lock();
+        drop(control.sock.lock().unwrap_or_else(|p| p.into_inner()).take());
+        if let Some(links) = open.get_mut(&control.queue) {
+            links.retain(|c| !Arc::ptr_eq(c, control));
+            if links.is_empty() {
+                open.remove(&control.queue);
             }
         }
-        *control.finished.lock().unwrap_or_else(|p| p.into_inner()) = true;
-        control.cv.notify_all();
+        drop(open);
+        self.changed.notify_all();
+    }
+
+    /// Open links of `queue` (for tests and status).
+    pub fn open_links(&self, queue: u16) -> usize {
+        self.lock().get(&queue).map_or(0, Vec::len)
     }
 }
 
@@ -113,23 +164,80 @@ impl SessionTable {
 mod tests {
     use super::*;
 
+    /// A connected TCP socket on loopback (the table owns real sockets).
+    fn sock() -> TcpStream {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        // The accepted end is dropped: the table only needs a socket it can shut down.
+        drop(l.accept().unwrap());
+        s
+    }
+
+    fn admit_in_thread(t: &Arc<SessionTable>, q: u16, s: u64) -> std::thread::JoinHandle<Result<u64, String>> {
+        let t = t.clone();
+        let s2 = sock();
+        std::thread::spawn(move || t.admit(q, s, s2).map(|c| c.session))
+    }
+
     #[test]
     fn older_or_equal_sessions_are_refused_and_newer_ones_supersede_after_the_old_finished() {
         let t = Arc::new(SessionTable::default());
-        let a = t.admit(0, 10, -1).unwrap();
-        assert!(t.admit(0, 10, -1).is_err());
-        assert!(t.admit(0, 9, -1).is_err());
+        let a = t.admit(0, 10, sock()).unwrap();
+        assert!(t.admit(0, 10, sock()).is_err());
+        assert!(t.admit(0, 9, sock()).is_err());
         // Another queue is independent.
-        let other = t.admit(1, 1, -1).unwrap();
+        let other = t.admit(1, 1, sock()).unwrap();
         // A newer session waits until the old link has finished.
-        let t2 = t.clone();
-        let newer = std::thread::spawn(move || t2.admit(0, 11, -1).map(|c| c.session));
+        let newer = admit_in_thread(&t, 0, 11);
         std::thread::sleep(Duration::from_millis(100));
         assert!(a.is_superseded());
         assert!(!newer.is_finished(), "served before the superseded link finished");
         assert!(!other.is_superseded());
+        assert!(a.fd() >= 0, "the socket stays open until the link finished");
         t.finish(&a);
+        assert_eq!(a.fd(), -1, "finish closes the socket");
         assert_eq!(newer.join().unwrap(), Ok(11));
-        assert!(t.admit(0, 11, -1).is_err(), "11 is live now");
+        assert!(t.admit(0, 11, sock()).is_err(), "11 is open now");
+        // Once nothing is open for a queue, any session may start (the old links are gone).
+        let eleven = {
+            let open = t.lock();
+            open[&0][0].clone()
+        };
+        t.finish(&eleven);
+        assert_eq!(t.open_links(0), 0);
+        assert!(t.admit(0, 3, sock()).is_ok());
+    }
+
+    #[test]
+    fn a_link_superseded_while_it_waits_never_serves_and_the_newest_waits_for_all() {
+        let t = Arc::new(SessionTable::default());
+        let s1 = t.admit(0, 1, sock()).unwrap();
+        let s2 = admit_in_thread(&t, 0, 2);
+        std::thread::sleep(Duration::from_millis(50));
+        let s3 = admit_in_thread(&t, 0, 3);
+        std::thread::sleep(Duration::from_millis(50));
+        // 2 was superseded by 3 while waiting for 1: it gives up at once and never serves.
+        let r2 = s2.join().unwrap();
+        assert!(r2.as_ref().is_err_and(|e| e.contains("superseded before it started")), "{r2:?}");
+        // 3 still waits for 1, which is draining.
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!s3.is_finished(), "3 served while session 1 was still draining");
+        t.finish(&s1);
+        assert_eq!(s3.join().unwrap(), Ok(3));
+    }
+
+    #[test]
+    fn a_newer_link_that_gives_up_waiting_leaves_the_draining_one_blocking_the_next() {
+        let t = Arc::new(SessionTable::default());
+        let s1 = t.admit(0, 1, sock()).unwrap();
+        let r = t.admit_within(0, 2, sock(), Duration::from_millis(50));
+        assert!(r.as_ref().is_err_and(|e| e.contains("did not drain")), "{:?}", r.err());
+        // Session 1 is still open and draining: the next link waits for it too.
+        assert_eq!(t.open_links(0), 1);
+        let s3 = admit_in_thread(&t, 0, 3);
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!s3.is_finished(), "3 served while session 1 was still draining");
+        t.finish(&s1);
+        assert_eq!(s3.join().unwrap(), Ok(3));
     }
 }

@@ -538,7 +538,7 @@ impl Queue {
                     if frame.status != 0 {
                         // The peer could not apply the write. Completing it would acknowledge
                         // data the peer lacks; hold it and retry on a new link instead.
-                        self.link_failed(
+                        self.peer_failed(
                             s,
                             &format!("peer failed request {:#x}: {}", frame.seq, errno_text(-frame.status)),
                         );
@@ -562,7 +562,7 @@ impl Queue {
                 }
                 FrameKind::Ping => self.link.pong.answer(&mut self.link.sender, frame.seq),
                 FrameKind::Error => {
-                    self.link_failed(s, &format!("peer reported an error ({}): {text}", frame.status));
+                    self.peer_failed(s, &format!("peer reported an error ({}): {text}", frame.status));
                     return;
                 }
                 other => {
@@ -626,11 +626,22 @@ impl Queue {
     }
 
     fn link_failed(&mut self, s: &mut impl Submitter, why: &str) {
+        self.link_lost(s, why, false)
+    }
+
+    /// The peer ended the link with an error of its own (an error ack, an ERROR frame): the
+    /// connector then waits the longest backoff before it dials again.
+    fn peer_failed(&mut self, s: &mut impl Submitter, why: &str) {
+        self.link_lost(s, why, true)
+    }
+
+    fn link_lost(&mut self, s: &mut impl Submitter, why: &str, peer_error: bool) {
         if !self.link.machine.on_failed() {
             return;
         }
         tracing::warn!(volume = %self.shared.config.name, qid = self.qid, "peer link lost: {why}; holding writes until it returns");
         self.handoff.set_error(why);
+        self.handoff.link_ended(peer_error);
         self.stats.set_link(LinkState::Connecting);
         QueueStats::add(&self.stats.reconnects, 1);
         if let Some(sock) = &self.link.sock {
