@@ -76,6 +76,56 @@ authkey_file = "{name}.key"
     path
 }
 
+/// The configs of a primary `alpha` and a secondary `beta` of volume `vol0` (`size` bytes) on
+/// loopback, written into `dir`, with the ports each listens on.
+pub struct PairConfigs {
+    pub alpha: PathBuf,
+    pub beta: PathBuf,
+    pub alpha_port: u16,
+    pub beta_port: u16,
+}
+
+pub fn pair_configs(dir: &Path, size: u64) -> PairConfigs {
+    let (alpha_port, beta_port) = (free_port(), free_port());
+    let spec = |name, peer, role, listen_port, peer_port| NodeSpec {
+        name,
+        peer,
+        role,
+        size,
+        listen_port,
+        peer_port,
+        key: TEST_KEY,
+        extra: "",
+    };
+    PairConfigs {
+        alpha: write_config(dir, &spec("alpha", "beta", "primary", alpha_port, beta_port)),
+        beta: write_config(dir, &spec("beta", "alpha", "secondary", beta_port, alpha_port)),
+        alpha_port,
+        beta_port,
+    }
+}
+
+/// The hello node `node` sends for `cfg`'s volume, for tests that speak the peer protocol
+/// themselves (a fake primary or secondary).
+pub fn hello_for(
+    node: &str,
+    cfg: &metroblk::config::VolumeConfig,
+    session: u64,
+    nonce: u8,
+) -> metroblk_protocol::HelloInfo {
+    metroblk_protocol::HelloInfo {
+        node_name: node.into(),
+        volume_uuid: *cfg.uuid.as_bytes(),
+        volume_size: cfg.size,
+        region_size: cfg.region_size as u32,
+        block_size: cfg.block_size,
+        queue: 0,
+        session,
+        epoch: 1,
+        nonce: [nonce; 32],
+    }
+}
+
 /// A `metroblk node run` child process; killed on drop.
 pub struct NodeProcess {
     pub child: Child,

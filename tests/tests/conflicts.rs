@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use metroblk::config::NodeConfig;
 use metroblk::volume::{QueueDriver, ReqKind, Request, Volume};
-use metroblk_tests::cluster::{free_port, write_config, NodeProcess, NodeSpec, TEST_KEY};
+use metroblk_tests::cluster::{pair_configs, NodeProcess, PairConfigs};
 use rand::{Rng, SeedableRng};
 
 const VOLUME: u64 = 16 << 20;
@@ -90,19 +90,7 @@ fn writer(vol: &Volume, qid: u16, model: Arc<Mutex<Vec<u8>>>) -> u64 {
 #[test]
 fn overlapping_writes_on_several_queues_leave_identical_copies() {
     let dir = tempfile::tempdir().unwrap();
-    let (pa, pb) = (free_port(), free_port());
-    let spec = |name, peer, role, listen_port, peer_port| NodeSpec {
-        name,
-        peer,
-        role,
-        size: VOLUME,
-        listen_port,
-        peer_port,
-        key: TEST_KEY,
-        extra: "",
-    };
-    let alpha = write_config(dir.path(), &spec("alpha", "beta", "primary", pa, pb));
-    let beta = write_config(dir.path(), &spec("beta", "alpha", "secondary", pb, pa));
+    let PairConfigs { alpha, beta, .. } = pair_configs(dir.path(), VOLUME);
     let mut secondary = NodeProcess::start(&beta);
     secondary.wait_ready(Duration::from_secs(10));
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use metroblk::config::NodeConfig;
 use metroblk::volume::disk::DiskState;
 use metroblk::volume::{QueueDriver, ReqKind, Request, Volume};
-use metroblk_tests::cluster::{free_port, write_config, NodeProcess, NodeSpec, TEST_KEY};
+use metroblk_tests::cluster::{pair_configs, NodeProcess, PairConfigs};
 
 const VOLUME: u64 = 16 << 20;
 
@@ -64,19 +64,7 @@ fn a_local_write_error_on_the_primary_latches_failed_and_nothing_writes_after_it
     let small = dir.path().join("small");
     std::fs::create_dir(&small).unwrap();
     let _fs = SmallFs::mount(&small, 4 << 20);
-    let (pa, pb) = (free_port(), free_port());
-    let spec = |name, peer, role, listen_port, peer_port, extra| NodeSpec {
-        name,
-        peer,
-        role,
-        size: VOLUME,
-        listen_port,
-        peer_port,
-        key: TEST_KEY,
-        extra,
-    };
-    let alpha = write_config(dir.path(), &spec("alpha", "beta", "primary", pa, pb, ""));
-    let beta = write_config(dir.path(), &spec("beta", "alpha", "secondary", pb, pa, ""));
+    let PairConfigs { alpha, beta, .. } = pair_configs(dir.path(), VOLUME);
     let mut secondary = NodeProcess::start(&beta);
     secondary.wait_ready(Duration::from_secs(10));
 
@@ -135,19 +123,7 @@ fn a_secondary_out_of_space_gets_nothing_completed_and_shows_failed() {
     let sparse = small.join("beta.img");
     std::fs::File::create(&sparse).unwrap().set_len(VOLUME).unwrap();
     std::os::unix::fs::symlink(&sparse, dir.path().join("beta-vol0.img")).unwrap();
-    let (pa, pb) = (free_port(), free_port());
-    let spec = |name, peer, role, listen_port, peer_port| NodeSpec {
-        name,
-        peer,
-        role,
-        size: VOLUME,
-        listen_port,
-        peer_port,
-        key: TEST_KEY,
-        extra: "",
-    };
-    let alpha = write_config(dir.path(), &spec("alpha", "beta", "primary", pa, pb));
-    let beta = write_config(dir.path(), &spec("beta", "alpha", "secondary", pb, pa));
+    let PairConfigs { alpha, beta, .. } = pair_configs(dir.path(), VOLUME);
     let mut secondary = NodeProcess::start(&beta);
     secondary.wait_ready(Duration::from_secs(10));
 

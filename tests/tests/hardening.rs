@@ -11,25 +11,13 @@ use std::time::{Duration, Instant};
 
 use metroblk::config::NodeConfig;
 use metroblk::volume::{QueueDriver, Volume};
-use metroblk_tests::cluster::{free_port, metroblk_bin, wait_until, write_config, NodeProcess, NodeSpec, TEST_KEY};
+use metroblk_tests::cluster::{hello_for, metroblk_bin, pair_configs, wait_until, NodeProcess, TEST_KEY};
 
 const VOLUME: u64 = 16 << 20;
 
 fn configs(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, u16) {
-    let (pa, pb) = (free_port(), free_port());
-    let spec = |name, peer, role, listen_port, peer_port| NodeSpec {
-        name,
-        peer,
-        role,
-        size: VOLUME,
-        listen_port,
-        peer_port,
-        key: TEST_KEY,
-        extra: "",
-    };
-    let alpha = write_config(dir, &spec("alpha", "beta", "primary", pa, pb));
-    let beta = write_config(dir, &spec("beta", "alpha", "secondary", pb, pa));
-    (alpha, beta, pb)
+    let p = pair_configs(dir, VOLUME);
+    (p.alpha, p.beta, p.beta_port)
 }
 
 /// Opens the primary engine and returns how long its link took to come up.
@@ -183,17 +171,7 @@ fn a_silent_authenticated_link_is_closed_by_the_secondary() {
     // as the secondary can tell.
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let hello = HelloInfo {
-        node_name: "alpha".into(),
-        volume_uuid: *cfg.uuid.as_bytes(),
-        volume_size: cfg.size,
-        region_size: cfg.region_size as u32,
-        block_size: cfg.block_size,
-        queue: 0,
-        session: 1,
-        epoch: 1,
-        nonce: [9; 32],
-    };
+    let hello = hello_for("alpha", &cfg, 1, 9);
     run_handshake(&mut s, Handshake::new(Role::Dialer, hello.clone(), TEST_KEY.as_bytes(), "beta")).unwrap();
     let t0 = Instant::now();
     assert!(closed_by_peer(&mut s, Duration::from_secs(10)), "the secondary kept a silent link");

@@ -11,10 +11,8 @@ use std::time::{Duration, Instant};
 
 use metroblk::config::NodeConfig;
 use metroblk::volume::{QueueDriver, ReqKind, Request, Volume};
-use metroblk_protocol::{
-    decode_header, run_handshake, Frame, FrameKind, Geometry, Handshake, HelloInfo, Role, HEADER_LEN,
-};
-use metroblk_tests::cluster::{free_port, write_config, NodeSpec, TEST_KEY};
+use metroblk_protocol::{decode_header, run_handshake, Frame, FrameKind, Geometry, Handshake, Role, HEADER_LEN};
+use metroblk_tests::cluster::{free_port, hello_for, write_config, NodeSpec, TEST_KEY};
 
 const VOLUME: u64 = 16 << 20;
 
@@ -26,17 +24,7 @@ fn accept_link(listener: &TcpListener, cfg: &metroblk::config::VolumeConfig) -> 
 
 fn handshake_accepted(mut s: TcpStream, cfg: &metroblk::config::VolumeConfig) -> TcpStream {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let hello = HelloInfo {
-        node_name: "beta".into(),
-        volume_uuid: *cfg.uuid.as_bytes(),
-        volume_size: cfg.size,
-        region_size: cfg.region_size as u32,
-        block_size: cfg.block_size,
-        queue: 0,
-        session: 0,
-        epoch: 1,
-        nonce: [7; 32],
-    };
+    let hello = hello_for("beta", cfg, 0, 7);
     run_handshake(&mut s, Handshake::new(Role::Listener, hello, TEST_KEY.as_bytes(), "alpha")).unwrap();
     s
 }

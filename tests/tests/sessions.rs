@@ -9,10 +9,8 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use metroblk::config::NodeConfig;
-use metroblk_protocol::{
-    decode_header, run_handshake, Frame, FrameKind, Geometry, Handshake, HelloInfo, Role, HEADER_LEN,
-};
-use metroblk_tests::cluster::{free_port, wait_until, write_config, NodeProcess, NodeSpec, TEST_KEY};
+use metroblk_protocol::{decode_header, run_handshake, Frame, FrameKind, Geometry, Handshake, Role, HEADER_LEN};
+use metroblk_tests::cluster::{free_port, hello_for, wait_until, write_config, NodeProcess, NodeSpec, TEST_KEY};
 
 const VOLUME: u64 = 16 << 20;
 const BLOCK: u64 = 8 << 20;
@@ -20,17 +18,7 @@ const BLOCK: u64 = 8 << 20;
 fn dial(port: u16, cfg: &metroblk::config::VolumeConfig, session: u64) -> TcpStream {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let hello = HelloInfo {
-        node_name: "alpha".into(),
-        volume_uuid: *cfg.uuid.as_bytes(),
-        volume_size: cfg.size,
-        region_size: cfg.region_size as u32,
-        block_size: cfg.block_size,
-        queue: 0,
-        session,
-        epoch: 1,
-        nonce: [session as u8; 32],
-    };
+    let hello = hello_for("alpha", cfg, session, session as u8);
     run_handshake(&mut s, Handshake::new(Role::Dialer, hello, TEST_KEY.as_bytes(), "beta")).unwrap();
     s
 }
@@ -108,20 +96,7 @@ fn a_write_half_sent_on_a_superseded_link_is_never_applied() {
     assert!(secondary.log_text().contains("superseded by a newer link"), "{}", secondary.log_text());
 
     // An older session than the live one is refused.
-    let mut stale = TcpStream::connect(("127.0.0.1", pb)).unwrap();
-    stale.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let hello = HelloInfo {
-        node_name: "alpha".into(),
-        volume_uuid: *cfg.uuid.as_bytes(),
-        volume_size: cfg.size,
-        region_size: cfg.region_size as u32,
-        block_size: cfg.block_size,
-        queue: 0,
-        session: 1,
-        epoch: 1,
-        nonce: [7; 32],
-    };
-    run_handshake(&mut stale, Handshake::new(Role::Dialer, hello, TEST_KEY.as_bytes(), "beta")).unwrap();
+    let mut stale = dial(pb, &cfg, 1);
     let mut one = [0u8; 1];
     assert!(matches!(stale.read(&mut one), Ok(0) | Err(_)), "an older session was served");
     // The refusal is logged just after the socket closed.
