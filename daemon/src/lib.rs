@@ -13,6 +13,7 @@ pub mod config;
 pub mod control;
 pub mod demo;
 pub mod frontend;
+pub mod metadata;
 pub mod node;
 pub mod peer;
 pub mod volume;
