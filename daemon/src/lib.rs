@@ -9,6 +9,7 @@
 //!   control socket.
 //! - `control`: the control socket and the `status` report.
 
+pub mod bitmap;
 pub mod config;
 pub mod control;
 pub mod demo;
