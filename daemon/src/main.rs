@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use metroblk::config::NodeConfig;
-use metroblk::{control, node};
+use metroblk::{control, metadata, node};
 
 /// metroblk: a synchronous block-device mirror across two sites.
 ///
@@ -35,6 +35,18 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Initialise a volume's metadata file (superblock and an empty bitmap), mode 0600. Refuses
+    /// to overwrite an existing one unless --force is given.
+    CreateMd {
+        /// The node's config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The volume (its name in the config).
+        volume: String,
+        /// Replace an existing metadata file (its bitmap of regions to resync is lost).
+        #[arg(long)]
+        force: bool,
     },
     /// Start a primary and a secondary on loopback with a mirrored /dev/ublkb0 and show it
     /// working. On a kernel without ublk_drv it runs inside a QEMU VM (from a source checkout).
@@ -109,6 +121,25 @@ fn run(cli: Cli) -> Result<(), String> {
                 };
                 println!("  volume {} {} bytes, {} on {}, {peer}", v.name, v.size, v.role, v.backing_file.display());
             }
+            Ok(())
+        }
+        Command::CreateMd { config, volume, force } => {
+            let cfg = NodeConfig::load(&config).map_err(|e| e.to_string())?;
+            let Some(v) = cfg.volumes.iter().find(|v| v.name == volume) else {
+                return Err(format!("{}: no volume named '{volume}'", config.display()));
+            };
+            let sb = metadata::Superblock::new(v.uuid, &cfg.name, v.size, v.region_size);
+            metadata::create_file(&v.metadata_file, &sb, force).map_err(|e| e.to_string())?;
+            println!(
+                "{}: created for volume {} ({}, {} bytes, {} regions of {} bytes) on node {}",
+                v.metadata_file.display(),
+                v.name,
+                v.uuid,
+                v.size,
+                sb.regions(),
+                v.region_size,
+                cfg.name
+            );
             Ok(())
         }
         Command::Demo { dir, scripted, vm } => {
