@@ -207,7 +207,7 @@ pub trait MetaIo {
     /// Makes every completed write durable (fdatasync).
     fn sync(&mut self) -> io::Result<()>;
     /// The file's length.
-    fn len(&mut self) -> io::Result<u64>;
+    fn file_len(&mut self) -> io::Result<u64>;
 }
 
 impl MetaIo for std::fs::File {
@@ -220,7 +220,7 @@ impl MetaIo for std::fs::File {
     fn sync(&mut self) -> io::Result<()> {
         self.sync_data()
     }
-    fn len(&mut self) -> io::Result<u64> {
+    fn file_len(&mut self) -> io::Result<u64> {
         Ok(self.metadata()?.len())
     }
 }
@@ -239,6 +239,9 @@ impl fmt::Display for MetadataError {
 }
 
 impl std::error::Error for MetadataError {}
+
+/// An opened file: the file, its current superblock and its bitmap (one bit per region).
+pub type Opened<I> = (MetadataFile<I>, Superblock, BitVec<u8, Lsb0>);
 
 /// What the opener expects the file to describe; anything else is a foreign file.
 #[derive(Debug, Clone)]
@@ -425,13 +428,9 @@ impl<I: MetaIo> MetadataFile<I> {
     /// Opens a metadata file: picks the valid slot with the highest sequence, checks that it
     /// describes the expected volume and node, and reads the bitmap. Every refusal is one line
     /// naming the file and what is wrong. Nothing in the file's bytes can make it panic.
-    pub fn open(
-        mut io: I,
-        path: &Path,
-        expect: &Expected,
-    ) -> Result<(MetadataFile<I>, Superblock, BitVec<u8, Lsb0>), MetadataError> {
+    pub fn open(mut io: I, path: &Path, expect: &Expected) -> Result<Opened<I>, MetadataError> {
         let e = |m: String| MetadataError { path: path.to_path_buf(), message: m };
-        let len = io.len().map_err(|x| e(format!("cannot stat: {x}")))?;
+        let len = io.file_len().map_err(|x| e(format!("cannot stat: {x}")))?;
         let mut slots = Vec::with_capacity(2);
         for i in 0..2u64 {
             let mut buf = [0u8; BLOCK_BYTES];
@@ -560,10 +559,7 @@ impl<I: MetaIo> MetadataFile<I> {
 
 /// Opens the metadata file at `path` for reading and writing; a missing file is refused with
 /// the command that creates it.
-pub fn open_file(
-    path: &Path,
-    expect: &Expected,
-) -> Result<(MetadataFile<std::fs::File>, Superblock, BitVec<u8, Lsb0>), MetadataError> {
+pub fn open_file(path: &Path, expect: &Expected) -> Result<Opened<std::fs::File>, MetadataError> {
     let file = match std::fs::OpenOptions::new().read(true).write(true).open(path) {
         Ok(f) => f,
         Err(x) if x.kind() == io::ErrorKind::NotFound => {

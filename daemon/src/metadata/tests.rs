@@ -42,7 +42,7 @@ impl MetaIo for MemIo {
         self.syncs += 1;
         Ok(())
     }
-    fn len(&mut self) -> io::Result<u64> {
+    fn file_len(&mut self) -> io::Result<u64> {
         Ok(self.data.len() as u64)
     }
 }
@@ -77,7 +77,7 @@ fn formatted() -> MemIo {
     MetadataFile::format(MemIo::default(), path(), &sb()).unwrap().into_io()
 }
 
-fn open(io: MemIo) -> Result<(MetadataFile<MemIo>, Superblock, BitVec<u8, Lsb0>), MetadataError> {
+fn open(io: MemIo) -> Result<Opened<MemIo>, MetadataError> {
     MetadataFile::open(io, path(), &expected())
 }
 
