@@ -10,6 +10,7 @@
 //! - `control`: the control socket and the `status` report.
 //! - `metadata`: the metadata file (superblock and dirty bitmap), crash-safe; `create-md`.
 
+pub mod bitmap;
 pub mod config;
 pub mod control;
 pub mod demo;

@@ -1,48 +1,97 @@
-//! `metroblk create-md`, as an operator runs it: creates the metadata file (mode 0600),
-//! refuses to overwrite it without --force, names a wrong volume in one line.
+//! `metroblk create-md` as a real process on real files, and the metadata file it makes opened
+//! through the library as a node will open it: created private, never overwritten without
+//! --force, and a missing, foreign or corrupt file refused with one clear line.
 
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::process::Command;
 
-use metroblk_tests::cluster::{free_port, metroblk_bin, write_config, NodeSpec, TEST_KEY};
+use metroblk::config::NodeConfig;
+use metroblk::metadata::{open_file, Expected};
+use metroblk_tests::cluster::{metroblk_bin, write_config, NodeSpec, TEST_KEY};
 
-fn create_md(config: &std::path::Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new(metroblk_bin()).arg("create-md").arg("--config").arg(config).args(args).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.success(), text)
+fn spec<'a>(name: &'a str, peer: &'a str, role: &'a str) -> NodeSpec<'a> {
+    NodeSpec { name, peer, role, size: 64 << 20, listen_port: 1, peer_port: 2, key: TEST_KEY, extra: "" }
+}
+
+/// Runs `metroblk create-md`; returns (success, stdout + stderr).
+fn create_md(config: &Path, force: bool) -> (bool, String) {
+    let mut cmd = Command::new(metroblk_bin());
+    cmd.args(["create-md", "--config"]).arg(config).arg("vol0");
+    if force {
+        cmd.arg("--force");
+    }
+    let out = cmd.output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+fn open_as(config: &Path, meta: &Path) -> Result<u64, String> {
+    let cfg = NodeConfig::load(config).unwrap();
+    let v = &cfg.volumes[0];
+    let exp = Expected {
+        volume_name: &v.name,
+        volume_uuid: v.uuid,
+        node_name: &cfg.name,
+        size: v.size,
+        region_size: v.region_size,
+        config,
+    };
+    open_file(meta, &exp).map(|(_, sb, _)| sb.regions()).map_err(|e| e.to_string())
 }
 
 #[test]
-fn create_md_creates_refuses_to_overwrite_and_forces() {
+fn create_md_makes_a_private_file_and_refuses_to_overwrite_it() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &NodeSpec {
-            name: "beta",
-            peer: "alpha",
-            role: "secondary",
-            size: 64 << 20,
-            listen_port: free_port(),
-            peer_port: free_port(),
-            key: TEST_KEY,
-            extra: "",
-        },
+    let alpha = write_config(dir.path(), &spec("alpha", "beta", "primary"));
+    let beta = write_config(dir.path(), &spec("beta", "alpha", "secondary"));
+    let meta = dir.path().join("alpha-vol0.meta");
+
+    // Missing: refused, naming the command that creates it.
+    let e = open_as(&alpha, &meta).unwrap_err();
+    assert_eq!(
+        e,
+        format!("{}: missing; create it with metroblk create-md --config {} vol0", meta.display(), alpha.display())
     );
-    let meta = dir.path().join("beta-vol0.meta");
-    let (ok, text) = create_md(&config, &["vol0"]);
-    assert!(ok, "{text}");
-    assert!(text.contains("1024 regions of 65536 bytes"), "{text}");
+
+    let (ok, out) = create_md(&alpha, false);
+    assert!(ok, "{out}");
+    assert!(out.contains("metadata of volume vol0 on node"), "{out}");
     assert_eq!(std::fs::metadata(&meta).unwrap().permissions().mode() & 0o777, 0o600);
-    let before = std::fs::read(&meta).unwrap();
+    assert_eq!(open_as(&alpha, &meta), Ok(1024), "64 MiB at 64 KiB regions");
 
-    let (ok, text) = create_md(&config, &["vol0"]);
-    assert!(!ok && text.contains("already exists") && text.trim().lines().count() == 1, "{text}");
-    assert_eq!(std::fs::read(&meta).unwrap(), before, "refused, yet the file changed");
+    let (ok, out) = create_md(&alpha, false);
+    assert!(!ok);
+    assert_eq!(out.lines().count(), 1, "one line: {out}");
+    assert!(out.contains("exists; refusing to overwrite it") && out.contains("--force"), "{out}");
+    let (ok, out) = create_md(&alpha, true);
+    assert!(ok, "{out}");
 
-    let (ok, text) = create_md(&config, &["vol0", "--force"]);
-    assert!(ok, "{text}");
-    assert_ne!(std::fs::read(&meta).unwrap(), before, "--force writes a new generation");
+    // Foreign: beta's config opening alpha's file (another node), or a resized volume.
+    let e = open_as(&beta, &meta).unwrap_err();
+    assert!(e.ends_with("belongs to node alpha (this node is beta); is it the peer's file?"), "{e}");
+    let text = std::fs::read_to_string(&alpha).unwrap().replace("size = 67108864", "size = 134217728");
+    let bigger = dir.path().join("bigger.toml");
+    std::fs::write(&bigger, text).unwrap();
+    let e = open_as(&bigger, &meta).unwrap_err();
+    assert!(e.contains("is for a volume of 67108864 bytes (this volume is 134217728 bytes)"), "{e}");
 
-    let (ok, text) = create_md(&config, &["vol9"]);
-    assert!(!ok && text.contains("no volume 'vol9' (it configures: vol0)"), "{text}");
+    // Corrupt: both superblock copies damaged.
+    let mut bytes = std::fs::read(&meta).unwrap();
+    bytes[40] ^= 0xFF;
+    bytes[4096 + 40] ^= 0xFF;
+    std::fs::write(&meta, &bytes).unwrap();
+    let e = open_as(&alpha, &meta).unwrap_err();
+    assert_eq!(
+        e,
+        format!(
+            "{}: corrupt superblock (checksum mismatch in both copies); restore it or run metroblk create-md --force",
+            meta.display()
+        )
+    );
+
+    // A config without that volume.
+    let mut cmd = Command::new(metroblk_bin());
+    let out = cmd.args(["create-md", "--config"]).arg(&alpha).arg("vol9").output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no volume 'vol9' (it configures: vol0)"));
 }
