@@ -55,6 +55,7 @@ config() { # name peer role listen peerport [peer section yes/no]
 			printf '[volume.peer]\nname = "%s"\naddress = "127.0.0.1:%s"\nauthkey_file = "key"\n' "$2" "$5"
 		fi
 	} >"$W/$1.toml"
+	(cd "$W" && "$BIN" create-md --force --config "$1.toml" bench >/dev/null)
 }
 
 run_jobs() { # target device

@@ -269,13 +269,14 @@ fn bench_mirror_with(
         );
         let p = dir.join(format!("{name}.toml"));
         std::fs::write(&p, text).unwrap();
+        metroblk::metadata::create_md_command(&p, "bench", true).unwrap();
         NodeConfig::load(&p).unwrap()
     };
     for n in ["p.img", "s.img"] {
         open_file(&dir.join(n), false);
     }
     let secondary = cfg("s", "p", "secondary", pb, pa);
-    let _sec = metroblk::node::start_secondary(&secondary.volumes[0], "s").expect("secondary");
+    let _sec = metroblk::node::start_secondary(&secondary.volumes[0], "s", &secondary.path).expect("secondary");
     let primary = cfg("p", "s", "primary", pa, pb);
     let vol = Volume::open_primary(&primary.volumes[0], "p", 1).expect("primary");
     let queue = vol.queue(0, depth as u16);

@@ -129,6 +129,7 @@ struct RawVolume {
     queues: Option<u16>,
     depth: Option<u16>,
     ublk_id: Option<i32>,
+    fencing: Option<Fencing>,
     peer: Option<RawPeer>,
 }
 
@@ -167,10 +168,23 @@ pub struct VolumeConfig {
     pub depth: u16,
     /// ublk device id; -1 lets the kernel pick.
     pub ublk_id: i32,
+    /// What the primary does when it loses the peer.
+    pub fencing: Fencing,
     /// None: a standalone volume (no replication; writes complete locally).
     pub peer: Option<PeerConfig>,
     /// The authkey read from `peer.authkey_file` (never logged; empty when standalone).
     pub authkey: Vec<u8>,
+}
+
+/// What a primary does when it loses its peer (design: "Losing the peer").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fencing {
+    /// Hold writes until the peer returns (or an operator runs `metroblk resume-alone`).
+    Hold,
+    /// Go on alone at once: writes complete locally, their regions are resynced later. Like
+    /// DRBD's `dont-care`: a partition can then lead to split brain.
+    None,
 }
 
 #[derive(Debug, Clone)]
@@ -379,6 +393,7 @@ impl NodeConfig {
                 queues,
                 depth,
                 ublk_id: v.ublk_id.unwrap_or(-1),
+                fencing: v.fencing.unwrap_or(Fencing::Hold),
                 peer,
                 authkey,
             });

@@ -53,6 +53,8 @@ fn write_configs(dir: &Path) -> Result<(PathBuf, PathBuf), String> {
         );
         let p = dir.join(format!("{name}.toml"));
         std::fs::write(&p, text).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+        // A fresh demo: a fresh metadata file (as `metroblk create-md --force`).
+        crate::metadata::create_md_command(&p, "demo", true)?;
         Ok(p)
     };
     let primary = cfg("site-a", "site-b", "primary", 7801, 7802, "ublk_id = 0\nqueues = 2\n")?;

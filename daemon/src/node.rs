@@ -27,7 +27,8 @@ use crate::volume::stats::QueueStats;
 use crate::volume::{self, Volume, VolumeShared};
 
 /// Opens a volume as secondary: backing file, shared state, listener.
-pub fn start_secondary(cfg: &VolumeConfig, node_name: &str) -> Result<VolumeHandle, String> {
+pub fn start_secondary(cfg: &VolumeConfig, node_name: &str, config_path: &Path) -> Result<VolumeHandle, String> {
+    let intent = volume::open_metadata(cfg, node_name, config_path).map_err(|e| e.to_string())?;
     let file = volume::open_backing_file(cfg).map_err(|e| e.to_string())?;
     let shared = Arc::new(VolumeShared {
         config: cfg.clone(),
@@ -36,7 +37,8 @@ pub fn start_secondary(cfg: &VolumeConfig, node_name: &str) -> Result<VolumeHand
         epoch: AtomicU64::new(1),
         file,
         conflicts: volume::conflict::ConflictTable::new(cfg.size),
-        disk: volume::disk::DiskHealth::new(volume::disk::DiskState::UpToDate),
+        disk: volume::disk::DiskHealth::new(intent.superblock().disk_state),
+        intent,
         // One set of counters per primary queue's link; [0] also holds the link state.
         queue_stats: (0..MAX_QUEUES).map(|_| Arc::new(QueueStats::default())).collect(),
     });
@@ -54,8 +56,10 @@ pub struct Primary {
 /// Opens a volume as primary and serves it as a ublk device: adds the device (or recovers
 /// the one a killed daemon left), opens the engine with as many queues as the device has,
 /// and starts one queue thread per queue driving the engine on libublk's ring.
-pub fn start_primary(cfg: &VolumeConfig, node_name: &str) -> Result<Primary, String> {
+pub fn start_primary(cfg: &VolumeConfig, node_name: &str, config_path: &Path) -> Result<Primary, String> {
     let err = |e: &dyn std::fmt::Display| format!("volume {}: {e}", cfg.name);
+    // Before the device exists: a node without usable metadata serves nothing.
+    let intent = volume::open_metadata(cfg, node_name, config_path).map_err(|e| e.to_string())?;
     let id_file = ublk_id_file(cfg);
     let remembered = if cfg.ublk_id >= 0 { None } else { read_ublk_id(&id_file)? };
     let dev_id = if cfg.ublk_id >= 0 { cfg.ublk_id } else { remembered.unwrap_or(-1) };
@@ -87,7 +91,7 @@ pub fn start_primary(cfg: &VolumeConfig, node_name: &str) -> Result<Primary, Str
             device.depth()
         )));
     }
-    let volume = Volume::open_primary(cfg, node_name, device.queues()).map_err(|e| e.to_string())?;
+    let volume = Volume::open_primary_with(cfg, node_name, device.queues(), intent).map_err(|e| e.to_string())?;
     let mut device = device;
     device
         .start(|qid, depth| Box::new(EngineQueue::new(volume.queue(qid, depth))) as Box<dyn QueueTarget>)
@@ -110,9 +114,9 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
     let mut primaries = Vec::new();
     for v in &cfg.volumes {
         match v.role {
-            Role::Secondary => handles.push(start_secondary(v, &cfg.name)?),
+            Role::Secondary => handles.push(start_secondary(v, &cfg.name, &cfg.path)?),
             Role::Primary => {
-                let p = start_primary(v, &cfg.name)?;
+                let p = start_primary(v, &cfg.name, &cfg.path)?;
                 handles.push(VolumeHandle {
                     shared: p.volume.shared.clone(),
                     role: Role::Primary,

@@ -39,7 +39,8 @@ pub struct NodeSpec<'a> {
     pub extra: &'a str,
 }
 
-/// Writes `<dir>/<name>.toml` (and its key file) and returns the config path.
+/// Writes `<dir>/<name>.toml` (and its key file), creates the volume's metadata file (as
+/// `metroblk create-md --force` would), and returns the config path.
 pub fn write_config(dir: &Path, s: &NodeSpec) -> PathBuf {
     let key = dir.join(format!("{}.key", s.name));
     std::fs::write(&key, s.key).unwrap();
@@ -73,6 +74,8 @@ authkey_file = "{name}.key"
     );
     let path = dir.join(format!("{}.toml", s.name));
     std::fs::write(&path, text).unwrap();
+    // A node refuses to start without its metadata file; an operator makes it with create-md.
+    metroblk::metadata::create_md_command(&path, "vol0", true).unwrap();
     path
 }
 

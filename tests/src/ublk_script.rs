@@ -68,6 +68,7 @@ name = "$2"
 address = "127.0.0.1:$5"
 authkey_file = "$W/key"
 EOF
+    "$BIN" create-md --force --config "$W/$1.toml" vol0 >/dev/null
 }
 config alpha beta primary 7801 7802 "${ALPHA_EXTRA:-}"
 config beta alpha secondary 7802 7801

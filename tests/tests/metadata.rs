@@ -47,6 +47,7 @@ fn create_md_makes_a_private_file_and_refuses_to_overwrite_it() {
     let meta = dir.path().join("alpha-vol0.meta");
 
     // Missing: refused, naming the command that creates it.
+    std::fs::remove_file(&meta).unwrap(); // write_config made one, as most tests want
     let e = open_as(&alpha, &meta).unwrap_err();
     assert_eq!(
         e,

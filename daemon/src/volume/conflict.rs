@@ -29,6 +29,10 @@ pub const GRANULE_MIN: u64 = 4096;
 pub const TABLE_BITS_MAX: u64 = 1 << 27;
 /// Queues that can wait on the table (one bit each in `waiters`).
 pub const WAITER_QUEUES_MAX: usize = 32;
+/// The owner id resync copies take ranges under (no queue has it; resync polls instead of
+/// waiting on an eventfd).
+pub const RESYNC_OWNER: u16 = WAITER_QUEUES_MAX as u16 - 1;
+const _: () = assert!((crate::config::MAX_QUEUES as usize) < RESYNC_OWNER as usize);
 const _: () = assert!(crate::config::MAX_QUEUES as usize <= WAITER_QUEUES_MAX);
 
 pub struct ConflictTable {
@@ -133,6 +137,23 @@ impl ConflictTable {
             self.waiters.fetch_or(bit, Ordering::SeqCst);
         } else {
             self.waiters.fetch_and(!bit, Ordering::SeqCst);
+        }
+    }
+
+    /// Wakes every registered queue: the write-intent writer made bits durable, or the volume
+    /// may now go on alone. A queue retries whatever it parked on any wake.
+    pub fn wake_all_queues(&self) {
+        for (q, fd) in self.wake_fds.iter().enumerate() {
+            let fd = fd.load(Ordering::Acquire);
+            if fd >= 0 {
+                let one: u64 = 1;
+                // SAFETY: writes 8 bytes from a live u64 to an eventfd the queue keeps open
+                // for the volume's lifetime.
+                let n = unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
+                if n != 8 {
+                    tracing::error!(queue = q, "cannot wake a queue: {}", std::io::Error::last_os_error());
+                }
+            }
         }
     }
 

@@ -84,6 +84,14 @@ impl DiskHealth {
         true
     }
 
+    /// Moves between the states other than `failed` (a resync makes the copy `inconsistent`,
+    /// then `up-to-date`). Returns false, changing nothing, once `failed` latched.
+    pub fn set(&self, to: DiskState) -> bool {
+        assert_ne!(to, DiskState::Failed, "failure latches through latch_failed");
+        let failed = DiskState::Failed.to_u8();
+        self.state.fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| (s != failed).then_some(to.to_u8())).is_ok()
+    }
+
     /// Why the disk failed, if it did.
     pub fn reason(&self) -> Option<String> {
         self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()

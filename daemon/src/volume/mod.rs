@@ -21,7 +21,9 @@ use std::sync::Arc;
 
 use metroblk_protocol::{Geometry, MAX_PAYLOAD};
 
-use crate::config::{IoMode, Role, VolumeConfig};
+use crate::bitmap::{writer, WriteIntent};
+use crate::config::{Fencing, IoMode, Role, VolumeConfig};
+use crate::metadata;
 use crate::peer::connector::{self, LinkHandoff};
 use stats::QueueStats;
 
@@ -44,6 +46,8 @@ pub struct VolumeShared {
     pub conflicts: conflict::ConflictTable,
     /// This node's disk state; an I/O error latches it to `failed`.
     pub disk: disk::DiskHealth,
+    /// The write-intent bitmap and the metadata file (`bitmap/`).
+    pub intent: Arc<WriteIntent>,
     pub queue_stats: Vec<Arc<QueueStats>>,
 }
 
@@ -56,6 +60,8 @@ impl VolumeShared {
 /// A volume opened on this node in one role.
 pub struct Volume {
     pub shared: Arc<VolumeShared>,
+    /// Dropped after the connectors (field order does not matter: `Drop` orders it).
+    writer: Option<writer::Writer>,
     handoffs: Vec<Arc<LinkHandoff>>,
     connectors: Vec<std::thread::JoinHandle<()>>,
 }
@@ -66,6 +72,46 @@ pub enum OpenError {
     Backing { volume: String, path: String, message: String },
     #[error("volume {volume}: {message}")]
     Other { volume: String, message: String },
+}
+
+/// Opens the volume's metadata file (refusing a missing, foreign or corrupt one with one
+/// line), marks it not cleanly shut down, and builds the write intent over its bitmap.
+pub fn open_metadata(
+    cfg: &VolumeConfig,
+    node_name: &str,
+    config_path: &std::path::Path,
+) -> Result<Arc<WriteIntent>, OpenError> {
+    let other = |message: String| OpenError::Other { volume: cfg.name.clone(), message };
+    let expect = metadata::Expected {
+        volume_name: &cfg.name,
+        volume_uuid: cfg.uuid,
+        node_name,
+        size: cfg.size,
+        region_size: cfg.region_size,
+        config: config_path,
+    };
+    let (mut file, mut sb, bits) =
+        metadata::open_file(&cfg.metadata_file, &expect).map_err(|e| other(e.to_string()))?;
+    if sb.clean_shutdown {
+        sb.clean_shutdown = false;
+        file.write_superblock(&sb).map_err(|e| other(e.to_string()))?;
+    }
+    let intent = WriteIntent::new(file, sb, bits.as_raw_slice(), cfg.fencing == Fencing::None);
+    let dirty = intent.dirty_regions();
+    if dirty > 0 {
+        tracing::info!(volume = %cfg.name, regions = dirty, "the bitmap has regions marked dirty: they are resynced when the peer connects");
+    }
+    Ok(Arc::new(intent))
+}
+
+/// Starts the write-intent writer of a volume.
+pub fn start_writer(shared: &Arc<VolumeShared>) -> writer::Writer {
+    let weak = Arc::downgrade(shared);
+    writer::spawn(shared.intent.clone(), shared.config.name.clone(), move || {
+        if let Some(v) = weak.upgrade() {
+            v.conflicts.wake_all_queues();
+        }
+    })
 }
 
 /// Opens (creating if missing) the backing file and checks its size against the volume's.
@@ -117,6 +163,18 @@ impl Volume {
     /// dialled (one TCP connection per queue, so no queue shares a socket with another).
     pub fn open_primary(cfg: &VolumeConfig, node_name: &str, queues: u16) -> Result<Volume, OpenError> {
         assert!(queues >= 1);
+        let intent = open_metadata(cfg, node_name, std::path::Path::new("the node's config"))?;
+        Self::open_primary_with(cfg, node_name, queues, intent)
+    }
+
+    /// As [`Self::open_primary`], with the metadata already opened.
+    pub fn open_primary_with(
+        cfg: &VolumeConfig,
+        node_name: &str,
+        queues: u16,
+        intent: Arc<WriteIntent>,
+    ) -> Result<Volume, OpenError> {
+        assert!(queues >= 1);
         let file = open_backing_file(cfg)?;
         let queue_stats = (0..queues).map(|_| Arc::new(QueueStats::default())).collect();
         let shared = Arc::new(VolumeShared {
@@ -126,9 +184,11 @@ impl Volume {
             epoch: AtomicU64::new(1),
             file,
             conflicts: conflict::ConflictTable::new(cfg.size),
-            disk: disk::DiskHealth::new(disk::DiskState::UpToDate),
+            disk: disk::DiskHealth::new(intent.superblock().disk_state),
+            intent,
             queue_stats,
         });
+        let writer = Some(start_writer(&shared));
         debug_assert_eq!(cfg.role, Role::Primary);
         let mut handoffs = Vec::new();
         let mut connectors = Vec::new();
@@ -143,7 +203,7 @@ impl Volume {
             }
             handoffs.push(h);
         }
-        Ok(Volume { shared, handoffs, connectors })
+        Ok(Volume { shared, writer, handoffs, connectors })
     }
 
     /// The engine state machine of queue `qid`, to be driven by one thread.
@@ -167,6 +227,12 @@ impl Drop for Volume {
         }
         for c in self.connectors.drain(..) {
             let _ = c.join();
+        }
+        // Last: whatever the queues marked is written before the writer stops.
+        if self.writer.take().is_some() && !self.shared.intent.has_failed() {
+            if let Err(e) = self.shared.intent.update_superblock(|sb| sb.clean_shutdown = true) {
+                tracing::error!(volume = %self.shared.config.name, "{e}");
+            }
         }
     }
 }

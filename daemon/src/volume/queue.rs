@@ -25,6 +25,7 @@ use super::request::{Half, RequestState};
 use super::ring::{self, op, OwnRing, Submitter};
 use super::stats::{LinkState, QueueStats};
 use super::VolumeShared;
+use crate::bitmap::Mark;
 use crate::peer::connector::LinkHandoff;
 use crate::peer::link::{LinkMachine, LinkPhase, TickAction};
 use crate::peer::receiver::FrameReceiver;
@@ -88,6 +89,8 @@ pub struct Queue {
     /// Tags waiting for an overlapping request to complete, in submission order (capacity:
     /// the depth, so pushing never allocates).
     waiting: Vec<u16>,
+    /// Tags waiting for their regions' write-intent bits to be durable (`bitmap/`).
+    intent_waiting: Vec<u16>,
     link: Link,
     handoff: Arc<LinkHandoff>,
     eventfd_buf: Box<u64>,
@@ -153,6 +156,7 @@ impl Queue {
             stats,
             slots,
             waiting: Vec::with_capacity(depth as usize),
+            intent_waiting: Vec::with_capacity(depth as usize),
             link: Link {
                 machine: LinkMachine::new(Instant::now(), PEER_TIMEOUT),
                 sock: None,
@@ -294,8 +298,69 @@ impl Queue {
         }
     }
 
-    /// Issues request `tag`'s local I/O and, if replicated, its frame to the peer.
+    /// Marks request `tag`'s regions in the write-intent bitmap, then issues it; a request to
+    /// a cold region is parked until its bit is durable.
     fn start_request(&mut self, s: &mut impl Submitter, tag: u16) {
+        let r = self.slots[tag as usize].req;
+        if self.replicate && matches!(r.kind, ReqKind::Write | ReqKind::Discard | ReqKind::WriteZeroes) {
+            let (first, last) = self.shared.intent.regions_of(r.offset, r.len as u64);
+            if self.shared.intent.mark(first, last) == Mark::Wait {
+                QueueStats::add(&self.stats.intent_waits, 1);
+                self.intent_waiting.push(tag);
+                return;
+            }
+        }
+        self.issue_request(s, tag);
+    }
+
+    /// Issues the parked requests whose bits are now durable; fails them all once the
+    /// bitmap cannot be written any more.
+    fn retry_intent_waiting(&mut self, s: &mut impl Submitter, done: &mut impl FnMut(u16, i32)) {
+        let failed = self.shared.intent.has_failed();
+        let mut kept = 0;
+        for i in 0..self.intent_waiting.len() {
+            let tag = self.intent_waiting[i];
+            let r = self.slots[tag as usize].req;
+            let (first, last) = self.shared.intent.regions_of(r.offset, r.len as u64);
+            if failed {
+                let slot = &mut self.slots[tag as usize];
+                slot.local_res = -libc::EIO;
+                slot.state = RequestState { local: Half::Done, peer: Half::None };
+                self.maybe_complete(s, tag, done);
+            } else if self.shared.intent.is_durable(first, last) {
+                self.issue_request(s, tag);
+            } else {
+                self.intent_waiting[kept] = tag;
+                kept += 1;
+            }
+        }
+        self.intent_waiting.truncate(if failed { 0 } else { kept });
+    }
+
+    /// While the link is down and the volume may go on alone (durably recorded), the peer
+    /// half of every held request is waived: it completes on its local I/O alone, and its
+    /// regions stay dirty for the resync.
+    fn maybe_complete_alone(&mut self, s: &mut impl Submitter, done: &mut impl FnMut(u16, i32)) {
+        if self.link.machine.is_up() || QueueStats::get(&self.stats.held) == 0 || !self.shared.intent.alone_allowed() {
+            return;
+        }
+        if !self.shared.intent.may_complete_alone() {
+            return; // the writer records it and wakes this queue
+        }
+        let mut waived = 0;
+        for tag in 0..self.slots.len() {
+            let slot = &mut self.slots[tag];
+            if slot.busy && slot.state.waive_peer() {
+                waived += 1;
+                self.maybe_complete(s, tag as u16, done);
+            }
+        }
+        QueueStats::sub(&self.stats.held, waived);
+        QueueStats::add(&self.stats.completed_alone, waived);
+    }
+
+    /// Issues request `tag`'s local I/O and, if replicated, its frame to the peer.
+    fn issue_request(&mut self, s: &mut impl Submitter, tag: u16) {
         let slot = &mut self.slots[tag as usize];
         assert!(slot.busy);
         slot.state = RequestState::new(slot.req.kind != ReqKind::Read && self.replicate);
@@ -408,6 +473,9 @@ impl Queue {
                 if !self.waiting.is_empty() {
                     self.retry_waiting(s);
                 }
+                if !self.intent_waiting.is_empty() {
+                    self.retry_intent_waiting(s, done);
+                }
                 if self.link.machine.phase() == LinkPhase::Down {
                     if let Some(sock) = self.handoff.take() {
                         self.link_up(s, sock);
@@ -419,6 +487,9 @@ impl Queue {
                 self.arm_tick(s);
             }
             other => tracing::error!(qid = self.qid, op = other, "completion with an unknown engine op ignored"),
+        }
+        if self.replicate && !self.link.machine.is_up() {
+            self.maybe_complete_alone(s, done);
         }
     }
 
@@ -639,7 +710,12 @@ impl Queue {
         if !self.link.machine.on_failed() {
             return;
         }
-        tracing::warn!(volume = %self.shared.config.name, qid = self.qid, "peer link lost: {why}; holding writes until it returns");
+        self.shared.intent.on_link_lost();
+        if self.shared.intent.alone_allowed() {
+            tracing::warn!(volume = %self.shared.config.name, qid = self.qid, "peer link lost: {why}; going on alone (fencing = none or resume-alone)");
+        } else {
+            tracing::warn!(volume = %self.shared.config.name, qid = self.qid, "peer link lost: {why}; holding writes until it returns");
+        }
         self.handoff.set_error(why);
         self.handoff.link_ended(peer_error);
         self.stats.set_link(LinkState::Connecting);

@@ -78,6 +78,16 @@ impl RequestState {
         Ok(())
     }
 
+    /// The volume went on alone (durably recorded): a held peer half is waived. Returns true
+    /// if it was held. A pending one is not: it was sent and may still be acknowledged.
+    pub fn waive_peer(&mut self) -> bool {
+        if self.peer == Half::Held {
+            self.peer = Half::Done;
+            return true;
+        }
+        false
+    }
+
     /// May the request be completed to the frontend now?
     pub fn is_complete(&self) -> bool {
         self.local == Half::Done && matches!(self.peer, Half::None | Half::Done)

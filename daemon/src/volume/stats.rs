@@ -55,6 +55,10 @@ pub struct QueueStats {
     pub inflight: AtomicU64,
     /// Requests held because the peer is unreachable.
     pub held: AtomicU64,
+    /// Requests that waited for a write-intent bit to become durable.
+    pub intent_waits: AtomicU64,
+    /// Replicated requests completed without the peer (the volume went on alone).
+    pub completed_alone: AtomicU64,
     pub local_write_bytes: AtomicU64,
     pub local_write_requests: AtomicU64,
     pub peer_write_bytes: AtomicU64,
