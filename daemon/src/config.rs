@@ -130,6 +130,7 @@ struct RawVolume {
     depth: Option<u16>,
     ublk_id: Option<i32>,
     fencing: Option<Fencing>,
+    resync_rate: Option<ByteSize>,
     peer: Option<RawPeer>,
 }
 
@@ -170,6 +171,8 @@ pub struct VolumeConfig {
     pub ublk_id: i32,
     /// What the primary does when it loses the peer.
     pub fencing: Fencing,
+    /// Resync rate limit in bytes per second (`resync_rate`, e.g. "100MiB"); 0: unlimited.
+    pub resync_rate_bps: u64,
     /// None: a standalone volume (no replication; writes complete locally).
     pub peer: Option<PeerConfig>,
     /// The authkey read from `peer.authkey_file` (never logged; empty when standalone).
@@ -394,6 +397,7 @@ impl NodeConfig {
                 depth,
                 ublk_id: v.ublk_id.unwrap_or(-1),
                 fencing: v.fencing.unwrap_or(Fencing::Hold),
+                resync_rate_bps: v.resync_rate.map_or(0, |r| r.0),
                 peer,
                 authkey,
             });

@@ -55,6 +55,30 @@ pub struct VolumeStatus {
     pub link_rtt_us: Option<f64>,
     pub last_link_error: Option<String>,
     pub ublk_device: Option<String>,
+    /// The current generation (a line of data history).
+    pub generation: String,
+    /// Regions marked in the write-intent bitmap, and what they cover: the bytes that may
+    /// differ from the peer (or are written but not yet cleared).
+    pub dirty_regions: u64,
+    pub out_of_sync_bytes: u64,
+    /// The volume went on alone: writes complete without the peer, which is outdated.
+    pub alone: bool,
+    /// The sync link: unknown, in-sync, sync-source, sync-target, split-brain, refused.
+    pub sync_state: crate::resync::SyncState,
+    pub sync_message: Option<String>,
+    /// During a resync: percent done, bytes left, rate (bytes/s) and seconds to go.
+    pub resync_percent: Option<f64>,
+    pub resync_bytes_left: Option<u64>,
+    pub resync_rate_bps: Option<f64>,
+    pub resync_eta_s: Option<f64>,
+    /// Since the node started.
+    pub resynced_bytes: u64,
+    pub resynced_regions: u64,
+    /// Write-intent metadata writes (each shared by a group of cold writes) and the requests
+    /// that waited for one.
+    pub metadata_writes: u64,
+    pub intent_waits: u64,
+    pub completed_alone: u64,
 }
 
 /// What the control socket reports on, per volume.
@@ -71,8 +95,14 @@ pub fn volume_status(h: &VolumeHandle) -> VolumeStatus {
     let sum = |f: fn(&QueueStats) -> &std::sync::atomic::AtomicU64| -> u64 {
         v.queue_stats.iter().map(|q| QueueStats::get(f(q))).sum()
     };
+    let sync = v.sync.info();
+    let progress = resync_progress(&sync);
     let link_state = if c.peer.is_none() {
         LinkState::Standalone
+    } else if sync.state == crate::resync::SyncState::SyncSource {
+        LinkState::SyncSource
+    } else if sync.state == crate::resync::SyncState::SyncTarget {
+        LinkState::SyncTarget
     } else if h.role == Role::Secondary {
         // The listener keeps the secondary's link state in the first counters.
         v.queue_stats[0].link()
@@ -107,14 +137,124 @@ pub fn volume_status(h: &VolumeHandle) -> VolumeStatus {
         reconnects: sum(|q| &q.reconnects),
         conflict_waits: sum(|q| &q.conflict_waits),
         link_rtt_us,
-        last_link_error: h.handoffs.iter().find_map(|h| h.last_error()),
+        last_link_error: h.handoffs.iter().find_map(|h| h.last_error()).or_else(|| sync.message.clone()),
         ublk_device: h.ublk_device.clone(),
+        generation: v.intent.superblock().generation.to_string(),
+        dirty_regions: v.intent.dirty_regions(),
+        out_of_sync_bytes: (v.intent.dirty_regions() * v.intent.region_size()).min(c.size),
+        alone: v.intent.is_alone(),
+        sync_state: sync.state,
+        sync_message: sync.message.clone(),
+        resync_percent: progress.map(|p| p.0),
+        resync_bytes_left: progress.map(|p| p.1),
+        resync_rate_bps: progress.map(|p| p.2),
+        resync_eta_s: progress.and_then(|p| p.3),
+        resynced_bytes: v.sync.bytes_resynced.load(std::sync::atomic::Ordering::Relaxed),
+        resynced_regions: v.sync.regions_resynced.load(std::sync::atomic::Ordering::Relaxed),
+        metadata_writes: v.intent.stats.metadata_writes.load(std::sync::atomic::Ordering::Relaxed),
+        intent_waits: sum(|q| &q.intent_waits),
+        completed_alone: sum(|q| &q.completed_alone),
     }
 }
 
-#[derive(Debug, Deserialize)]
-struct ControlRequest {
-    command: String,
+/// (percent, bytes left, rate, eta) of the resync in progress.
+fn resync_progress(i: &crate::resync::SyncInfo) -> Option<(f64, u64, f64, Option<f64>)> {
+    use crate::resync::SyncState;
+    if !matches!(i.state, SyncState::SyncSource | SyncState::SyncTarget) {
+        return None;
+    }
+    let secs = i.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+    let rate = if secs > 0.0 { i.bytes_done as f64 / secs } else { 0.0 };
+    if i.state == SyncState::SyncTarget {
+        // The target does not know the total; it reports what it received.
+        return Some((0.0, 0, rate, None));
+    }
+    let left = i.bytes_total.saturating_sub(i.bytes_done);
+    let percent = if i.bytes_total == 0 { 100.0 } else { i.bytes_done as f64 * 100.0 / i.bytes_total as f64 };
+    let eta = (rate > 0.0).then(|| left as f64 / rate);
+    Some((percent, left, rate, eta))
+}
+
+/// One request on the control socket.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct ControlRequest {
+    pub command: String,
+    #[serde(default)]
+    pub volume: Option<String>,
+    #[serde(default)]
+    pub full: bool,
+    #[serde(default)]
+    pub discard_local: bool,
+    /// Resync rate limit in bytes per second (0: unlimited).
+    #[serde(default)]
+    pub rate: Option<u64>,
+}
+
+/// `resync` and `resume-alone` on one volume; returns the answer's text.
+fn volume_command(r: &ControlRequest, volumes: &[VolumeHandle]) -> Result<String, String> {
+    use std::sync::atomic::Ordering;
+    let name = r.volume.as_deref().ok_or("no volume named in the request")?;
+    let h = volumes
+        .iter()
+        .find(|h| h.shared.config.name == name)
+        .ok_or_else(|| format!("no volume '{name}' on this node"))?;
+    let v = &h.shared;
+    if v.config.peer.is_none() {
+        return Err(format!("volume {name} is standalone: it has no peer"));
+    }
+    match r.command.as_str() {
+        "resume-alone" => {
+            if h.role != Role::Primary {
+                return Err(format!("volume {name} is secondary here; resume-alone is for the primary"));
+            }
+            v.intent.allow_alone();
+            v.intent.may_complete_alone();
+            v.conflicts.wake_all_queues();
+            Ok(format!(
+                "volume {name}: going on alone; held writes complete once the new generation is recorded, and the \
+                 peer is resynced when it returns"
+            ))
+        }
+        "resync" => {
+            if let Some(rate) = r.rate {
+                v.sync.rate_bps.store(rate, Ordering::Relaxed);
+            }
+            if r.discard_local {
+                v.sync.discard_local.store(true, Ordering::Release);
+            }
+            if r.full {
+                v.sync.full_requested.store(true, Ordering::Release);
+            }
+            v.sync.restart.store(true, Ordering::Release);
+            Ok(if r.discard_local {
+                format!(
+                    "volume {name}: this node's changes will be dropped; it resyncs from the peer at the next exchange"
+                )
+            } else if h.role == Role::Primary {
+                format!("volume {name}: resync from this node requested")
+            } else {
+                format!("volume {name}: resync requested (the primary starts it at its next exchange)")
+            })
+        }
+        other => Err(format!("unknown command '{other}'")),
+    }
+}
+
+/// Sends one request to a running node and returns its answer.
+pub fn request(path: &Path, req: &ControlRequest) -> Result<serde_json::Value, String> {
+    let conn = UnixStream::connect(path)
+        .map_err(|e| format!("cannot reach the node at {}: {e} (is `metroblk node run` running?)", path.display()))?;
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut w = &conn;
+    let line = serde_json::to_string(req).map_err(|e| e.to_string())?;
+    writeln!(w, "{line}").map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    BufReader::new(&conn).read_line(&mut answer).map_err(|e| format!("no answer from {}: {e}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&answer).map_err(|e| format!("bad answer from node: {e}"))?;
+    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+        return Err(format!("node answered: {e}"));
+    }
+    Ok(v)
 }
 
 /// Serves the control socket on a background thread. A stale socket file from a crashed
@@ -162,7 +302,10 @@ fn handle(conn: UnixStream, node: &str, volumes: &[VolumeHandle]) -> std::io::Re
             let s = NodeStatus { node: node.to_string(), volumes: volumes.iter().map(volume_status).collect() };
             serde_json::to_value(s).unwrap_or_default()
         }
-        Ok(r) => serde_json::json!({"error": format!("unknown command '{}'", r.command)}),
+        Ok(r) => match volume_command(&r, volumes) {
+            Ok(text) => serde_json::json!({ "ok": text }),
+            Err(e) => serde_json::json!({ "error": e }),
+        },
         Err(e) => serde_json::json!({"error": format!("malformed request: {e}")}),
     };
     let mut w = &conn;
@@ -217,6 +360,25 @@ pub fn render(s: &NodeStatus) -> String {
         }
         if let Some(e) = &v.last_link_error {
             out += &format!("    last link error: {e}\n");
+        }
+        out += &format!(
+            "    sync {}  out of sync {} B ({} regions)  generation {}{}\n",
+            v.sync_state,
+            v.out_of_sync_bytes,
+            v.dirty_regions,
+            v.generation,
+            if v.alone { "  (going on alone: the peer is outdated)" } else { "" }
+        );
+        if let Some(p) = v.resync_percent {
+            out += &format!(
+                "    resync {p:.1}% done, {} B left, {:.1} MiB/s, eta {}\n",
+                v.resync_bytes_left.unwrap_or(0),
+                v.resync_rate_bps.unwrap_or(0.0) / (1 << 20) as f64,
+                v.resync_eta_s.map_or("-".to_string(), |e| format!("{e:.0} s"))
+            );
+        }
+        if let Some(m) = &v.sync_message {
+            out += &format!("    sync: {m}\n");
         }
     }
     out

@@ -18,4 +18,5 @@ pub mod frontend;
 pub mod metadata;
 pub mod node;
 pub mod peer;
+pub mod resync;
 pub mod volume;

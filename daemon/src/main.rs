@@ -48,6 +48,40 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Resync a volume: copy the regions marked dirty from the primary to the secondary.
+    /// A resync also starts by itself whenever the peer returns; this command starts one now,
+    /// changes its rate, or resolves a split brain.
+    Resync {
+        /// The node's config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The volume's name in that config.
+        volume: String,
+        /// Copy every region, not only the dirty ones.
+        #[arg(long)]
+        full: bool,
+        /// Drop this node's changes (after a split brain): it becomes the sync target, and the
+        /// regions either side changed are copied from the peer.
+        #[arg(long)]
+        discard_local: bool,
+        /// Limit the resync to this many bytes per second (e.g. 100MiB; 0: unlimited).
+        #[arg(long)]
+        rate: Option<String>,
+        /// Wait until the copies are in sync, showing the progress.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Let a primary that lost its peer go on alone: held writes complete locally and their
+    /// regions are resynced when the peer returns (the peer is recorded outdated). Only when
+    /// you know the peer is down, not just cut off: otherwise both sides may write (split
+    /// brain).
+    ResumeAlone {
+        /// The node's config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The volume's name in that config.
+        volume: String,
+    },
     /// Start a primary and a secondary on loopback with a mirrored /dev/ublkb0 and show it
     /// working. On a kernel without ublk_drv it runs inside a QEMU VM (from a source checkout).
     Demo {
@@ -125,6 +159,18 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Command::CreateMd { config, volume, force } => {
             println!("{}", metroblk::metadata::create_md_command(&config, &volume, force)?);
+            Ok(())
+        }
+        Command::Resync { config, volume, full, discard_local, rate, wait } => {
+            let rate = match rate {
+                Some(r) => Some(metroblk::config::parse_size(&r).map_err(|e| format!("--rate: {e}"))?),
+                None => None,
+            };
+            let args = metroblk::resync::command::ResyncArgs { full, discard_local, rate, wait };
+            metroblk::resync::command::resync(&config, &volume, &args)
+        }
+        Command::ResumeAlone { config, volume } => {
+            println!("{}", metroblk::resync::command::resume_alone(&config, &volume)?);
             Ok(())
         }
         Command::Demo { dir, scripted, vm } => {

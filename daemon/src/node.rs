@@ -39,6 +39,7 @@ pub fn start_secondary(cfg: &VolumeConfig, node_name: &str, config_path: &Path) 
         conflicts: volume::conflict::ConflictTable::new(cfg.size),
         disk: volume::disk::DiskHealth::new(intent.superblock().disk_state),
         intent,
+        sync: crate::resync::SyncShared::new(cfg.resync_rate_bps),
         // One set of counters per primary queue's link; [0] also holds the link state.
         queue_stats: (0..MAX_QUEUES).map(|_| Arc::new(QueueStats::default())).collect(),
     });
@@ -58,8 +59,22 @@ pub struct Primary {
 /// and starts one queue thread per queue driving the engine on libublk's ring.
 pub fn start_primary(cfg: &VolumeConfig, node_name: &str, config_path: &Path) -> Result<Primary, String> {
     let err = |e: &dyn std::fmt::Display| format!("volume {}: {e}", cfg.name);
-    // Before the device exists: a node without usable metadata serves nothing.
+    // Before the device exists: a node without usable metadata serves nothing, and neither
+    // does one whose copy is not up to date.
     let intent = volume::open_metadata(cfg, node_name, config_path).map_err(|e| e.to_string())?;
+    let disk_state = intent.superblock().disk_state;
+    if disk_state != volume::disk::DiskState::UpToDate {
+        return Err(format!(
+            "volume {}: this node's copy is {disk_state} ({}), so it cannot be the primary; start it as the \
+             secondary and let a resync from the peer finish",
+            cfg.name,
+            match disk_state {
+                volume::disk::DiskState::Inconsistent => "a resync to it did not finish",
+                volume::disk::DiskState::Failed => "its disk failed",
+                _ => "it misses writes the peer has",
+            }
+        ));
+    }
     let id_file = ublk_id_file(cfg);
     let remembered = if cfg.ublk_id >= 0 { None } else { read_ublk_id(&id_file)? };
     let dev_id = if cfg.ublk_id >= 0 { cfg.ublk_id } else { remembered.unwrap_or(-1) };

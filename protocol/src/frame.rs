@@ -78,6 +78,9 @@ pub enum FrameKind {
     Pong = 8,
     /// The sender gives up on the link; `length` bytes of text follow, `status` is the code.
     Error = 9,
+    /// Sync link only: the resync is complete; the target is up to date once it has answered
+    /// (with a FLUSH_ACK of the same seq, after making it durable).
+    SyncDone = 10,
 }
 
 impl FrameKind {
@@ -93,6 +96,7 @@ impl FrameKind {
             7 => FrameKind::Ping,
             8 => FrameKind::Pong,
             9 => FrameKind::Error,
+            10 => FrameKind::SyncDone,
             _ => return None,
         })
     }
@@ -109,6 +113,7 @@ impl FrameKind {
             FrameKind::Ping => "ping",
             FrameKind::Pong => "pong",
             FrameKind::Error => "error",
+            FrameKind::SyncDone => "sync-done",
         }
     }
 
@@ -202,6 +207,10 @@ impl Frame {
 
     pub fn pong(seq: u64) -> Frame {
         Frame::bare(FrameKind::Pong, seq)
+    }
+
+    pub fn sync_done(seq: u64, epoch: u64) -> Frame {
+        Frame { epoch, ..Frame::bare(FrameKind::SyncDone, seq) }
     }
 
     /// An ERROR carrying `text` (the caller truncates it to [`MAX_ERROR_TEXT`]) and `code`.
@@ -454,7 +463,7 @@ mod tests {
 
     #[test]
     fn rejects_unknown_kind() {
-        for k in [0u8, 10, 255] {
+        for k in [0u8, 11, 255] {
             let mut b = enc(&Frame::ping(1));
             b[2] = k;
             assert_eq!(decode_header(&b, &GEO), Err(FrameError::UnknownKind(k)));

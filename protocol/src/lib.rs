@@ -11,6 +11,7 @@
 
 pub mod frame;
 pub mod handshake;
+pub mod sync;
 
 pub use frame::{
     decode_header, verify_payload, Frame, FrameError, FrameKind, Geometry, FLAG_FUA, FRAME_MAGIC, HEADER_LEN,
@@ -20,3 +21,4 @@ pub use handshake::{
     printable, run_handshake, Handshake, HandshakeError, HelloInfo, Role, MAX_NODE_NAME, PEER_MAGIC,
     PEER_PROTOCOL_VERSION, REFUSED_BEFORE_AUTH,
 };
+pub use sync::{SyncHello, SyncHelloError, SYNC_BITMAP_BYTES_MAX, SYNC_HELLO_LEN, SYNC_QUEUE};

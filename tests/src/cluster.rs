@@ -209,3 +209,99 @@ pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool)
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The sync hello of a fresh, in-sync copy of `cfg`'s volume (what `create-md` makes).
+fn fresh_sync_hello(cfg: &metroblk::config::VolumeConfig) -> (metroblk_protocol::SyncHello, Vec<u8>) {
+    let regions = cfg.size.div_ceil(cfg.region_size);
+    let bitmap = vec![0u8; (regions.div_ceil(64) * 8) as usize];
+    let hello = metroblk_protocol::SyncHello {
+        generation: metroblk::metadata::initial_generation(cfg.uuid).into_bytes(),
+        history: Vec::new(),
+        disk_state: 0,
+        discard_local: false,
+        full: false,
+        regions,
+        bitmap_bytes: bitmap.len() as u64,
+    };
+    (hello, bitmap)
+}
+
+/// Answers PINGs with PONGs and FLUSHes with FLUSH_ACKs on a sync link until it ends, on a
+/// thread of its own; `ping`: also send a PING every second (a fake primary keeps the link).
+fn keep_sync_link(mut s: std::net::TcpStream, cfg: &metroblk::config::VolumeConfig, ping: bool) {
+    use metroblk_protocol::{decode_header, Frame, FrameKind, HEADER_LEN};
+    use std::io::{Read, Write};
+    let geo = metroblk::volume::geometry(cfg);
+    if ping {
+        let mut w = s.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for seq in 1.. {
+                let mut h = [0u8; HEADER_LEN];
+                Frame::ping(seq).encode(&mut h);
+                if w.write_all(&h).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        });
+    }
+    std::thread::spawn(move || loop {
+        let mut h = [0u8; HEADER_LEN];
+        if s.read_exact(&mut h).is_err() {
+            return;
+        }
+        let Ok(f) = decode_header(&h, &geo) else { return };
+        let mut payload = vec![0u8; f.payload_len()];
+        if s.read_exact(&mut payload).is_err() {
+            return;
+        }
+        let reply = match f.kind {
+            FrameKind::Ping => Frame::pong(f.seq),
+            FrameKind::Flush | FrameKind::SyncDone => Frame::flush_ack(f.seq, 0),
+            _ => continue,
+        };
+        let mut out = [0u8; HEADER_LEN];
+        reply.encode(&mut out);
+        if s.write_all(&out).is_err() {
+            return;
+        }
+    });
+}
+
+/// For a fake secondary that accepted a sync link (`SYNC_QUEUE` in the hello): answers the
+/// exchange as a fresh, in-sync copy, then keeps the link answered on a thread.
+pub fn answer_sync_as_fake_secondary(mut s: std::net::TcpStream, cfg: &metroblk::config::VolumeConfig) {
+    use std::io::{Read, Write};
+    let mut buf = [0u8; metroblk_protocol::SYNC_HELLO_LEN];
+    s.read_exact(&mut buf).unwrap();
+    let theirs = metroblk_protocol::SyncHello::decode(&buf).unwrap();
+    let mut bitmap = vec![0u8; theirs.bitmap_bytes as usize];
+    s.read_exact(&mut bitmap).unwrap();
+    let (hello, bitmap) = fresh_sync_hello(cfg);
+    s.write_all(&hello.encode()).unwrap();
+    s.write_all(&bitmap).unwrap();
+    keep_sync_link(s, cfg, false);
+}
+
+/// For a fake primary: opens the sync link to the secondary listening on `port` and makes the
+/// exchange as a fresh, in-sync copy, so that the secondary lets data links in; the link is
+/// kept (pinged) on a thread.
+pub fn admit_fake_primary(port: u16, cfg: &metroblk::config::VolumeConfig) {
+    use metroblk_protocol::{run_handshake, Handshake, Role, SYNC_QUEUE};
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut hello = hello_for("alpha", cfg, 1, 3);
+    hello.queue = SYNC_QUEUE;
+    run_handshake(&mut s, Handshake::new(Role::Dialer, hello, TEST_KEY.as_bytes(), "beta")).unwrap();
+    let (ours, bitmap) = fresh_sync_hello(cfg);
+    s.write_all(&ours.encode()).unwrap();
+    s.write_all(&bitmap).unwrap();
+    let mut buf = [0u8; metroblk_protocol::SYNC_HELLO_LEN];
+    s.read_exact(&mut buf).unwrap();
+    let theirs = metroblk_protocol::SyncHello::decode(&buf).unwrap();
+    let mut their_bitmap = vec![0u8; theirs.bitmap_bytes as usize];
+    s.read_exact(&mut their_bitmap).unwrap();
+    assert_eq!(theirs.generation, ours.generation, "the secondary is not a fresh copy");
+    keep_sync_link(s, cfg, true);
+}

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use metroblk::config::NodeConfig;
 use metroblk::volume::{QueueDriver, Volume};
-use metroblk_tests::cluster::{hello_for, metroblk_bin, pair_configs, wait_until, NodeProcess, TEST_KEY};
+use metroblk_tests::cluster::{
+    admit_fake_primary, hello_for, metroblk_bin, pair_configs, wait_until, NodeProcess, TEST_KEY,
+};
 
 const VOLUME: u64 = 16 << 20;
 
@@ -169,6 +171,7 @@ fn a_silent_authenticated_link_is_closed_by_the_secondary() {
     let cfg = NodeConfig::load(&alpha).unwrap().volumes[0].clone();
     // A primary that authenticates and then says nothing, not even PINGs: half-open as far
     // as the secondary can tell.
+    admit_fake_primary(port, &cfg);
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let hello = hello_for("alpha", &cfg, 1, 9);

@@ -304,13 +304,14 @@ fn refused_link(p: &Pair, beta_size: u64, want_primary: &str, want_secondary: &s
     let mut beta = NodeProcess::start(&p.beta);
     beta.wait_ready(Duration::from_secs(10));
     let (vol, mut drv) = open_primary(p, 4);
-    let h = vol.handoff(0).clone();
+    // The sync link is dialled first, so it meets the refusal (and the data links wait).
+    let last_error = || vol.shared.sync.info().message;
     wait_until(Duration::from_secs(10), "the primary to report the refusal", || {
         drv.poll(Some(Duration::from_millis(20)), |_, _| {}).unwrap();
-        h.last_error().is_some_and(|e| e.contains(want_primary))
+        last_error().is_some_and(|e| e.contains(want_primary))
     });
     assert!(!drv.queue().link_is_up());
-    let err = h.last_error().unwrap();
+    let err = last_error().unwrap();
     assert!(!err.contains('\n'), "one line: {err}");
     wait_until(Duration::from_secs(5), "the secondary to log the refusal", || beta.log_text().contains(want_secondary));
     drop(drv);

@@ -12,21 +12,31 @@ use std::time::{Duration, Instant};
 use metroblk::config::NodeConfig;
 use metroblk::volume::{QueueDriver, ReqKind, Request, Volume};
 use metroblk_protocol::{decode_header, run_handshake, Frame, FrameKind, Geometry, Handshake, Role, HEADER_LEN};
-use metroblk_tests::cluster::{free_port, hello_for, write_config, NodeSpec, TEST_KEY};
+use metroblk_tests::cluster::{answer_sync_as_fake_secondary, free_port, hello_for, write_config, NodeSpec, TEST_KEY};
 
 const VOLUME: u64 = 16 << 20;
 
-/// Accepts one link as the secondary "beta" would and authenticates it.
+/// Accepts one data link as the secondary "beta" would and authenticates it; sync links that
+/// arrive meanwhile are answered as an in-sync copy.
 fn accept_link(listener: &TcpListener, cfg: &metroblk::config::VolumeConfig) -> TcpStream {
-    let (s, _) = listener.accept().unwrap();
-    handshake_accepted(s, cfg)
+    loop {
+        let (s, _) = listener.accept().unwrap();
+        if let Some(s) = handshake_accepted(s, cfg) {
+            return s;
+        }
+    }
 }
 
-fn handshake_accepted(mut s: TcpStream, cfg: &metroblk::config::VolumeConfig) -> TcpStream {
+/// Authenticates an accepted link; a sync link is answered (and None returned).
+fn handshake_accepted(mut s: TcpStream, cfg: &metroblk::config::VolumeConfig) -> Option<TcpStream> {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let hello = hello_for("beta", cfg, 0, 7);
-    run_handshake(&mut s, Handshake::new(Role::Listener, hello, TEST_KEY.as_bytes(), "alpha")).unwrap();
-    s
+    let peer = run_handshake(&mut s, Handshake::new(Role::Listener, hello, TEST_KEY.as_bytes(), "alpha")).unwrap();
+    if peer.queue == metroblk_protocol::SYNC_QUEUE {
+        answer_sync_as_fake_secondary(s, cfg);
+        return None;
+    }
+    Some(s)
 }
 
 /// Reads frames until a WRITE arrives (PINGs are answered); returns it.
@@ -220,7 +230,7 @@ fn a_peer_that_ends_every_link_with_an_error_is_redialled_at_the_longest_backoff
                 match listener.accept() {
                     Ok((s, _)) => {
                         s.set_nonblocking(false).unwrap();
-                        let mut s = handshake_accepted(s, &cfg);
+                        let Some(mut s) = handshake_accepted(s, &cfg) else { continue };
                         let text = b"stale epoch";
                         let mut h = [0u8; HEADER_LEN];
                         Frame::error(-libc::ESTALE, text).encode(&mut h);

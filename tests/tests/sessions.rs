@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use metroblk::config::NodeConfig;
 use metroblk_protocol::{decode_header, run_handshake, Frame, FrameKind, Geometry, Handshake, Role, HEADER_LEN};
-use metroblk_tests::cluster::{free_port, hello_for, wait_until, write_config, NodeProcess, NodeSpec, TEST_KEY};
+use metroblk_tests::cluster::{
+    admit_fake_primary, free_port, hello_for, wait_until, write_config, NodeProcess, NodeSpec, TEST_KEY,
+};
 
 const VOLUME: u64 = 16 << 20;
 const BLOCK: u64 = 8 << 20;
@@ -53,6 +55,8 @@ fn a_write_half_sent_on_a_superseded_link_is_never_applied() {
     let geo = Geometry { volume_size: cfg.size, block_size: cfg.block_size, max_payload: 1 << 20 };
 
     // Session 1: a WRITE of 0xAA whose payload is only half sent.
+    // The sync exchange first, as a real primary does, so the secondary lets data links in.
+    admit_fake_primary(pb, &cfg);
     let mut old = dial(pb, &cfg, 1);
     let (h1, d1) = write_frame(1 << 16, 0xAA);
     old.write_all(&h1).unwrap();

@@ -202,3 +202,21 @@ impl Drop for Writer {
         }
     }
 }
+
+impl WriteIntent {
+    /// Clears every bit, on disk and in memory (a resync target that became up to date: the
+    /// source copied every region it had marked). Only for a volume without a running writer.
+    pub fn clear_all_on_disk(&self) -> Result<(), MetadataError> {
+        let zero = [0u8; BLOCK_BYTES];
+        let mut g = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+        for block in 0..g.file.bitmap_blocks() {
+            g.file.write_bitmap_block(block, &zero)?;
+        }
+        g.file.sync()?;
+        for w in 0..self.dirty.words() {
+            self.dirty.store_word(w, 0);
+            self.durable.store_word(w, 0);
+        }
+        Ok(())
+    }
+}

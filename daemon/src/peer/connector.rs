@@ -218,8 +218,15 @@ pub fn local_hello(v: &VolumeShared, queue: u16, session: u64) -> HelloInfo {
     }
 }
 
-/// Dials and authenticates one link for `queue`.
+/// Dials and authenticates one link for `queue`, handing it over non-blocking.
 pub fn dial(v: &VolumeShared, queue: u16, session: u64) -> Result<OwnedFd, DialError> {
+    let s = dial_stream(v, queue, session)?;
+    s.set_nonblocking(true).map_err(|e| DialError::local(format!("cannot make the link non-blocking: {e}")))?;
+    Ok(OwnedFd::from(s))
+}
+
+/// Dials and authenticates one link for `queue` (blocking, no timeouts left set).
+pub fn dial_stream(v: &VolumeShared, queue: u16, session: u64) -> Result<TcpStream, DialError> {
     let c = &v.config;
     let p = c
         .peer
@@ -243,9 +250,8 @@ pub fn dial(v: &VolumeShared, queue: u16, session: u64) -> Result<OwnedFd, DialE
     })?;
     s.set_read_timeout(None).map_err(io)?;
     s.set_write_timeout(None).map_err(io)?;
-    s.set_nonblocking(true).map_err(io)?;
     tracing::debug!(volume = %c.name, queue, peer = %peer.node_name, "handshake done");
-    Ok(OwnedFd::from(s))
+    Ok(s)
 }
 
 pub fn spawn(v: Arc<VolumeShared>, queue: u16, h: Arc<LinkHandoff>) -> std::thread::JoinHandle<()> {
@@ -262,6 +268,13 @@ pub fn spawn(v: Arc<VolumeShared>, queue: u16, h: Arc<LinkHandoff>) -> std::thre
                     let wait = backoff.link_ended(up_at.elapsed(), h.take_ended_by_peer());
                     if !wait.is_zero() && !h.sleep(wait) {
                         break;
+                    }
+                }
+                // Data links join the copies only once the sync link's exchange allowed it
+                // (`resync/`): a split-brain peer never receives a write.
+                while !v.sync.is_admitted() {
+                    if !h.sleep(Duration::from_millis(50)) {
+                        return;
                     }
                 }
                 session = next_session(session);

@@ -217,6 +217,18 @@ fn accept_one(
     };
     let _ = stream.set_read_timeout(None);
     let _ = stream.set_write_timeout(None);
+    if peer.queue == metroblk_protocol::SYNC_QUEUE {
+        tracing::info!(volume = %v.config.name, peer = %peer.node_name, "sync link from primary up");
+        let why = crate::resync::target::serve(v.clone(), stream);
+        tracing::info!(volume = %v.config.name, peer = %peer.node_name, "sync link from primary ended: {why}");
+        return;
+    }
+    // Data links join the copies only after the sync link's exchange allowed it in this run
+    // (`resync/`): never write a split-brain peer's data over.
+    if !v.sync.is_admitted() {
+        tracing::warn!(volume = %v.config.name, "refused a data link from {from}: the sync link's exchange has not allowed it (status says why)");
+        return;
+    }
     // A primary has at most MAX_QUEUES queues; the number also picks the link's counters.
     if peer.queue >= crate::config::MAX_QUEUES {
         tracing::warn!(volume = %v.config.name, "refused link from {from}: queue {} is above the limit of {} queues", peer.queue, crate::config::MAX_QUEUES);

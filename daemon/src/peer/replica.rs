@@ -23,7 +23,7 @@ use metroblk_protocol::{decode_header, verify_payload, Frame, FrameKind, HEADER_
 use super::replica_state::{OnHeader, RecvNext, ReplicaCore};
 use super::sender::{FrameSender, PongSlot, SendItem};
 use super::sessions::LinkControl;
-use crate::volume::local_io::{self, errno_text, LocalOp};
+use crate::volume::local_io::{self, errno_text, AlignedBuf, LocalOp};
 use crate::volume::stats::QueueStats;
 use crate::volume::VolumeShared;
 
@@ -34,32 +34,6 @@ pub const REPLICA_SLOTS: usize = 64;
 const UD_RECV: u64 = 1 << 32;
 const UD_SEND: u64 = 2 << 32;
 const UD_LOCAL: u64 = 3 << 32;
-
-/// A 4 KiB-aligned buffer (O_DIRECT needs it), allocated on first use.
-struct AlignedBuf {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl AlignedBuf {
-    fn new(len: usize) -> AlignedBuf {
-        let layout = std::alloc::Layout::from_size_align(len, 4096).expect("valid layout");
-        // SAFETY: non-zero size; the result is checked.
-        let ptr = unsafe { std::alloc::alloc(layout) };
-        if ptr.is_null() {
-            std::alloc::handle_alloc_error(layout);
-        }
-        AlignedBuf { ptr, len }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        let layout = std::alloc::Layout::from_size_align(self.len, 4096).expect("valid layout");
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr, layout) }
-    }
-}
 
 /// A slot's I/O state: its buffer, how much of its transfer is done, its ack header.
 struct RSlot {
@@ -229,7 +203,7 @@ impl Conn {
                 let len = self.core.frame(slot).map_or(0, |f| f.length as usize);
                 let buf = self.slots[slot as usize].buf.as_ref().expect("payload slot has a buffer");
                 // SAFETY: got < frame length <= buffer length.
-                (unsafe { buf.ptr.add(self.got) }, len - self.got)
+                (unsafe { buf.as_ptr().add(self.got) }, len - self.got)
             }
         };
         self.recv_in_flight = true;
@@ -276,7 +250,7 @@ impl Conn {
                 self.got = 0;
                 let buf = self.slots[slot as usize].buf.as_ref().expect("payload slot has a buffer");
                 // SAFETY: the buffer holds `length` received bytes.
-                let payload = unsafe { std::slice::from_raw_parts(buf.ptr, f.length as usize) };
+                let payload = unsafe { std::slice::from_raw_parts(buf.as_ptr(), f.length as usize) };
                 let crc = verify_payload(&f, payload).map_err(|e| e.to_string());
                 let out = self.core.on_payload(crc, self.v.disk.is_failed());
                 self.act(out);
@@ -323,7 +297,9 @@ impl Conn {
         let Some(f) = self.core.frame(slot) else { return };
         let s = &self.slots[slot as usize];
         let (op, buf) = match f.kind {
-            FrameKind::Write => (LocalOp::Write { fua: f.fua() }, s.buf.as_ref().expect("write slot has a buffer").ptr),
+            FrameKind::Write => {
+                (LocalOp::Write { fua: f.fua() }, s.buf.as_ref().expect("write slot has a buffer").as_ptr())
+            }
             FrameKind::Flush => (LocalOp::Flush, std::ptr::null_mut()),
             _ => (LocalOp::PunchHole, std::ptr::null_mut()),
         };

@@ -48,6 +48,8 @@ pub struct VolumeShared {
     pub disk: disk::DiskHealth,
     /// The write-intent bitmap and the metadata file (`bitmap/`).
     pub intent: Arc<WriteIntent>,
+    /// The sync link's state and the operator's resync requests (`resync/`).
+    pub sync: crate::resync::SyncShared,
     pub queue_stats: Vec<Arc<QueueStats>>,
 }
 
@@ -62,6 +64,7 @@ pub struct Volume {
     pub shared: Arc<VolumeShared>,
     /// Dropped after the connectors (field order does not matter: `Drop` orders it).
     writer: Option<writer::Writer>,
+    sync_source: Option<crate::resync::source::Source>,
     handoffs: Vec<Arc<LinkHandoff>>,
     connectors: Vec<std::thread::JoinHandle<()>>,
 }
@@ -186,9 +189,11 @@ impl Volume {
             conflicts: conflict::ConflictTable::new(cfg.size),
             disk: disk::DiskHealth::new(intent.superblock().disk_state),
             intent,
+            sync: crate::resync::SyncShared::new(cfg.resync_rate_bps),
             queue_stats,
         });
         let writer = Some(start_writer(&shared));
+        let sync_source = cfg.peer.is_some().then(|| crate::resync::source::spawn(shared.clone()));
         debug_assert_eq!(cfg.role, Role::Primary);
         let mut handoffs = Vec::new();
         let mut connectors = Vec::new();
@@ -203,7 +208,7 @@ impl Volume {
             }
             handoffs.push(h);
         }
-        Ok(Volume { shared, writer, handoffs, connectors })
+        Ok(Volume { shared, writer, sync_source, handoffs, connectors })
     }
 
     /// The engine state machine of queue `qid`, to be driven by one thread.
@@ -228,6 +233,7 @@ impl Drop for Volume {
         for c in self.connectors.drain(..) {
             let _ = c.join();
         }
+        self.sync_source.take();
         // Last: whatever the queues marked is written before the writer stops.
         if self.writer.take().is_some() && !self.shared.intent.has_failed() {
             if let Err(e) = self.shared.intent.update_superblock(|sb| sb.clean_shutdown = true) {

@@ -1,0 +1,98 @@
+//! `metroblk resync` and `metroblk resume-alone`: operator commands sent to a running node's
+//! control socket. `resync --wait` follows the progress: a bar on a terminal, a plain line
+//! every few seconds otherwise.
+
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::config::{Keys, NodeConfig};
+use crate::control::{self, ControlRequest, VolumeStatus};
+use crate::resync::SyncState;
+
+/// What `metroblk resync` was asked to do.
+#[derive(Debug, Default)]
+pub struct ResyncArgs {
+    pub full: bool,
+    pub discard_local: bool,
+    pub rate: Option<u64>,
+    pub wait: bool,
+}
+
+fn socket_of(config: &Path) -> Result<std::path::PathBuf, String> {
+    Ok(NodeConfig::load_with(config, Keys::Skip).map_err(|e| e.to_string())?.control_socket)
+}
+
+fn volume_status(socket: &Path, volume: &str) -> Result<VolumeStatus, String> {
+    let s = control::query_status(&socket.to_path_buf())?;
+    s.volumes.into_iter().find(|v| v.name == volume).ok_or_else(|| format!("the node has no volume '{volume}'"))
+}
+
+pub fn resume_alone(config: &Path, volume: &str) -> Result<String, String> {
+    let socket = socket_of(config)?;
+    let req = ControlRequest { command: "resume-alone".into(), volume: Some(volume.into()), ..Default::default() };
+    let answer = control::request(&socket, &req)?;
+    Ok(answer.get("ok").and_then(|v| v.as_str()).unwrap_or("done").to_string())
+}
+
+pub fn resync(config: &Path, volume: &str, args: &ResyncArgs) -> Result<(), String> {
+    let socket = socket_of(config)?;
+    let req = ControlRequest {
+        command: "resync".into(),
+        volume: Some(volume.into()),
+        full: args.full,
+        discard_local: args.discard_local,
+        rate: args.rate,
+    };
+    let answer = control::request(&socket, &req)?;
+    println!("{}", answer.get("ok").and_then(|v| v.as_str()).unwrap_or("requested"));
+    if !args.wait {
+        return Ok(());
+    }
+    let tty = std::io::stdout().is_terminal();
+    let mut last_line = Instant::now() - Duration::from_secs(60);
+    let mut seen_sync = false;
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let v = volume_status(&socket, volume)?;
+        match v.sync_state {
+            SyncState::SyncSource | SyncState::SyncTarget => {
+                seen_sync = true;
+                let pct = v.resync_percent.unwrap_or(0.0);
+                let rate = v.resync_rate_bps.unwrap_or(0.0) / (1 << 20) as f64;
+                let eta = v.resync_eta_s.map_or("-".to_string(), |e| format!("{e:.0} s"));
+                if tty {
+                    let filled = (pct / 100.0 * 40.0) as usize;
+                    print!(
+                        "\r[{}{}] {pct:5.1}%  {} B left  {rate:.1} MiB/s  eta {eta}   ",
+                        "#".repeat(filled.min(40)),
+                        " ".repeat(40 - filled.min(40)),
+                        v.resync_bytes_left.unwrap_or(0)
+                    );
+                    let _ = std::io::stdout().flush();
+                } else if last_line.elapsed() >= Duration::from_secs(3) {
+                    println!(
+                        "resync {pct:.1}% done, {} B left, {rate:.1} MiB/s, eta {eta}",
+                        v.resync_bytes_left.unwrap_or(0)
+                    );
+                    last_line = Instant::now();
+                }
+            }
+            SyncState::InSync if seen_sync || v.dirty_regions == 0 || v.role == crate::config::Role::Secondary => {
+                if tty {
+                    println!();
+                }
+                println!("volume {volume}: in sync ({} B resynced since the node started)", v.resynced_bytes);
+                return Ok(());
+            }
+            SyncState::SplitBrain | SyncState::Refused => {
+                return Err(format!(
+                    "volume {volume}: {}: {}",
+                    v.sync_state,
+                    v.sync_message.unwrap_or_else(|| "see the node's log".into())
+                ));
+            }
+            _ => {}
+        }
+    }
+}

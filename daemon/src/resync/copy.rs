@@ -1,0 +1,304 @@
+//! The copy schedule of one resync pass, as pure state (time passed in): which region goes
+//! next (disk order), how many are in flight (a window), when to FLUSH the target, which
+//! regions a completed FLUSH makes durable on both nodes (their bits may be cleared), and the
+//! optional rate limit (a token bucket over bytes).
+//!
+//! The sync link is one TCP connection served in order, so acks arrive in the order the copies
+//! were sent; an ack for anything else is a protocol violation.
+
+use std::collections::VecDeque;
+
+/// Copies in flight at most (the window): enough to keep a fast link busy, bounded memory.
+pub const COPIES_IN_FLIGHT_MAX: usize = 32;
+/// Regions acked between two FLUSHes of the target at most: bounds what an interrupted resync
+/// copies again, and the memory of the list.
+pub const REGIONS_PER_FLUSH_MAX: usize = 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Copy this region now.
+    Copy(u64),
+    /// Send a FLUSH to the target.
+    Flush,
+    /// Nothing to do until an ack (or, rate-limited, until `now` passes the returned time).
+    Wait { until_ns: Option<u64> },
+    /// Every region copied and durable on the target.
+    Done,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CopyError {
+    #[error("the peer acknowledged region {got} but {expected:?} was the oldest copy in flight")]
+    UnexpectedAck { got: u64, expected: Option<u64> },
+    #[error("the peer acknowledged a FLUSH that was not sent")]
+    UnexpectedFlushAck,
+}
+
+pub struct CopyPlan {
+    /// Regions to copy (one bit each, in u64 words).
+    to_copy: Vec<u64>,
+    regions: u64,
+    region_size: u64,
+    volume_size: u64,
+    cursor: u64,
+    in_flight: VecDeque<u64>,
+    acked: Vec<u64>,
+    flushing: Vec<u64>,
+    flush_in_flight: bool,
+    /// Bytes per second; 0: unlimited.
+    rate_bps: u64,
+    tokens: f64,
+    last_refill_ns: u64,
+    pub regions_total: u64,
+    pub regions_copied: u64,
+    pub bytes_copied: u64,
+    pub bytes_total: u64,
+}
+
+impl CopyPlan {
+    pub fn new(
+        to_copy: Vec<u64>,
+        regions: u64,
+        region_size: u64,
+        volume_size: u64,
+        rate_bps: u64,
+        now_ns: u64,
+    ) -> CopyPlan {
+        assert_eq!(to_copy.len() as u64, regions.div_ceil(64));
+        assert!(region_size.is_power_of_two() && regions == volume_size.div_ceil(region_size));
+        let mut plan = CopyPlan {
+            to_copy,
+            regions,
+            region_size,
+            volume_size,
+            cursor: 0,
+            in_flight: VecDeque::with_capacity(COPIES_IN_FLIGHT_MAX),
+            acked: Vec::with_capacity(REGIONS_PER_FLUSH_MAX),
+            flushing: Vec::with_capacity(REGIONS_PER_FLUSH_MAX),
+            flush_in_flight: false,
+            rate_bps,
+            tokens: 0.0,
+            last_refill_ns: now_ns,
+            regions_total: 0,
+            regions_copied: 0,
+            bytes_copied: 0,
+            bytes_total: 0,
+        };
+        // Padding bits past the last region mean nothing.
+        if regions % 64 != 0 {
+            if let Some(last) = plan.to_copy.last_mut() {
+                *last &= (1u64 << (regions % 64)) - 1;
+            }
+        }
+        let marked: Vec<u64> = plan.ones().collect();
+        for r in marked {
+            plan.regions_total += 1;
+            plan.bytes_total += plan.region_len(r);
+        }
+        plan
+    }
+
+    fn ones(&self) -> impl Iterator<Item = u64> + '_ {
+        self.to_copy.iter().enumerate().flat_map(|(w, &bits)| {
+            let mut b = bits;
+            std::iter::from_fn(move || {
+                (b != 0).then(|| {
+                    let i = b.trailing_zeros() as u64;
+                    b &= b - 1;
+                    w as u64 * 64 + i
+                })
+            })
+        })
+    }
+
+    /// Bytes of region `r` (the last one may be short).
+    pub fn region_len(&self, r: u64) -> u64 {
+        assert!(r < self.regions);
+        (self.volume_size - r * self.region_size).min(self.region_size)
+    }
+
+    pub fn region_offset(&self, r: u64) -> u64 {
+        r * self.region_size
+    }
+
+    fn next_set(&self, from: u64) -> Option<u64> {
+        let mut w = (from / 64) as usize;
+        if w >= self.to_copy.len() {
+            return None;
+        }
+        let mut bits = self.to_copy[w] & (!0u64 << (from % 64));
+        loop {
+            if bits != 0 {
+                return Some(w as u64 * 64 + bits.trailing_zeros() as u64);
+            }
+            w += 1;
+            if w >= self.to_copy.len() {
+                return None;
+            }
+            bits = self.to_copy[w];
+        }
+    }
+
+    /// What to do next.
+    pub fn poll_next(&mut self, now_ns: u64) -> Next {
+        let copying_done = self.next_set(self.cursor).is_none();
+        if !self.flush_in_flight
+            && !self.acked.is_empty()
+            && (self.acked.len() >= REGIONS_PER_FLUSH_MAX || (copying_done && self.in_flight.is_empty()))
+        {
+            std::mem::swap(&mut self.acked, &mut self.flushing);
+            self.flush_in_flight = true;
+            return Next::Flush;
+        }
+        if copying_done {
+            if self.in_flight.is_empty() && self.acked.is_empty() && !self.flush_in_flight {
+                return Next::Done;
+            }
+            return Next::Wait { until_ns: None };
+        }
+        // Acked-but-unflushed regions are bounded: wait for the flush before copying more.
+        if self.in_flight.len() >= COPIES_IN_FLIGHT_MAX
+            || self.acked.len() + self.in_flight.len() >= REGIONS_PER_FLUSH_MAX
+        {
+            return Next::Wait { until_ns: None };
+        }
+        let r = self.next_set(self.cursor).expect("checked above");
+        if self.rate_bps > 0 {
+            let dt = now_ns.saturating_sub(self.last_refill_ns) as f64 / 1e9;
+            self.last_refill_ns = now_ns;
+            // At most one second of burst.
+            self.tokens = (self.tokens + dt * self.rate_bps as f64).min(self.rate_bps as f64);
+            let need = self.region_len(r) as f64;
+            if self.tokens < need.min(self.rate_bps as f64) {
+                let wait_ns = ((need - self.tokens) / self.rate_bps as f64 * 1e9) as u64;
+                return Next::Wait { until_ns: Some(now_ns + wait_ns.max(1)) };
+            }
+            self.tokens -= need;
+        }
+        self.cursor = r + 1;
+        self.in_flight.push_back(r);
+        Next::Copy(r)
+    }
+
+    /// The target applied the copy of `r`.
+    pub fn on_acked(&mut self, r: u64) -> Result<(), CopyError> {
+        if self.in_flight.front() != Some(&r) {
+            return Err(CopyError::UnexpectedAck { got: r, expected: self.in_flight.front().copied() });
+        }
+        self.in_flight.pop_front();
+        self.acked.push(r);
+        self.regions_copied += 1;
+        self.bytes_copied += self.region_len(r);
+        Ok(())
+    }
+
+    /// The target's FLUSH completed: the regions it covered are durable on both nodes.
+    pub fn on_flushed(&mut self) -> Result<std::vec::Drain<'_, u64>, CopyError> {
+        if !self.flush_in_flight {
+            return Err(CopyError::UnexpectedFlushAck);
+        }
+        self.flush_in_flight = false;
+        Ok(self.flushing.drain(..))
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(bits: &[u64], regions: u64, rate: u64) -> CopyPlan {
+        let mut words = vec![0u64; regions.div_ceil(64) as usize];
+        for &r in bits {
+            words[(r / 64) as usize] |= 1 << (r % 64);
+        }
+        CopyPlan::new(words, regions, 4096, regions * 4096 - 512, rate, 0)
+    }
+
+    /// Drives a plan to the end with an in-order peer, acking as late as the window allows;
+    /// returns the regions copied in order and those cleared.
+    fn drive(p: &mut CopyPlan) -> (Vec<u64>, Vec<u64>) {
+        let (mut sent, mut cleared) = (Vec::new(), Vec::new());
+        let mut pending: VecDeque<Result<u64, ()>> = VecDeque::new();
+        let mut now = 0;
+        loop {
+            match p.poll_next(now) {
+                Next::Copy(r) => {
+                    sent.push(r);
+                    pending.push_back(Ok(r));
+                }
+                Next::Flush => pending.push_back(Err(())),
+                Next::Wait { until_ns } => {
+                    if let Some(t) = until_ns {
+                        now = t;
+                        continue;
+                    }
+                    match pending.pop_front().expect("waiting with nothing in flight") {
+                        Ok(r) => p.on_acked(r).unwrap(),
+                        Err(()) => cleared.extend(p.on_flushed().unwrap()),
+                    }
+                }
+                Next::Done => break,
+            }
+            assert!(p.in_flight() <= COPIES_IN_FLIGHT_MAX);
+        }
+        assert!(pending.is_empty());
+        (sent, cleared)
+    }
+
+    #[test]
+    fn copies_every_marked_region_once_in_disk_order_and_clears_each_after_a_flush() {
+        let marked: Vec<u64> = (0..5000).filter(|r| r % 3 == 0 || r % 7 == 0).collect();
+        let mut p = plan(&marked, 5000, 0);
+        assert_eq!(p.regions_total, marked.len() as u64);
+        let (sent, cleared) = drive(&mut p);
+        assert_eq!(sent, marked);
+        assert_eq!(cleared, marked);
+        assert_eq!(p.regions_copied, marked.len() as u64);
+        assert_eq!(p.bytes_copied, p.bytes_total);
+        // The last region is short: 4096 - 512 bytes.
+        assert_eq!(p.region_len(4999), 3584);
+    }
+
+    #[test]
+    fn an_empty_plan_is_done_at_once_and_padding_bits_are_ignored() {
+        let mut p = CopyPlan::new(vec![!0u64 << 10], 10, 4096, 40960, 0, 0);
+        assert_eq!(p.regions_total, 0);
+        assert_eq!(p.poll_next(0), Next::Done);
+    }
+
+    #[test]
+    fn the_rate_limit_spaces_copies() {
+        // 100 regions of 4 KiB at 40960 B/s: about 10 s.
+        let mut p = plan(&(0..100).collect::<Vec<_>>(), 100, 40960);
+        let mut now = 0u64;
+        let mut copies = 0;
+        while copies < 100 {
+            match p.poll_next(now) {
+                Next::Copy(r) => {
+                    p.on_acked(r).unwrap();
+                    copies += 1;
+                }
+                Next::Wait { until_ns: Some(t) } => now = t,
+                Next::Flush => {
+                    p.on_flushed().unwrap().count();
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let secs = now as f64 / 1e9;
+        assert!((9.0..11.0).contains(&secs), "{secs} s for 400 KiB at 40 KiB/s");
+    }
+
+    #[test]
+    fn acks_out_of_order_are_refused() {
+        let mut p = plan(&[1, 2], 64, 0);
+        assert_eq!(p.poll_next(0), Next::Copy(1));
+        assert_eq!(p.poll_next(0), Next::Copy(2));
+        assert_eq!(p.on_acked(2), Err(CopyError::UnexpectedAck { got: 2, expected: Some(1) }));
+        assert!(p.on_flushed().is_err());
+    }
+}

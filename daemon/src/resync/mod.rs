@@ -1,0 +1,220 @@
+//! Resync: the two copies catch up by copying only the regions marked dirty.
+//!
+//! Each volume has one *sync link* beside its data links: the primary dials it (queue number
+//! `SYNC_QUEUE` in the hello). On it, the nodes first exchange their facts (generation,
+//! history, disk state, dirty bitmap) and both run [`decide::decide`]; until that says the
+//! copies may be joined (in sync, or a resync from the primary), the secondary refuses data
+//! links and the primary does not dial them, so a split-brain peer never receives a write.
+//! Then the sync link carries the copies ([`source`] on the primary, [`target`] on the
+//! secondary) and, once the copies are in sync, the cleaner's FLUSHes that let write-intent
+//! bits be cleared.
+//!
+//! - [`decide`] — who syncs from whom (pure).
+//! - [`copy`] — the copy schedule of a pass: disk order, window, flush cadence, rate (pure).
+//! - [`source`] — the primary's side (I/O): the exchange, the copies, the cleaner.
+//! - [`target`] — the secondary's side (I/O): applies the copies, becomes up to date.
+//!
+//! Sync links use blocking sockets on their own threads: they are control plane plus a bulk
+//! stream where one thread keeps a TCP connection full; the hot path never touches them.
+
+pub mod command;
+pub mod copy;
+pub mod decide;
+pub mod source;
+pub mod target;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use metroblk_protocol::{decode_header, verify_payload, Frame, Geometry, SyncHello, HEADER_LEN, SYNC_HELLO_LEN};
+use serde::{Deserialize, Serialize};
+
+use crate::bitmap::WriteIntent;
+use crate::volume::disk::DiskState;
+use decide::CopyFacts;
+
+/// What status shows about the sync link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SyncState {
+    /// No exchange yet in this run.
+    #[default]
+    Unknown,
+    InSync,
+    SyncSource,
+    SyncTarget,
+    /// Both nodes went on alone: the link is refused until an operator decides.
+    SplitBrain,
+    /// The exchange refused to join the copies; `message` says why.
+    Refused,
+}
+
+impl std::fmt::Display for SyncState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SyncState::Unknown => "unknown",
+            SyncState::InSync => "in-sync",
+            SyncState::SyncSource => "sync-source",
+            SyncState::SyncTarget => "sync-target",
+            SyncState::SplitBrain => "split-brain",
+            SyncState::Refused => "refused",
+        })
+    }
+}
+
+/// Progress of the resync in progress (or the last one).
+#[derive(Debug, Clone, Default)]
+pub struct SyncInfo {
+    pub state: SyncState,
+    pub message: Option<String>,
+    pub regions_total: u64,
+    pub regions_done: u64,
+    pub bytes_total: u64,
+    pub bytes_done: u64,
+    pub started: Option<Instant>,
+}
+
+/// Per volume: the sync link's state and the operator's requests.
+#[derive(Default)]
+pub struct SyncShared {
+    /// The exchange on the sync link let data links join the copies (both nodes set it).
+    pub admitted: AtomicBool,
+    /// `resync --discard-local`: this node's changes are to be dropped.
+    pub discard_local: AtomicBool,
+    /// `resync --full`.
+    pub full_requested: AtomicBool,
+    /// `resync`: exchange again now (and resync what is dirty).
+    pub restart: AtomicBool,
+    /// Bytes per second; 0: unlimited. From the config, changed by `resync --rate`.
+    pub rate_bps: AtomicU64,
+    /// A sync link is being served (secondary).
+    pub target_busy: AtomicBool,
+    /// The volume is going away: the sync threads end.
+    pub stopping: AtomicBool,
+    pub bytes_resynced: AtomicU64,
+    pub regions_resynced: AtomicU64,
+    pub info: Mutex<SyncInfo>,
+}
+
+impl SyncShared {
+    pub fn new(rate_bps: u64) -> SyncShared {
+        SyncShared { rate_bps: AtomicU64::new(rate_bps), ..SyncShared::default() }
+    }
+
+    pub fn info(&self) -> SyncInfo {
+        self.info.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set_state(&self, state: SyncState, message: Option<String>) {
+        let mut g = self.info.lock().unwrap_or_else(|p| p.into_inner());
+        g.state = state;
+        g.message = message;
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut SyncInfo)) {
+        f(&mut self.info.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    pub fn is_admitted(&self) -> bool {
+        self.admitted.load(Ordering::Acquire)
+    }
+}
+
+fn disk_state_to_u8(s: DiskState) -> u8 {
+    match s {
+        DiskState::UpToDate => 0,
+        DiskState::Outdated => 1,
+        DiskState::Inconsistent => 2,
+        DiskState::Failed => 3,
+    }
+}
+
+fn disk_state_from_u8(v: u8) -> DiskState {
+    match v {
+        0 => DiskState::UpToDate,
+        1 => DiskState::Outdated,
+        2 => DiskState::Inconsistent,
+        _ => DiskState::Failed,
+    }
+}
+
+/// This node's sync hello and its dirty bitmap (bytes, LSB first).
+pub fn local_hello(intent: &WriteIntent, disk: DiskState, sync: &SyncShared) -> (SyncHello, Vec<u8>) {
+    let sb = intent.superblock();
+    let dirty = intent.dirty();
+    let mut bitmap = Vec::with_capacity(dirty.words() * 8);
+    for w in 0..dirty.words() {
+        bitmap.extend_from_slice(&dirty.word(w).to_le_bytes());
+    }
+    let hello = SyncHello {
+        generation: sb.generation.into_bytes(),
+        history: sb.history.iter().map(|g| g.into_bytes()).collect(),
+        disk_state: disk_state_to_u8(disk),
+        discard_local: sync.discard_local.load(Ordering::Acquire),
+        full: sync.full_requested.load(Ordering::Acquire),
+        regions: intent.regions(),
+        bitmap_bytes: bitmap.len() as u64,
+    };
+    (hello, bitmap)
+}
+
+/// The facts a hello and its bitmap state.
+pub fn facts(h: &SyncHello, bitmap: &[u8]) -> CopyFacts {
+    CopyFacts {
+        generation: h.generation,
+        history: h.history.clone(),
+        disk_state: disk_state_from_u8(h.disk_state),
+        dirty: bitmap.iter().any(|b| *b != 0),
+        discard_local: h.discard_local,
+        full: h.full,
+    }
+}
+
+pub fn send_hello(s: &mut TcpStream, h: &SyncHello, bitmap: &[u8]) -> Result<(), String> {
+    s.write_all(&h.encode()).and_then(|()| s.write_all(bitmap)).map_err(|e| format!("cannot send the sync hello: {e}"))
+}
+
+/// Reads the peer's hello and bitmap; the bitmap must cover exactly `regions` regions.
+pub fn read_hello(s: &mut TcpStream, regions: u64) -> Result<(SyncHello, Vec<u8>), String> {
+    let mut buf = [0u8; SYNC_HELLO_LEN];
+    s.read_exact(&mut buf).map_err(|e| format!("no sync hello from the peer: {e}"))?;
+    let h = SyncHello::decode(&buf).map_err(|e| format!("bad sync hello from the peer: {e}"))?;
+    let expected = regions.div_ceil(64) * 8;
+    if h.regions != regions || h.bitmap_bytes != expected {
+        return Err(format!(
+            "the peer's sync hello describes {} regions and a {}-byte bitmap; this volume has {regions} regions",
+            h.regions, h.bitmap_bytes
+        ));
+    }
+    let mut bitmap = vec![0u8; expected as usize];
+    s.read_exact(&mut bitmap).map_err(|e| format!("the peer's bitmap was cut short: {e}"))?;
+    Ok((h, bitmap))
+}
+
+/// Writes one frame (header, then payload).
+pub fn write_frame(s: &mut TcpStream, f: &Frame, payload: &[u8]) -> Result<(), String> {
+    let mut h = [0u8; HEADER_LEN];
+    f.encode(&mut h);
+    s.write_all(&h).and_then(|()| s.write_all(payload)).map_err(|e| format!("sync link send failed: {e}"))
+}
+
+/// Reads one frame; its payload lands in `buf` (which must be large enough for the largest
+/// payload the geometry allows). Checks the header and the payload's checksum.
+pub fn read_frame(s: &mut TcpStream, geo: &Geometry, buf: &mut [u8]) -> Result<(Frame, usize), String> {
+    let mut h = [0u8; HEADER_LEN];
+    s.read_exact(&mut h).map_err(|e| format!("sync link receive failed: {e}"))?;
+    let f = decode_header(&h, geo).map_err(|e| format!("malformed frame on the sync link: {e}"))?;
+    let n = f.payload_len();
+    let payload = buf.get_mut(..n).ok_or_else(|| format!("sync link frame payload of {n} bytes is too large"))?;
+    s.read_exact(payload).map_err(|e| format!("sync link receive failed: {e}"))?;
+    verify_payload(&f, payload).map_err(|e| format!("malformed frame on the sync link: {e}"))?;
+    Ok((f, n))
+}
+
+/// Monotonic nanoseconds since an arbitrary start (for the pure schedules).
+pub fn now_ns(start: Instant) -> u64 {
+    start.elapsed().as_nanos() as u64
+}

@@ -1,0 +1,498 @@
+//! The primary's side of the sync link: dial, exchange facts, copy the dirty regions to the
+//! secondary, then keep the link for the cleaner (the FLUSHes that let bits be cleared).
+//!
+//! A copy obeys the conflict rule: the region's range is taken in the volume's conflict table
+//! (as a replicated write would) from before it is read until the secondary acknowledged it,
+//! so an application write to the region is issued either before (and the copy reads it) or
+//! after (and reaches the secondary after the copy): a copy never overwrites a newer write.
+
+use std::collections::VecDeque;
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use metroblk_protocol::{Frame, FrameKind, MAX_PAYLOAD, SYNC_QUEUE};
+
+use super::copy::{CopyPlan, Next};
+use super::decide::{decide, Decision};
+use super::{facts, local_hello, now_ns, read_frame, read_hello, send_hello, write_frame, SyncState};
+use crate::peer::connector::{self, Backoff};
+use crate::volume::conflict::{GranuleRange, RESYNC_OWNER};
+use crate::volume::disk::DiskState;
+use crate::volume::local_io::AlignedBuf;
+use crate::volume::stats::LinkState;
+use crate::volume::VolumeShared;
+
+/// A silent sync link is dead after this long.
+pub const SYNC_LINK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often an idle sync link is pinged, and the operator's requests looked at.
+pub const IDLE_TICK: Duration = Duration::from_millis(500);
+/// How often the cleaner looks for bits to clear: a region written at least this often is
+/// hot and never costs a metadata write.
+pub const CLEAN_INTERVAL: Duration = Duration::from_secs(2);
+/// How long a copy waits for an application write to its region before the pass gives up
+/// (the writes may be held while the data links are down).
+pub const RANGE_WAIT_MAX: Duration = Duration::from_secs(30);
+/// Pause after a refusal (split brain, an outdated peer) before the next exchange.
+pub const REFUSED_RETRY: Duration = Duration::from_secs(2);
+
+/// The running sync source; dropping it stops the thread.
+pub struct Source {
+    v: Arc<VolumeShared>,
+    stream: Arc<Mutex<Option<TcpStream>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+pub fn spawn(v: Arc<VolumeShared>) -> Source {
+    let stream: Arc<Mutex<Option<TcpStream>>> = Arc::default();
+    let (v2, s2) = (v.clone(), stream.clone());
+    let thread = std::thread::Builder::new()
+        .name(format!("sync-{}", v.config.name))
+        .spawn(move || run(v2, s2))
+        .expect("spawning the sync source");
+    Source { v, stream, thread: Some(thread) }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        self.v.sync.stopping.store(true, Ordering::Release);
+        if let Some(s) = self.stream.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn sleep_unless_stopping(v: &VolumeShared, d: Duration) -> bool {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        if v.sync.stopping.load(Ordering::Acquire) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20).min(until - Instant::now()));
+    }
+    !v.sync.stopping.load(Ordering::Acquire)
+}
+
+fn run(v: Arc<VolumeShared>, slot: Arc<Mutex<Option<TcpStream>>>) {
+    let mut backoff = Backoff::default();
+    let mut session = 0;
+    let mut last_logged: Option<String> = None;
+    while !v.sync.stopping.load(Ordering::Acquire) {
+        session = connector::next_session(session);
+        let stream = match connector::dial_stream(&v, SYNC_QUEUE, session) {
+            Ok(s) => s,
+            Err(e) => {
+                v.sync.update(|i| i.message = Some(e.text.clone()));
+                if last_logged.as_deref() != Some(e.text.as_str()) {
+                    tracing::warn!(volume = %v.config.name, "sync link: {}; retrying", e.text);
+                    last_logged = Some(e.text.clone());
+                }
+                if !sleep_unless_stopping(&v, backoff.dial_failed(e.peer_refused)) {
+                    return;
+                }
+                continue;
+            }
+        };
+        last_logged = None;
+        if let Ok(c) = stream.try_clone() {
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
+        }
+        let up_at = Instant::now();
+        let mut link = SyncLink::new(&v, stream);
+        let result = link.run();
+        *slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let wait = match result {
+            Ok(()) => Duration::ZERO, // an operator's restart: exchange again at once
+            Err(Ended::Refused) => REFUSED_RETRY,
+            Err(Ended::Failed(why)) => {
+                if !v.sync.stopping.load(Ordering::Acquire) {
+                    tracing::warn!(volume = %v.config.name, "sync link ended: {why}");
+                    v.sync.update(|i| i.message = Some(why));
+                }
+                backoff.link_ended(up_at.elapsed(), false)
+            }
+        };
+        if !wait.is_zero() && !sleep_unless_stopping(&v, wait) {
+            return;
+        }
+    }
+}
+
+enum Ended {
+    /// The exchange refused to join the copies (status says why).
+    Refused,
+    Failed(String),
+}
+
+impl From<String> for Ended {
+    fn from(s: String) -> Ended {
+        Ended::Failed(s)
+    }
+}
+
+struct SyncLink<'a> {
+    v: &'a VolumeShared,
+    s: TcpStream,
+    seq: u64,
+    buf: AlignedBuf,
+    start: Instant,
+}
+
+/// A copy in flight: its region, its range in the conflict table, acks still due.
+struct InFlight {
+    region: u64,
+    range: GranuleRange,
+    acks_due: u32,
+}
+
+impl<'a> SyncLink<'a> {
+    fn new(v: &'a VolumeShared, s: TcpStream) -> SyncLink<'a> {
+        SyncLink { v, s, seq: 0, buf: AlignedBuf::new(MAX_PAYLOAD as usize), start: Instant::now() }
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    fn run(&mut self) -> Result<(), Ended> {
+        let v = self.v;
+        let name = &v.config.name;
+        self.s
+            .set_read_timeout(Some(SYNC_LINK_TIMEOUT))
+            .and_then(|()| self.s.set_write_timeout(Some(SYNC_LINK_TIMEOUT)))
+            .map_err(|e| format!("sync link: {e}"))?;
+        let _ = self.s.set_nodelay(true);
+        v.sync.restart.store(false, Ordering::Release);
+        let (ours, our_bitmap) = local_hello(&v.intent, v.disk.state(), &v.sync);
+        send_hello(&mut self.s, &ours, &our_bitmap)?;
+        let (theirs, their_bitmap) = read_hello(&mut self.s, v.intent.regions())?;
+        let decision = decide(&facts(&ours, &our_bitmap), &facts(&theirs, &their_bitmap));
+        match decision {
+            Decision::SplitBrain => {
+                let text = "split brain: both nodes went on alone and their data diverged; pick the node whose \
+                            changes are to be dropped and run metroblk resync --discard-local on it";
+                tracing::error!(volume = %name, "{text}");
+                v.sync.admitted.store(false, Ordering::Release);
+                v.sync.set_state(SyncState::SplitBrain, Some(text.into()));
+                return Err(Ended::Refused);
+            }
+            Decision::Refused(text) => {
+                tracing::error!(volume = %name, "resync refused: {text}");
+                v.sync.admitted.store(false, Ordering::Release);
+                v.sync.set_state(SyncState::Refused, Some(text));
+                return Err(Ended::Refused);
+            }
+            Decision::InSync => {
+                tracing::info!(volume = %name, "copies in sync: nothing to resync");
+                self.finish_in_sync()?;
+            }
+            Decision::PrimaryToSecondary { full } => {
+                v.sync.admitted.store(true, Ordering::Release);
+                self.resync(full, &their_bitmap)?;
+            }
+        }
+        self.idle()
+    }
+
+    /// The peer is up to date: record it and let the cleaner work.
+    fn finish_in_sync(&mut self) -> Result<(), Ended> {
+        let v = self.v;
+        if v.intent.superblock().peer_disk_state != Some(DiskState::UpToDate) {
+            v.intent
+                .update_superblock(|sb| sb.peer_disk_state = Some(DiskState::UpToDate))
+                .map_err(|e| e.to_string())?;
+        }
+        v.intent.on_peer_up_to_date();
+        v.sync.full_requested.store(false, Ordering::Release);
+        v.sync.set_state(SyncState::InSync, None);
+        v.sync.admitted.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn resync(&mut self, full: bool, their_bitmap: &[u8]) -> Result<(), Ended> {
+        let v = self.v;
+        let regions = v.intent.regions();
+        let mut first_pass = true;
+        loop {
+            let losses_before = v.intent.link_losses();
+            // Every region set on either side (both bitmaps in the first pass; ours after).
+            let mut words: Vec<u64> = (0..v.intent.dirty().words()).map(|w| v.intent.dirty().word(w)).collect();
+            if full && first_pass {
+                words.iter_mut().for_each(|w| *w = !0);
+            } else if first_pass {
+                for (w, chunk) in words.iter_mut().zip(their_bitmap.chunks_exact(8)) {
+                    *w |= u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+                }
+            }
+            let rate = v.sync.rate_bps.load(Ordering::Relaxed);
+            let plan = CopyPlan::new(words, regions, v.intent.region_size(), v.config.size, rate, now_ns(self.start));
+            tracing::info!(
+                volume = %v.config.name,
+                regions = plan.regions_total,
+                bytes = plan.bytes_total,
+                full = full && first_pass,
+                "resync to the peer starts"
+            );
+            v.sync.set_state(SyncState::SyncSource, None);
+            v.sync.update(|i| {
+                i.regions_total = plan.regions_total;
+                i.bytes_total = plan.bytes_total;
+                i.regions_done = 0;
+                i.bytes_done = 0;
+                i.started = Some(Instant::now());
+            });
+            let t0 = Instant::now();
+            let result = self.copy(plan);
+            let bytes = result?;
+            let secs = t0.elapsed().as_secs_f64();
+            tracing::info!(
+                volume = %v.config.name,
+                bytes,
+                secs,
+                mib_per_s = bytes as f64 / (1 << 20) as f64 / secs.max(1e-9),
+                "resync pass done"
+            );
+            first_pass = false;
+            // A data link lost meanwhile may have lost acked writes: go again over our bits.
+            if v.intent.link_losses() == losses_before {
+                break;
+            }
+        }
+        // The target adopts our generation and becomes up to date.
+        let seq = self.next_seq();
+        write_frame(&mut self.s, &Frame::sync_done(seq, v.epoch()), &[])?;
+        let geo = v.geometry;
+        loop {
+            let (f, _) = read_frame(&mut self.s, &geo, self.buf.as_mut_slice())?;
+            match f.kind {
+                FrameKind::FlushAck if f.seq == seq && f.status == 0 => break,
+                FrameKind::Pong => continue,
+                _ => {
+                    return Err(
+                        format!("the peer answered {} (status {}) to the end of the resync", f.kind, f.status).into()
+                    )
+                }
+            }
+        }
+        v.intent.set_resync_needed(false);
+        tracing::info!(volume = %v.config.name, "resync complete: the peer is up to date");
+        self.finish_in_sync()
+    }
+
+    /// Runs one copy pass to the end; returns the bytes copied.
+    fn copy(&mut self, mut plan: CopyPlan) -> Result<u64, Ended> {
+        let v = self.v;
+        let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(super::copy::COPIES_IN_FLIGHT_MAX);
+        let mut flush_seq = None;
+        let result = (|| -> Result<u64, Ended> {
+            loop {
+                if v.sync.stopping.load(Ordering::Acquire) {
+                    return Err("stopping".to_string().into());
+                }
+                match plan.poll_next(now_ns(self.start)) {
+                    Next::Copy(r) => {
+                        let range = self.take_range(&plan, r)?;
+                        // No write to the region is in flight: what was written since is seen
+                        // by the clear below, and blocks it.
+                        v.intent.reset_touched(r);
+                        in_flight.push_back(InFlight { region: r, range, acks_due: 0 });
+                        let sent = self.send_region(&plan, r)?;
+                        in_flight.back_mut().expect("just pushed").acks_due = sent;
+                    }
+                    Next::Flush => {
+                        let seq = self.next_seq();
+                        write_frame(&mut self.s, &Frame::flush(seq, v.epoch()), &[])?;
+                        flush_seq = Some(seq);
+                    }
+                    Next::Wait { until_ns } => {
+                        if in_flight.is_empty() && flush_seq.is_none() {
+                            let wait = until_ns.map_or(1_000_000, |t| t.saturating_sub(now_ns(self.start)));
+                            std::thread::sleep(Duration::from_nanos(wait.min(100_000_000)));
+                            continue;
+                        }
+                        self.read_ack(&mut plan, &mut in_flight, &mut flush_seq)?;
+                    }
+                    Next::Done => return Ok(plan.bytes_copied),
+                }
+            }
+        })();
+        for f in in_flight {
+            v.conflicts.release(f.range, RESYNC_OWNER);
+        }
+        result
+    }
+
+    /// Takes region `r`'s range in the conflict table, waiting for writes in flight to it.
+    fn take_range(&self, plan: &CopyPlan, r: u64) -> Result<GranuleRange, Ended> {
+        let v = self.v;
+        let range = v.conflicts.range(plan.region_offset(r), plan.region_len(r));
+        let deadline = Instant::now() + RANGE_WAIT_MAX;
+        let mut pause = Duration::from_micros(50);
+        while !v.conflicts.try_acquire(range, RESYNC_OWNER) {
+            if Instant::now() > deadline || v.sync.stopping.load(Ordering::Acquire) {
+                return Err(format!("region {r} stayed busy with application writes for {RANGE_WAIT_MAX:?}").into());
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(5));
+        }
+        Ok(range)
+    }
+
+    /// Reads region `r` and sends it in frames of at most MAX_PAYLOAD; returns the frames.
+    fn send_region(&mut self, plan: &CopyPlan, r: u64) -> Result<u32, Ended> {
+        let v = self.v;
+        let (offset, len) = (plan.region_offset(r), plan.region_len(r));
+        let mut done = 0u64;
+        let mut frames = 0;
+        while done < len {
+            let n = (len - done).min(MAX_PAYLOAD as u64) as usize;
+            let buf = &mut self.buf.as_mut_slice()[..n];
+            v.file
+                .read_exact_at(buf, offset + done)
+                .map_err(|e| format!("resync cannot read region {r} from the backing file: {e}"))?;
+            let seq = self.next_seq();
+            let f = Frame::write(seq, v.epoch(), offset + done, &self.buf.as_slice()[..n], false);
+            write_frame(&mut self.s, &f, &self.buf.as_slice()[..n])?;
+            done += n as u64;
+            frames += 1;
+        }
+        Ok(frames)
+    }
+
+    fn read_ack(
+        &mut self,
+        plan: &mut CopyPlan,
+        in_flight: &mut VecDeque<InFlight>,
+        flush_seq: &mut Option<u64>,
+    ) -> Result<(), Ended> {
+        let v = self.v;
+        let geo = v.geometry;
+        let (f, _) = read_frame(&mut self.s, &geo, self.buf.as_mut_slice())?;
+        if f.status != 0 {
+            return Err(format!("the peer failed a resync {}: status {}", f.kind, f.status).into());
+        }
+        match f.kind {
+            FrameKind::WriteAck => {
+                let front = in_flight.front_mut().ok_or("a write ack with no copy in flight".to_string())?;
+                front.acks_due -= 1;
+                if front.acks_due == 0 {
+                    let done = in_flight.pop_front().expect("checked");
+                    v.conflicts.release(done.range, RESYNC_OWNER);
+                    plan.on_acked(done.region).map_err(|e| e.to_string())?;
+                    let len = plan.region_len(done.region);
+                    v.sync.bytes_resynced.fetch_add(len, Ordering::Relaxed);
+                    v.sync.regions_resynced.fetch_add(1, Ordering::Relaxed);
+                    v.sync.update(|i| {
+                        i.regions_done = plan.regions_copied;
+                        i.bytes_done = plan.bytes_copied;
+                    });
+                }
+            }
+            FrameKind::FlushAck if Some(f.seq) == *flush_seq => {
+                *flush_seq = None;
+                // Durable on the target now; on the primary the data was read from the file,
+                // which the application's own FLUSHes (or ours below) make durable: clear
+                // only after a local fdatasync too.
+                v.file.sync_data().map_err(|e| format!("fdatasync of the backing file: {e}"))?;
+                for r in plan.on_flushed().map_err(|e| e.to_string())? {
+                    v.intent.request_clear(r);
+                }
+                v.intent.wake_writer();
+            }
+            FrameKind::Pong => {}
+            other => return Err(format!("unexpected {other} frame on the sync link").into()),
+        }
+        Ok(())
+    }
+
+    /// Keeps the link: pings, runs the cleaner, and returns when an operator asks for a new
+    /// exchange or a resync is needed again.
+    fn idle(&mut self) -> Result<(), Ended> {
+        let v = self.v;
+        let mut last_clean = Instant::now();
+        loop {
+            if v.sync.stopping.load(Ordering::Acquire) {
+                return Err("stopping".to_string().into());
+            }
+            if v.sync.restart.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            if v.intent.resync_needed() && self.data_links_up() {
+                // A data link was lost and is back: what it may have lost is resynced.
+                return Ok(());
+            }
+            std::thread::sleep(IDLE_TICK);
+            if last_clean.elapsed() >= CLEAN_INTERVAL {
+                last_clean = Instant::now();
+                self.clean()?;
+            } else {
+                let seq = self.next_seq();
+                write_frame(&mut self.s, &Frame::ping(seq), &[])?;
+                self.wait_for(FrameKind::Pong, seq)?;
+            }
+        }
+    }
+
+    fn data_links_up(&self) -> bool {
+        self.v.queue_stats.iter().all(|q| q.link() == LinkState::Connected)
+    }
+
+    fn wait_for(&mut self, kind: FrameKind, seq: u64) -> Result<(), Ended> {
+        let geo = self.v.geometry;
+        loop {
+            let (f, _) = read_frame(&mut self.s, &geo, self.buf.as_mut_slice())?;
+            if f.kind == kind && f.seq == seq {
+                if f.status != 0 {
+                    return Err(format!("the peer failed a {kind}: status {}", f.status).into());
+                }
+                return Ok(());
+            }
+            if f.kind != FrameKind::Pong {
+                return Err(format!("unexpected {} frame on the sync link", f.kind).into());
+            }
+        }
+    }
+
+    /// One cleaning cycle (see `bitmap/`): reset `touched`, take the set regions with no
+    /// write in flight, make everything durable on both nodes (local fdatasync, the peer's
+    /// FLUSH), then ask for their bits to be cleared; a region written since keeps its bit.
+    fn clean(&mut self) -> Result<(), Ended> {
+        let v = self.v;
+        if v.intent.resync_needed() || !self.data_links_up() || v.intent.dirty_regions() == 0 {
+            return Ok(());
+        }
+        let losses = v.intent.link_losses();
+        v.intent.reset_all_touched();
+        let region = v.intent.region_size();
+        let candidates: Vec<u64> = v
+            .intent
+            .dirty()
+            .ones()
+            .filter(|&r| {
+                let len = (v.config.size - r * region).min(region);
+                !v.conflicts.is_taken(v.conflicts.range(r * region, len))
+            })
+            .collect();
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        v.file.sync_data().map_err(|e| format!("fdatasync of the backing file: {e}"))?;
+        let seq = self.next_seq();
+        write_frame(&mut self.s, &Frame::flush(seq, v.epoch()), &[])?;
+        self.wait_for(FrameKind::FlushAck, seq)?;
+        if v.intent.link_losses() != losses || v.intent.resync_needed() {
+            return Ok(());
+        }
+        for r in candidates {
+            v.intent.request_clear(r);
+        }
+        v.intent.wake_writer();
+        Ok(())
+    }
+}

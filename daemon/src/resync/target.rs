@@ -1,0 +1,153 @@
+//! The secondary's side of the sync link: answer the exchange, then apply the copies in
+//! order. The copy is `inconsistent` (durably, in the superblock) from before the first copy
+//! is applied until SYNC_DONE, so an interrupted resync leaves a node that refuses to serve as
+//! primary and resumes from the source's bitmap on the next exchange.
+
+use std::net::TcpStream;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use metroblk_protocol::{Frame, FrameKind, SyncHello, MAX_PAYLOAD};
+
+use super::decide::{decide, Decision};
+use super::source::SYNC_LINK_TIMEOUT;
+use super::{facts, local_hello, read_frame, read_hello, send_hello, write_frame, SyncState};
+use crate::volume::disk::DiskState;
+use crate::volume::local_io::AlignedBuf;
+use crate::volume::VolumeShared;
+
+/// Serves one sync link from the primary until it ends; returns why it ended.
+pub fn serve(v: Arc<VolumeShared>, mut s: TcpStream) -> String {
+    if v.sync.target_busy.swap(true, Ordering::AcqRel) {
+        return "refused: a sync link is already being served (the older one ends at its timeout)".into();
+    }
+    let why = match serve_inner(&v, &mut s) {
+        Ok(()) => "closed by the primary".to_string(),
+        Err(e) => e,
+    };
+    v.sync.target_busy.store(false, Ordering::Release);
+    why
+}
+
+fn serve_inner(v: &VolumeShared, s: &mut TcpStream) -> Result<(), String> {
+    s.set_read_timeout(Some(SYNC_LINK_TIMEOUT))
+        .and_then(|()| s.set_write_timeout(Some(SYNC_LINK_TIMEOUT)))
+        .map_err(|e| format!("sync link: {e}"))?;
+    let _ = s.set_nodelay(true);
+    let name = &v.config.name;
+    let (theirs, their_bitmap) = read_hello(s, v.intent.regions())?;
+    let (ours, our_bitmap) = local_hello(&v.intent, v.disk.state(), &v.sync);
+    let decision = decide(&facts(&theirs, &their_bitmap), &facts(&ours, &our_bitmap));
+    // Decided before answering: by the time the primary knows, data links are let in here.
+    match &decision {
+        Decision::InSync | Decision::PrimaryToSecondary { .. } => v.sync.admitted.store(true, Ordering::Release),
+        Decision::SplitBrain | Decision::Refused(_) => v.sync.admitted.store(false, Ordering::Release),
+    }
+    send_hello(s, &ours, &our_bitmap)?;
+    match decision {
+        Decision::SplitBrain => {
+            let text = "split brain: both nodes went on alone and their data diverged; run metroblk resync \
+                        --discard-local on the node whose changes are to be dropped";
+            tracing::error!(volume = %name, "{text}");
+            v.sync.set_state(SyncState::SplitBrain, Some(text.into()));
+            return Err("split brain".into());
+        }
+        Decision::Refused(text) => {
+            tracing::error!(volume = %name, "resync refused: {text}");
+            v.sync.set_state(SyncState::Refused, Some(text.clone()));
+            return Err(text);
+        }
+        Decision::InSync => v.sync.set_state(SyncState::InSync, None),
+        Decision::PrimaryToSecondary { full } => {
+            if v.disk.state() != DiskState::Inconsistent {
+                v.intent.update_superblock(|sb| sb.disk_state = DiskState::Inconsistent).map_err(|e| e.to_string())?;
+                v.disk.set(DiskState::Inconsistent);
+            }
+            tracing::info!(volume = %name, full, "resync from the primary starts; this copy is inconsistent until it ends");
+            v.sync.set_state(SyncState::SyncTarget, None);
+            v.sync.update(|i| {
+                i.bytes_done = 0;
+                i.regions_done = 0;
+                i.started = Some(std::time::Instant::now());
+            });
+        }
+    }
+    apply(v, s, &theirs)
+}
+
+/// Applies the frames of the sync link in order, acking each after it is done.
+fn apply(v: &VolumeShared, s: &mut TcpStream, source: &SyncHello) -> Result<(), String> {
+    let geo = v.geometry;
+    let mut buf = AlignedBuf::new(MAX_PAYLOAD as usize);
+    loop {
+        let (f, n) = match read_frame(s, &geo, buf.as_mut_slice()) {
+            Ok(x) => x,
+            Err(e) if e.contains("failed to fill whole buffer") || e.contains("UnexpectedEof") => {
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let reply = match f.kind {
+            FrameKind::Write => {
+                if v.disk.is_failed() {
+                    Frame::write_ack(f.seq, -libc::EIO)
+                } else if let Err(e) = v.file.write_all_at(&buf.as_slice()[..n], f.offset) {
+                    let why = format!("resync write at {} (+{n}) failed: {e}", f.offset);
+                    v.disk.latch_failed(&v.config.name, &why);
+                    Frame::write_ack(f.seq, -e.raw_os_error().unwrap_or(libc::EIO))
+                } else {
+                    v.sync.bytes_resynced.fetch_add(n as u64, Ordering::Relaxed);
+                    v.sync.update(|i| i.bytes_done += n as u64);
+                    Frame::write_ack(f.seq, 0)
+                }
+            }
+            FrameKind::Flush => Frame::flush_ack(f.seq, flush(v)),
+            FrameKind::Ping => Frame::pong(f.seq),
+            FrameKind::SyncDone => {
+                let status = flush(v);
+                if status == 0 {
+                    become_up_to_date(v, source)?;
+                }
+                Frame::flush_ack(f.seq, status)
+            }
+            other => return Err(format!("unexpected {other} frame on the sync link")),
+        };
+        write_frame(s, &reply, &[])?;
+        if reply.status != 0 {
+            return Err(format!("answered {} with status {}", f.kind, reply.status));
+        }
+    }
+}
+
+fn flush(v: &VolumeShared) -> i32 {
+    if v.disk.is_failed() {
+        return -libc::EIO;
+    }
+    match v.file.sync_data() {
+        Ok(()) => 0,
+        Err(e) => {
+            v.disk.latch_failed(&v.config.name, &format!("fdatasync failed: {e}"));
+            -e.raw_os_error().unwrap_or(libc::EIO)
+        }
+    }
+}
+
+/// The resync is complete and durable: adopt the source's generation and history, clear our
+/// own bitmap (its regions were copied over), and become up to date.
+fn become_up_to_date(v: &VolumeShared, source: &SyncHello) -> Result<(), String> {
+    v.intent.clear_all_on_disk().map_err(|e| e.to_string())?;
+    v.intent
+        .update_superblock(|sb| {
+            sb.generation = uuid::Uuid::from_bytes(source.generation);
+            sb.history = source.history.iter().map(|g| uuid::Uuid::from_bytes(*g)).collect();
+            sb.disk_state = DiskState::UpToDate;
+            sb.peer_disk_state = Some(DiskState::UpToDate);
+        })
+        .map_err(|e| e.to_string())?;
+    v.disk.set(DiskState::UpToDate);
+    v.sync.discard_local.store(false, Ordering::Release);
+    v.sync.set_state(SyncState::InSync, None);
+    tracing::info!(volume = %v.config.name, "resync complete: this copy is up to date");
+    Ok(())
+}
