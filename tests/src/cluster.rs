@@ -138,10 +138,23 @@ pub struct NodeProcess {
 
 impl NodeProcess {
     pub fn start(config: &Path) -> NodeProcess {
+        Self::start_in(None, config)
+    }
+
+    /// Starts the node inside network namespace `netns` (`ip netns exec`), if given.
+    pub fn start_in(netns: Option<&str>, config: &Path) -> NodeProcess {
         // A new log per start, so a restarted node's log shows only its own run.
         let log = PathBuf::from(format!("{}.{}.log", config.display(), next_id()));
         let err = std::fs::File::create(&log).unwrap();
-        let child = Command::new(metroblk_bin())
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(metroblk_bin());
+                c
+            }
+            None => Command::new(metroblk_bin()),
+        };
+        let child = cmd
             .args(["node", "run", "--config"])
             .arg(config)
             .stdout(Stdio::null())

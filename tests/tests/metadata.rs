@@ -96,3 +96,36 @@ fn create_md_makes_a_private_file_and_refuses_to_overwrite_it() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no volume 'vol9' (it configures: vol0)"));
 }
+
+/// `metroblk node run` as an operator starts it: a missing, foreign (the peer's) or corrupt
+/// metadata file stops it with one line naming the file, and the backing file is not created.
+#[test]
+fn a_node_refuses_to_start_on_missing_foreign_or_corrupt_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec_beta =
+        NodeSpec { listen_port: metroblk_tests::cluster::free_port(), ..spec("beta", "alpha", "secondary") };
+    write_config(dir.path(), &spec("alpha", "beta", "primary"));
+    let beta = write_config(dir.path(), &spec_beta);
+    let meta = dir.path().join("beta-vol0.meta");
+    let alpha_meta = dir.path().join("alpha-vol0.meta");
+    let run = || {
+        let out = Command::new(metroblk_bin()).args(["node", "run", "--config"]).arg(&beta).output().unwrap();
+        assert!(!out.status.success(), "the node started");
+        let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        assert!(!dir.path().join("beta-vol0.img").exists(), "a refused node created its backing file");
+        err
+    };
+    std::fs::remove_file(&meta).unwrap();
+    let e = run();
+    assert!(e.contains("beta-vol0.meta: missing; create it with metroblk create-md --config"), "{e}");
+    std::fs::copy(&alpha_meta, &meta).unwrap();
+    let e = run();
+    assert!(e.contains("belongs to node alpha (this node is beta)"), "{e}");
+    let mut bytes = std::fs::read(&alpha_meta).unwrap();
+    bytes[100] ^= 1;
+    bytes[4096 + 100] ^= 1;
+    std::fs::write(&meta, bytes).unwrap();
+    let e = run();
+    assert!(e.contains("corrupt superblock"), "{e}");
+}

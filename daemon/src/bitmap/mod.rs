@@ -21,10 +21,12 @@
 //! cold meanwhile always wins.
 //!
 //! # Out of sync
-//! Every set bit marks a region that *may* differ between the nodes. After a link loss, a
-//! degraded write, or a start with bits set, `resync_needed` holds: the cleaner pauses and the
-//! resync (`resync/`) copies every set region, clearing bits as the target makes them durable.
-//! Bits still set after a resync are regions written since: the cleaner clears them later.
+//! Every set bit marks a region that *may* differ between the nodes. Every exchange on a new
+//! sync link (after a peer restart, a partition, an operator's `resync`) copies every set
+//! region of either node, clearing bits as the target makes them durable. After a degraded
+//! write or a start with bits set, `resync_needed` also holds: the cleaner pauses until that
+//! resync is done. Bits still set after a resync are regions written since: the cleaner clears
+//! them later. A clearing cycle during which a data link was lost is void (`link_losses`).
 
 pub mod writer;
 
@@ -309,11 +311,11 @@ impl WriteIntent {
         self.dirty.count_ones()
     }
 
-    /// A data link was lost: the peer may have lost what it acked but did not flush, so every
-    /// set region must be resynced.
+    /// A data link was lost. What the peer acked but did not flush may be lost with it if the
+    /// peer crashed; then the sync link drops too, and the next exchange resyncs every set
+    /// region (the bits of such writes are still set: nothing is cleared across a loss).
     pub fn on_link_lost(&self) {
         self.link_losses.fetch_add(1, Ordering::SeqCst);
-        self.resync_needed.store(true, Ordering::SeqCst);
     }
 
     pub fn link_losses(&self) -> u64 {

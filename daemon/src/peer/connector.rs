@@ -254,6 +254,22 @@ pub fn dial_stream(v: &VolumeShared, queue: u16, session: u64) -> Result<TcpStre
     Ok(s)
 }
 
+/// Sleeps the backoff, cut short when a new sync exchange admits the peer (it is back:
+/// every moment without data links is a write held or completed alone). False: shut down.
+fn sleep_until_admitted_again(v: &VolumeShared, h: &LinkHandoff, wait: Duration) -> bool {
+    let admissions = v.sync.admissions();
+    let until = std::time::Instant::now() + wait;
+    loop {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || v.sync.admissions() != admissions {
+            return true;
+        }
+        if !h.sleep(left.min(Duration::from_millis(50))) {
+            return false;
+        }
+    }
+}
+
 pub fn spawn(v: Arc<VolumeShared>, queue: u16, h: Arc<LinkHandoff>) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name(format!("connect-{}-q{queue}", v.config.name))
@@ -266,7 +282,7 @@ pub fn spawn(v: Arc<VolumeShared>, queue: u16, h: Arc<LinkHandoff>) -> std::thre
                 if let Some(up_at) = link_up_at.take() {
                     // The queue asks again only once the last link has ended.
                     let wait = backoff.link_ended(up_at.elapsed(), h.take_ended_by_peer());
-                    if !wait.is_zero() && !h.sleep(wait) {
+                    if !wait.is_zero() && !sleep_until_admitted_again(&v, &h, wait) {
                         break;
                     }
                 }
@@ -292,7 +308,7 @@ pub fn spawn(v: Arc<VolumeShared>, queue: u16, h: Arc<LinkHandoff>) -> std::thre
                             last_logged = Some(e.text.clone());
                         }
                         h.set_error(&e.text);
-                        if !h.sleep(backoff.dial_failed(e.peer_refused)) {
+                        if !sleep_until_admitted_again(&v, &h, backoff.dial_failed(e.peer_refused)) {
                             break;
                         }
                     }

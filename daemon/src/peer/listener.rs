@@ -219,7 +219,7 @@ fn accept_one(
     let _ = stream.set_write_timeout(None);
     if peer.queue == metroblk_protocol::SYNC_QUEUE {
         tracing::info!(volume = %v.config.name, peer = %peer.node_name, "sync link from primary up");
-        let why = crate::resync::target::serve(v.clone(), stream);
+        let why = crate::resync::target::serve(v.clone(), stream, sessions);
         tracing::info!(volume = %v.config.name, peer = %peer.node_name, "sync link from primary ended: {why}");
         return;
     }

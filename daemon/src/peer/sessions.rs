@@ -154,6 +154,28 @@ impl SessionTable {
         self.changed.notify_all();
     }
 
+    /// Supersedes every open link of every queue and waits until they all finished. A sync
+    /// exchange does this first: a data frame still buffered on an old link (or retransmitted
+    /// after a partition heals) must never be applied after a resync copy of its region.
+    pub fn supersede_all(&self, wait_max: Duration) -> Result<(), String> {
+        let mut open = self.lock();
+        let old: Vec<Arc<LinkControl>> = open.values().flatten().cloned().collect();
+        for c in &old {
+            c.supersede();
+        }
+        let deadline = Instant::now() + wait_max;
+        loop {
+            let left = old.iter().filter(|c| open.values().flatten().any(|o| Arc::ptr_eq(o, c))).count();
+            if left == 0 {
+                return Ok(());
+            }
+            let Some(wait) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else {
+                return Err(format!("{left} superseded data links did not drain within {} s", wait_max.as_secs()));
+            };
+            open = self.changed.wait_timeout(open, wait).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
     /// Open links of `queue` (for tests and status).
     pub fn open_links(&self, queue: u16) -> usize {
         self.lock().get(&queue).map_or(0, Vec::len)

@@ -13,6 +13,8 @@ pub const COPIES_IN_FLIGHT_MAX: usize = 32;
 /// Regions acked between two FLUSHes of the target at most: bounds what an interrupted resync
 /// copies again, and the memory of the list.
 pub const REGIONS_PER_FLUSH_MAX: usize = 1024;
+/// Bytes acked between two FLUSHes at most: what an interrupted resync may copy again.
+pub const BYTES_PER_FLUSH_MAX: u64 = 8 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Next {
@@ -43,6 +45,7 @@ pub struct CopyPlan {
     cursor: u64,
     in_flight: VecDeque<u64>,
     acked: Vec<u64>,
+    acked_bytes: u64,
     flushing: Vec<u64>,
     flush_in_flight: bool,
     /// Bytes per second; 0: unlimited.
@@ -74,6 +77,7 @@ impl CopyPlan {
             cursor: 0,
             in_flight: VecDeque::with_capacity(COPIES_IN_FLIGHT_MAX),
             acked: Vec::with_capacity(REGIONS_PER_FLUSH_MAX),
+            acked_bytes: 0,
             flushing: Vec::with_capacity(REGIONS_PER_FLUSH_MAX),
             flush_in_flight: false,
             rate_bps,
@@ -144,9 +148,12 @@ impl CopyPlan {
         let copying_done = self.next_set(self.cursor).is_none();
         if !self.flush_in_flight
             && !self.acked.is_empty()
-            && (self.acked.len() >= REGIONS_PER_FLUSH_MAX || (copying_done && self.in_flight.is_empty()))
+            && (self.acked.len() >= REGIONS_PER_FLUSH_MAX
+                || self.acked_bytes >= BYTES_PER_FLUSH_MAX
+                || (copying_done && self.in_flight.is_empty()))
         {
             std::mem::swap(&mut self.acked, &mut self.flushing);
+            self.acked_bytes = 0;
             self.flush_in_flight = true;
             return Next::Flush;
         }
@@ -187,6 +194,7 @@ impl CopyPlan {
         }
         self.in_flight.pop_front();
         self.acked.push(r);
+        self.acked_bytes += self.region_len(r);
         self.regions_copied += 1;
         self.bytes_copied += self.region_len(r);
         Ok(())

@@ -81,7 +81,9 @@ pub struct SyncInfo {
 #[derive(Default)]
 pub struct SyncShared {
     /// The exchange on the sync link let data links join the copies (both nodes set it).
-    pub admitted: AtomicBool,
+    admitted: AtomicBool,
+    /// Exchanges that admitted the peer (connectors dial at once after one).
+    admissions: AtomicU64,
     /// `resync --discard-local`: this node's changes are to be dropped.
     pub discard_local: AtomicBool,
     /// `resync --full`.
@@ -120,6 +122,18 @@ impl SyncShared {
 
     pub fn is_admitted(&self) -> bool {
         self.admitted.load(Ordering::Acquire)
+    }
+
+    pub fn admissions(&self) -> u64 {
+        self.admissions.load(Ordering::Acquire)
+    }
+
+    /// Records the exchange's verdict on data links.
+    pub fn set_admitted(&self, admitted: bool) {
+        self.admitted.store(admitted, Ordering::Release);
+        if admitted {
+            self.admissions.fetch_add(1, Ordering::AcqRel);
+        }
     }
 }
 

@@ -22,7 +22,7 @@ use crate::peer::connector::{self, Backoff};
 use crate::volume::conflict::{GranuleRange, RESYNC_OWNER};
 use crate::volume::disk::DiskState;
 use crate::volume::local_io::AlignedBuf;
-use crate::volume::stats::LinkState;
+use crate::volume::stats::{LinkState, QueueStats};
 use crate::volume::VolumeShared;
 
 /// A silent sync link is dead after this long.
@@ -35,6 +35,8 @@ pub const CLEAN_INTERVAL: Duration = Duration::from_secs(2);
 /// How long a copy waits for an application write to its region before the pass gives up
 /// (the writes may be held while the data links are down).
 pub const RANGE_WAIT_MAX: Duration = Duration::from_secs(30);
+/// Passes of one resync at most (each over the bits set during the previous one).
+pub const RESYNC_PASSES_MAX: u32 = 8;
 /// Pause after a refusal (split brain, an outdated peer) before the next exchange.
 pub const REFUSED_RETRY: Duration = Duration::from_secs(2);
 
@@ -178,13 +180,13 @@ impl<'a> SyncLink<'a> {
                 let text = "split brain: both nodes went on alone and their data diverged; pick the node whose \
                             changes are to be dropped and run metroblk resync --discard-local on it";
                 tracing::error!(volume = %name, "{text}");
-                v.sync.admitted.store(false, Ordering::Release);
+                v.sync.set_admitted(false);
                 v.sync.set_state(SyncState::SplitBrain, Some(text.into()));
                 return Err(Ended::Refused);
             }
             Decision::Refused(text) => {
                 tracing::error!(volume = %name, "resync refused: {text}");
-                v.sync.admitted.store(false, Ordering::Release);
+                v.sync.set_admitted(false);
                 v.sync.set_state(SyncState::Refused, Some(text));
                 return Err(Ended::Refused);
             }
@@ -193,7 +195,7 @@ impl<'a> SyncLink<'a> {
                 self.finish_in_sync()?;
             }
             Decision::PrimaryToSecondary { full } => {
-                v.sync.admitted.store(true, Ordering::Release);
+                v.sync.set_admitted(true);
                 self.resync(full, &their_bitmap)?;
             }
         }
@@ -211,21 +213,24 @@ impl<'a> SyncLink<'a> {
         v.intent.on_peer_up_to_date();
         v.sync.full_requested.store(false, Ordering::Release);
         v.sync.set_state(SyncState::InSync, None);
-        v.sync.admitted.store(true, Ordering::Release);
+        v.sync.set_admitted(true);
         Ok(())
     }
 
     fn resync(&mut self, full: bool, their_bitmap: &[u8]) -> Result<(), Ended> {
         let v = self.v;
         let regions = v.intent.regions();
-        let mut first_pass = true;
-        loop {
+        // Writes that complete without the peer while a pass runs (its data links are not up
+        // yet) set bits the pass did not see: pass again over our bits until none did.
+        let mut pass = 0;
+        let alone_at_end = loop {
+            let alone_before = self.completed_alone();
             let losses_before = v.intent.link_losses();
-            // Every region set on either side (both bitmaps in the first pass; ours after).
+            // Every region set on either side (the first pass), or all of them.
             let mut words: Vec<u64> = (0..v.intent.dirty().words()).map(|w| v.intent.dirty().word(w)).collect();
-            if full && first_pass {
+            if full && pass == 0 {
                 words.iter_mut().for_each(|w| *w = !0);
-            } else if first_pass {
+            } else if pass == 0 {
                 for (w, chunk) in words.iter_mut().zip(their_bitmap.chunks_exact(8)) {
                     *w |= u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
                 }
@@ -234,9 +239,10 @@ impl<'a> SyncLink<'a> {
             let plan = CopyPlan::new(words, regions, v.intent.region_size(), v.config.size, rate, now_ns(self.start));
             tracing::info!(
                 volume = %v.config.name,
+                pass,
                 regions = plan.regions_total,
                 bytes = plan.bytes_total,
-                full = full && first_pass,
+                full = full && pass == 0,
                 "resync to the peer starts"
             );
             v.sync.set_state(SyncState::SyncSource, None);
@@ -248,22 +254,28 @@ impl<'a> SyncLink<'a> {
                 i.started = Some(Instant::now());
             });
             let t0 = Instant::now();
-            let result = self.copy(plan);
-            let bytes = result?;
+            let bytes = self.copy(plan)?;
             let secs = t0.elapsed().as_secs_f64();
             tracing::info!(
                 volume = %v.config.name,
                 bytes,
                 secs,
                 mib_per_s = bytes as f64 / (1 << 20) as f64 / secs.max(1e-9),
+                link_losses = v.intent.link_losses() - losses_before,
                 "resync pass done"
             );
-            first_pass = false;
-            // A data link lost meanwhile may have lost acked writes: go again over our bits.
-            if v.intent.link_losses() == losses_before {
-                break;
+            let alone = self.completed_alone();
+            if alone == alone_before {
+                break alone;
             }
-        }
+            pass += 1;
+            if pass >= RESYNC_PASSES_MAX {
+                return Err(format!(
+                    "writes kept completing without the peer during {RESYNC_PASSES_MAX} resync passes; trying again"
+                )
+                .into());
+            }
+        };
         // The target adopts our generation and becomes up to date.
         let seq = self.next_seq();
         write_frame(&mut self.s, &Frame::sync_done(seq, v.epoch()), &[])?;
@@ -282,7 +294,18 @@ impl<'a> SyncLink<'a> {
         }
         v.intent.set_resync_needed(false);
         tracing::info!(volume = %v.config.name, "resync complete: the peer is up to date");
-        self.finish_in_sync()
+        self.finish_in_sync()?;
+        // A write that completed alone after the last pass (before going alone ended) is not
+        // on the peer: resync again (the idle loop sees it).
+        if self.completed_alone() != alone_at_end {
+            v.intent.set_resync_needed(true);
+        }
+        Ok(())
+    }
+
+    /// Replicated requests completed without the peer, over all queues.
+    fn completed_alone(&self) -> u64 {
+        self.v.queue_stats.iter().map(|q| QueueStats::get(&q.completed_alone)).sum()
     }
 
     /// Runs one copy pass to the end; returns the bytes copied.

@@ -13,14 +13,21 @@ use metroblk_protocol::{Frame, FrameKind, SyncHello, MAX_PAYLOAD};
 use super::decide::{decide, Decision};
 use super::source::SYNC_LINK_TIMEOUT;
 use super::{facts, local_hello, read_frame, read_hello, send_hello, write_frame, SyncState};
+use crate::peer::sessions::{SessionTable, SUPERSEDE_WAIT_MAX};
 use crate::volume::disk::DiskState;
 use crate::volume::local_io::AlignedBuf;
 use crate::volume::VolumeShared;
 
 /// Serves one sync link from the primary until it ends; returns why it ended.
-pub fn serve(v: Arc<VolumeShared>, mut s: TcpStream) -> String {
+pub fn serve(v: Arc<VolumeShared>, mut s: TcpStream, sessions: &SessionTable) -> String {
     if v.sync.target_busy.swap(true, Ordering::AcqRel) {
         return "refused: a sync link is already being served (the older one ends at its timeout)".into();
+    }
+    // Before the exchange: no frame of a data link older than this exchange is applied any
+    // more, so none can land after a resync copy of its region (`sessions.rs`).
+    if let Err(e) = sessions.supersede_all(SUPERSEDE_WAIT_MAX) {
+        v.sync.target_busy.store(false, Ordering::Release);
+        return format!("refused: {e}");
     }
     let why = match serve_inner(&v, &mut s) {
         Ok(()) => "closed by the primary".to_string(),
@@ -41,8 +48,8 @@ fn serve_inner(v: &VolumeShared, s: &mut TcpStream) -> Result<(), String> {
     let decision = decide(&facts(&theirs, &their_bitmap), &facts(&ours, &our_bitmap));
     // Decided before answering: by the time the primary knows, data links are let in here.
     match &decision {
-        Decision::InSync | Decision::PrimaryToSecondary { .. } => v.sync.admitted.store(true, Ordering::Release),
-        Decision::SplitBrain | Decision::Refused(_) => v.sync.admitted.store(false, Ordering::Release),
+        Decision::InSync | Decision::PrimaryToSecondary { .. } => v.sync.set_admitted(true),
+        Decision::SplitBrain | Decision::Refused(_) => v.sync.set_admitted(false),
     }
     send_hello(s, &ours, &our_bitmap)?;
     match decision {

@@ -1,0 +1,309 @@
+//! Resync as users meet it: a partition healed, a primary killed during writes, a resync cut
+//! short twice, writes hammering the regions being copied, a split brain resolved by an
+//! operator. The primary is the engine in this process (or a `write_load` process to kill);
+//! the secondary is a real `metroblk node run`. Each test ends with byte-identical backing
+//! files, and checks that only dirty regions were copied.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use metroblk::config::NodeConfig;
+use metroblk::resync::SyncState;
+use metroblk_tests::cluster::{free_port, metroblk_bin, wait_until, write_config, NodeProcess, NodeSpec, TEST_KEY};
+use metroblk_tests::netns::Sites;
+use metroblk_tests::writer::TestPrimary;
+
+const VOLUME: u64 = 64 << 20;
+const REGION: u64 = 64 << 10;
+const LONG: Duration = Duration::from_secs(60);
+
+struct Pair {
+    dir: tempfile::TempDir,
+    alpha: PathBuf,
+    beta: PathBuf,
+}
+
+/// Configs of alpha (primary, going on alone when it loses beta) and beta (secondary);
+/// `ips`: listen on these addresses (site A, site B) instead of loopback.
+fn pair(alpha_extra: &str, beta_extra: &str, ips: Option<(&str, &str)>) -> Pair {
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb) = (free_port(), free_port());
+    let spec = |name, peer, role, listen_port, peer_port, extra| NodeSpec {
+        name,
+        peer,
+        role,
+        size: VOLUME,
+        listen_port,
+        peer_port,
+        key: TEST_KEY,
+        extra,
+    };
+    let alpha = write_config(dir.path(), &spec("alpha", "beta", "primary", pa, pb, alpha_extra));
+    let beta = write_config(dir.path(), &spec("beta", "alpha", "secondary", pb, pa, beta_extra));
+    if let Some((a, b)) = ips {
+        for (path, me, peer) in [(&alpha, a, b), (&beta, b, a)] {
+            let t = std::fs::read_to_string(path).unwrap();
+            let t = t.replacen("listen = \"127.0.0.1:", &format!("listen = \"{me}:"), 1);
+            let t = t.replacen("address = \"127.0.0.1:", &format!("address = \"{peer}:"), 1);
+            std::fs::write(path, t).unwrap();
+        }
+    }
+    Pair { dir, alpha, beta }
+}
+
+fn volume_cfg(path: &Path) -> (metroblk::config::VolumeConfig, String) {
+    let c = NodeConfig::load(path).unwrap();
+    (c.volumes[0].clone(), c.name)
+}
+
+fn assert_identical(dir: &Path) {
+    let a = std::fs::read(dir.join("alpha-vol0.img")).unwrap();
+    let b = std::fs::read(dir.join("beta-vol0.img")).unwrap();
+    assert_eq!(a.len(), b.len());
+    if let Some(i) = a.iter().zip(&b).position(|(x, y)| x != y) {
+        panic!("the copies differ first at byte {i} (region {})", i as u64 / REGION);
+    }
+}
+
+fn sync_state(p: &TestPrimary) -> SyncState {
+    p.vol.shared.sync.info().state
+}
+
+/// Polls the primary until its sync link reports in sync and the secondary is up to date.
+fn wait_in_sync(p: &mut TestPrimary, beta: &NodeProcess, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        p.poll();
+        let s = beta.status_json();
+        let v = &s["volumes"][0];
+        if sync_state(p) == SyncState::InSync
+            && v["disk_state"] == "up-to-date"
+            && v["sync_state"] == "in-sync"
+            && !p.vol.shared.intent.resync_needed()
+        {
+            return;
+        }
+        if Instant::now() > deadline {
+            let log = beta.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            panic!(
+                "not in sync after {timeout:?}: primary {:?}, secondary {}\nsecondary log (last lines first):\n{}",
+                p.vol.shared.sync.info(),
+                v,
+                tail.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn resynced_bytes(p: &TestPrimary) -> u64 {
+    p.vol.shared.sync.bytes_resynced.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[test]
+fn a_partition_healed_resyncs_only_the_regions_written_while_apart() {
+    let sites = Sites::create(11);
+    let p = pair("fencing = \"none\"\n", "", Some((&sites.addr_a, &sites.addr_b)));
+    let beta = NodeProcess::start_in(Some(&sites.b), &p.beta);
+    let mut beta = beta;
+    beta.wait_ready(Duration::from_secs(10));
+    // This thread (and the engine's threads it starts) live in site A.
+    sites.enter_a();
+    let (cfg, name) = volume_cfg(&p.alpha);
+    let mut a = TestPrimary::open(&cfg, &name, 16, 1);
+    a.wait_link(Duration::from_secs(20));
+    a.write_random(500, 0, VOLUME, LONG);
+    a.flush(LONG);
+    wait_in_sync(&mut a, &beta, LONG);
+    // Cold and on both nodes: the cleaner clears the bits of those writes (lazily, within a
+    // couple of its periods) and writes the cleared blocks.
+    assert!(a.vol.shared.intent.dirty_regions() > 300);
+    wait_until(Duration::from_secs(15), "the cleaner to clear the bits of cold regions", || {
+        a.poll();
+        a.vol.shared.intent.dirty_regions() == 0
+    });
+
+    sites.cut();
+    // Apart: the first writes wait until the primary declares the peer lost, then every
+    // write completes alone. Only the first 8 MiB are written.
+    a.write_random(400, 0, 8 << 20, LONG);
+    a.flush(LONG);
+    assert!(a.vol.shared.intent.is_alone(), "the primary did not go on alone");
+    let dirty = a.vol.shared.intent.dirty_regions();
+    assert!(dirty > 0 && dirty <= 128, "{dirty} dirty regions for writes to 128 regions");
+    let before = resynced_bytes(&a);
+
+    sites.heal();
+    wait_in_sync(&mut a, &beta, LONG);
+    a.wait_link(LONG);
+    a.flush(LONG);
+    let copied = resynced_bytes(&a) - before;
+    assert!(copied > 0, "nothing was resynced");
+    assert!(copied <= dirty * REGION, "resynced {copied} B, more than the {dirty} dirty regions");
+    assert!(copied < VOLUME / 4, "resynced {copied} B of a {VOLUME} B volume");
+    assert!(!a.vol.shared.intent.is_alone(), "still alone after the resync");
+    assert_identical(p.dir.path());
+}
+
+#[test]
+fn a_primary_killed_during_writes_resyncs_every_region_marked_at_the_crash() {
+    let p = pair("", "", None);
+    let mut beta = NodeProcess::start(&p.beta);
+    beta.wait_ready(Duration::from_secs(10));
+    let load_bin = PathBuf::from(env!("CARGO_BIN_EXE_write_load"));
+    let mut load = Command::new(load_bin).arg(&p.alpha).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut out = load.stdout.take().unwrap();
+    let mut line = [0u8; 8];
+    std::io::Read::read_exact(&mut out, &mut line).expect("the load process did not start writing");
+    std::thread::sleep(Duration::from_millis(1500));
+    load.kill().unwrap(); // SIGKILL, with writes in flight on both sides
+    load.wait().unwrap();
+
+    let (cfg, name) = volume_cfg(&p.alpha);
+    let mut a = TestPrimary::open(&cfg, &name, 16, 2);
+    let dirty = a.vol.shared.intent.dirty_regions();
+    assert!(dirty > 0, "no region was marked at the crash");
+    assert!(a.vol.shared.intent.resync_needed());
+    wait_in_sync(&mut a, &beta, LONG);
+    let copied = resynced_bytes(&a);
+    assert!(copied > 0 && copied <= dirty * REGION, "resynced {copied} B for {dirty} marked regions");
+    a.flush(LONG);
+    assert_identical(p.dir.path());
+}
+
+/// Writes one full region in each of `regions` regions while the secondary is down.
+fn dirty_regions_alone(a: &mut TestPrimary, regions: u64) {
+    let deadline = Instant::now() + LONG;
+    for r in 0..regions {
+        a.submit_write(r * 2 * REGION, REGION as u32, (r % 251) as u8 + 1, deadline);
+    }
+    a.drain(deadline);
+    a.flush(LONG);
+    assert!(a.vol.shared.intent.is_alone());
+}
+
+#[test]
+fn a_resync_cut_twice_resumes_and_the_target_cannot_be_primary_meanwhile() {
+    let p = pair("fencing = \"none\"\nresync_rate = \"6MiB\"\n", "", None);
+    let (cfg, name) = volume_cfg(&p.alpha);
+    let mut a = TestPrimary::open(&cfg, &name, 16, 3);
+    // No secondary yet: the primary goes on alone (after the link times out).
+    dirty_regions_alone(&mut a, 400); // 25 MiB dirty: about 4 s at 6 MiB/s
+    let dirty_bytes = a.vol.shared.intent.dirty_regions() * REGION;
+    assert_eq!(dirty_bytes, 400 * REGION);
+
+    let beta_as_primary = p.dir.path().join("beta-as-primary.toml");
+    let text = std::fs::read_to_string(&p.beta).unwrap().replace("role = \"secondary\"", "role = \"primary\"");
+    std::fs::write(&beta_as_primary, text).unwrap();
+    for cut in 0..2 {
+        let mut beta = NodeProcess::start(&p.beta);
+        beta.wait_ready(Duration::from_secs(10));
+        wait_until(LONG, "the resync to be under way", || {
+            a.poll();
+            beta.status_json()["volumes"][0]["disk_state"] == "inconsistent"
+                && resynced_bytes(&a) > (cut + 1) * (4 << 20)
+        });
+        beta.kill9();
+        // The target, inconsistent, refuses to serve as primary.
+        let out =
+            Command::new(metroblk_bin()).args(["node", "run", "--config"]).arg(&beta_as_primary).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "an inconsistent copy started as primary");
+        assert!(err.contains("copy is inconsistent") && err.trim().lines().count() == 1, "{err}");
+    }
+    let beta = NodeProcess::start(&p.beta);
+    let mut beta = beta;
+    beta.wait_ready(Duration::from_secs(10));
+    wait_in_sync(&mut a, &beta, LONG);
+    let copied = resynced_bytes(&a);
+    // Resumed, not restarted: each cut costs at most what was not yet flushed on the target.
+    let slack = 2 * (metroblk::resync::copy::BYTES_PER_FLUSH_MAX + 32 * REGION);
+    assert!(copied >= dirty_bytes && copied <= dirty_bytes + slack, "copied {copied} B for {dirty_bytes} B dirty");
+    a.flush(LONG);
+    assert_identical(p.dir.path());
+}
+
+#[test]
+fn writes_hammering_the_regions_being_copied_leave_identical_copies() {
+    let p = pair("fencing = \"none\"\nresync_rate = \"10MiB\"\n", "", None);
+    let (cfg, name) = volume_cfg(&p.alpha);
+    let mut a = TestPrimary::open(&cfg, &name, 16, 4);
+    dirty_regions_alone(&mut a, 256);
+    let mut beta = NodeProcess::start(&p.beta);
+    beta.wait_ready(Duration::from_secs(10));
+    // While the copy runs, write into the very regions being copied (every other region
+    // from 0 to 512 is dirty).
+    let deadline = Instant::now() + LONG;
+    let mut rounds = 0;
+    while sync_state(&a) != SyncState::InSync || rounds < 3 {
+        assert!(Instant::now() < deadline, "the resync did not finish under load");
+        a.write_random(200, 0, 512 * REGION, LONG);
+        rounds += 1;
+    }
+    assert!(a.vol.shared.conflicts.granule_size() > 0);
+    wait_in_sync(&mut a, &beta, LONG);
+    a.flush(LONG);
+    assert_identical(p.dir.path());
+}
+
+#[test]
+fn a_split_brain_is_refused_until_discard_local_resolves_it_with_a_bitmap_resync() {
+    let p = pair("fencing = \"none\"\n", "", None);
+    // alpha goes on alone (beta is down) and writes regions 0..64.
+    {
+        let (cfg, name) = volume_cfg(&p.alpha);
+        let mut a = TestPrimary::open(&cfg, &name, 16, 5);
+        dirty_regions_alone(&mut a, 32);
+    }
+    // beta is made primary while alpha is down, and writes regions 100..164 alone.
+    let beta_primary = p.dir.path().join("beta-primary.toml");
+    let text = std::fs::read_to_string(&p.beta)
+        .unwrap()
+        .replace("role = \"secondary\"", "role = \"primary\"\nfencing = \"none\"");
+    std::fs::write(&beta_primary, text).unwrap();
+    {
+        let (cfg, name) = volume_cfg(&beta_primary);
+        let mut b = TestPrimary::open(&cfg, &name, 16, 6);
+        let deadline = Instant::now() + LONG;
+        for r in 0..32 {
+            b.submit_write((100 + r * 2) * REGION, REGION as u32, 0xEE, deadline);
+        }
+        b.drain(deadline);
+        b.flush(LONG);
+        assert!(b.vol.shared.intent.is_alone());
+    }
+    // Both back in their roles: the generations diverged.
+    let mut beta = NodeProcess::start(&p.beta);
+    beta.wait_ready(Duration::from_secs(10));
+    let (cfg, name) = volume_cfg(&p.alpha);
+    let mut a = TestPrimary::open(&cfg, &name, 16, 7);
+    wait_until(LONG, "both nodes to report the split brain", || {
+        a.poll();
+        sync_state(&a) == SyncState::SplitBrain && beta.status_json()["volumes"][0]["sync_state"] == "split-brain"
+    });
+    let status = Command::new(metroblk_bin()).args(["status", "--config"]).arg(&p.beta).output().unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("split-brain") && text.contains("--discard-local"), "{text}");
+    for _ in 0..20 {
+        a.poll();
+    }
+    assert!(!a.drv.queue().link_is_up(), "a data link joined split-brain copies");
+
+    let out = Command::new(metroblk_bin())
+        .args(["resync", "--config"])
+        .arg(&p.beta)
+        .args(["vol0", "--discard-local"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_in_sync(&mut a, &beta, LONG);
+    let copied = resynced_bytes(&a);
+    // The union of both sides' changes (64 regions), not the volume.
+    assert_eq!(copied, 64 * REGION, "a bitmap-based resync copies both sides' changed regions");
+    a.flush(LONG);
+    assert_identical(p.dir.path());
+    let data = std::fs::read(p.dir.path().join("beta-vol0.img")).unwrap();
+    assert_eq!(data[(100 * REGION) as usize], 0, "beta's own change survived --discard-local");
+}
