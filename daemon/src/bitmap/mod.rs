@@ -12,13 +12,13 @@
 //!   blocks, fdatasyncs once, then sets `durable` and wakes the queues: all the cold writes
 //!   that arrived meanwhile share one metadata write (group commit).
 //!
-//! Clearing ([`WriteIntent::request_clear`]) races with marking; it is made safe by a
-//! Dekker-style pair of sequentially consistent operations: a writer sets `touched` and then
-//! reads `durable`; a clearer clears `durable` and then reads `touched`. At least one of them
-//! sees the other: either the writer goes cold (and the writer thread sets the bit again
-//! before the write is issued), or the clearer sees the region touched and leaves the bit.
-//! The writer thread re-checks `touched` before it clears a bit on disk, so a write that went
-//! cold meanwhile always wins.
+//! Clearing races with marking. The writer thread alone decides a clear (asked for with
+//! [`WriteIntent::request_clear`]), with a Dekker-style pair of sequentially consistent
+//! operations: a queue sets `touched` and then reads `durable`; the writer clears `durable`
+//! and then reads `touched` (and `pending`). At least one sees the other: either the queue
+//! goes cold (and the writer sets the bit again before the write is issued), or the writer
+//! sees the region touched and restores `durable` (the bit never left the disk). `touched` is
+//! reset only by the writer, after it judged the clears asked before the reset.
 //!
 //! # Out of sync
 //! Every set bit marks a region that *may* differ between the nodes. Every exchange on a new
@@ -173,6 +173,8 @@ pub struct WriteIntent {
     alone_ready: AtomicBool,
     /// A metadata write failed: no cold write can be made safe any more.
     failed: AtomicBool,
+    /// The cleaner asked for `touched` to be reset after the pending clears.
+    touched_reset_wanted: AtomicBool,
     pub stats: IntentStats,
     writer: OnceLock<Thread>,
     pub meta: Mutex<MetaState>,
@@ -216,6 +218,7 @@ impl WriteIntent {
             alone_wanted: AtomicBool::new(false),
             alone_ready: AtomicBool::new(outdated_peer),
             failed: AtomicBool::new(false),
+            touched_reset_wanted: AtomicBool::new(false),
             stats: IntentStats::default(),
             writer: OnceLock::new(),
             meta: Mutex::new(MetaState { file, sb }),
@@ -272,17 +275,23 @@ impl WriteIntent {
     }
 
     /// Asks for region `r`'s bit to be cleared: the caller knows that both nodes have the
-    /// region durably as of a point after the last reset of its `touched` bit. Left set if it
-    /// was written since.
+    /// region durably as of a point after the last reset of its `touched` bit. The writer
+    /// thread decides (`writer.rs`): it leaves the bit if the region was written since.
     pub fn request_clear(&self, r: u64) {
-        if !self.durable.clear(r) {
-            return; // not durable: a set is on its way; leave it
-        }
-        if self.touched.get(r) {
-            self.durable.set(r); // written since: the bit stays, and is still on disk
-            return;
-        }
         self.to_clear.set(r);
+    }
+
+    /// Asks the writer thread to reset every `touched` bit once it has handled the clears
+    /// asked so far (the cleaner's next period starts then, never before a clear was judged).
+    pub fn request_touched_reset(&self) {
+        self.touched_reset_wanted.store(true, Ordering::SeqCst);
+        self.wake_writer();
+    }
+
+    /// Whether the writer still has clears or a `touched` reset to handle.
+    pub fn clears_pending(&self) -> bool {
+        self.touched_reset_wanted.load(Ordering::SeqCst)
+            || (0..self.to_clear.words()).any(|w| self.to_clear.word(w) != 0)
     }
 
     /// Resets `touched` for region `r` (resync, holding the region's range: no write to it

@@ -63,9 +63,14 @@ impl WriteIntent {
                 let b = c.trailing_zeros() as u64;
                 c &= c - 1;
                 let r = w as u64 * 64 + b;
-                if self.touched.get(r) || self.pending.get(r) {
-                    // Written since the clear was asked for: keep the bit, which is on disk.
-                    self.durable.set(r);
+                // Durable off first, then the check (the Dekker pair of the module doc).
+                let was_durable = self.durable.clear(r);
+                if !was_durable || self.touched.get(r) || self.pending.get(r) {
+                    // Written since the clear was asked for (or a set is on its way): keep the
+                    // bit; if it was durable it still is (the image never lost it).
+                    if was_durable {
+                        self.durable.set(r);
+                    }
                     continue;
                 }
                 if image.words[w] & (1 << b) != 0 {
@@ -73,6 +78,12 @@ impl WriteIntent {
                     image.changed[w / WORDS_PER_BLOCK] = true;
                     self.stats.regions_cleared.fetch_add(1, Ordering::Relaxed);
                 }
+            }
+        }
+        // The cleaner's next period starts only now that the clears asked before it are judged.
+        if self.touched_reset_wanted.swap(false, Ordering::SeqCst) {
+            for w in 0..self.touched.words() {
+                self.touched.take_word(w);
             }
         }
         for w in 0..self.pending.words() {

@@ -18,8 +18,8 @@ pub const BYTES_PER_FLUSH_MAX: u64 = 8 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Next {
-    /// Copy this region now.
-    Copy(u64),
+    /// Copy `count` consecutive regions from `first` now (one run: fewer frames and acks).
+    Copy { first: u64, count: u64 },
     /// Send a FLUSH to the target.
     Flush,
     /// Nothing to do until an ack (or, rate-limited, until `now` passes the returned time).
@@ -43,7 +43,11 @@ pub struct CopyPlan {
     region_size: u64,
     volume_size: u64,
     cursor: u64,
-    in_flight: VecDeque<u64>,
+    /// Runs in flight: (first region, regions).
+    in_flight: VecDeque<(u64, u64)>,
+    in_flight_regions: usize,
+    /// Longest run of consecutive regions one copy may take.
+    run_regions_max: u64,
     acked: Vec<u64>,
     acked_bytes: u64,
     flushing: Vec<u64>,
@@ -59,11 +63,13 @@ pub struct CopyPlan {
 }
 
 impl CopyPlan {
+    /// `run_bytes_max`: the most bytes one copy (a run of consecutive regions) may span.
     pub fn new(
         to_copy: Vec<u64>,
         regions: u64,
         region_size: u64,
         volume_size: u64,
+        run_bytes_max: u64,
         rate_bps: u64,
         now_ns: u64,
     ) -> CopyPlan {
@@ -76,6 +82,8 @@ impl CopyPlan {
             volume_size,
             cursor: 0,
             in_flight: VecDeque::with_capacity(COPIES_IN_FLIGHT_MAX),
+            in_flight_regions: 0,
+            run_regions_max: (run_bytes_max / region_size).max(1),
             acked: Vec::with_capacity(REGIONS_PER_FLUSH_MAX),
             acked_bytes: 0,
             flushing: Vec::with_capacity(REGIONS_PER_FLUSH_MAX),
@@ -164,40 +172,57 @@ impl CopyPlan {
             return Next::Wait { until_ns: None };
         }
         // Acked-but-unflushed regions are bounded: wait for the flush before copying more.
-        if self.in_flight.len() >= COPIES_IN_FLIGHT_MAX
-            || self.acked.len() + self.in_flight.len() >= REGIONS_PER_FLUSH_MAX
-        {
+        let room = REGIONS_PER_FLUSH_MAX.saturating_sub(self.acked.len() + self.in_flight_regions) as u64;
+        if self.in_flight.len() >= COPIES_IN_FLIGHT_MAX || room == 0 {
             return Next::Wait { until_ns: None };
         }
         let r = self.next_set(self.cursor).expect("checked above");
+        let mut count = 1;
+        while count < self.run_regions_max.min(room)
+            && r + count < self.regions
+            && self.to_copy[((r + count) / 64) as usize] & (1 << ((r + count) % 64)) != 0
+        {
+            count += 1;
+        }
+        let bytes: u64 = (r..r + count).map(|x| self.region_len(x)).sum();
         if self.rate_bps > 0 {
             let dt = now_ns.saturating_sub(self.last_refill_ns) as f64 / 1e9;
             self.last_refill_ns = now_ns;
-            // At most one second of burst.
-            self.tokens = (self.tokens + dt * self.rate_bps as f64).min(self.rate_bps as f64);
-            let need = self.region_len(r) as f64;
-            if self.tokens < need.min(self.rate_bps as f64) {
+            let need = bytes as f64;
+            // At most one second of burst (or one run, if a run is larger).
+            self.tokens = (self.tokens + dt * self.rate_bps as f64).min((self.rate_bps as f64).max(need));
+            if self.tokens < need {
                 let wait_ns = ((need - self.tokens) / self.rate_bps as f64 * 1e9) as u64;
                 return Next::Wait { until_ns: Some(now_ns + wait_ns.max(1)) };
             }
             self.tokens -= need;
         }
-        self.cursor = r + 1;
-        self.in_flight.push_back(r);
-        Next::Copy(r)
+        self.cursor = r + count;
+        self.in_flight.push_back((r, count));
+        self.in_flight_regions += count as usize;
+        Next::Copy { first: r, count }
     }
 
-    /// The target applied the copy of `r`.
-    pub fn on_acked(&mut self, r: u64) -> Result<(), CopyError> {
-        if self.in_flight.front() != Some(&r) {
-            return Err(CopyError::UnexpectedAck { got: r, expected: self.in_flight.front().copied() });
-        }
+    /// The target applied the copy of the run starting at `first`.
+    pub fn on_acked(&mut self, first: u64) -> Result<(), CopyError> {
+        let Some(&(r, count)) = self.in_flight.front().filter(|(r, _)| *r == first) else {
+            return Err(CopyError::UnexpectedAck { got: first, expected: self.in_flight.front().map(|f| f.0) });
+        };
         self.in_flight.pop_front();
-        self.acked.push(r);
-        self.acked_bytes += self.region_len(r);
-        self.regions_copied += 1;
-        self.bytes_copied += self.region_len(r);
+        self.in_flight_regions -= count as usize;
+        for x in r..r + count {
+            let len = self.region_len(x);
+            self.acked.push(x);
+            self.acked_bytes += len;
+            self.regions_copied += 1;
+            self.bytes_copied += len;
+        }
         Ok(())
+    }
+
+    /// Bytes of the run of `count` regions from `first`.
+    pub fn run_len(&self, first: u64, count: u64) -> u64 {
+        (first..first + count).map(|x| self.region_len(x)).sum()
     }
 
     /// The target's FLUSH completed: the regions it covered are durable on both nodes.
@@ -223,7 +248,7 @@ mod tests {
         for &r in bits {
             words[(r / 64) as usize] |= 1 << (r % 64);
         }
-        CopyPlan::new(words, regions, 4096, regions * 4096 - 512, rate, 0)
+        CopyPlan::new(words, regions, 4096, regions * 4096 - 512, 16 * 4096, rate, 0)
     }
 
     /// Drives a plan to the end with an in-order peer, acking as late as the window allows;
@@ -234,9 +259,10 @@ mod tests {
         let mut now = 0;
         loop {
             match p.poll_next(now) {
-                Next::Copy(r) => {
-                    sent.push(r);
-                    pending.push_back(Ok(r));
+                Next::Copy { first, count } => {
+                    assert!((1..=16).contains(&count));
+                    sent.extend(first..first + count);
+                    pending.push_back(Ok(first));
                 }
                 Next::Flush => pending.push_back(Err(())),
                 Next::Wait { until_ns } => {
@@ -273,7 +299,7 @@ mod tests {
 
     #[test]
     fn an_empty_plan_is_done_at_once_and_padding_bits_are_ignored() {
-        let mut p = CopyPlan::new(vec![!0u64 << 10], 10, 4096, 40960, 0, 0);
+        let mut p = CopyPlan::new(vec![!0u64 << 10], 10, 4096, 40960, 4096, 0, 0);
         assert_eq!(p.regions_total, 0);
         assert_eq!(p.poll_next(0), Next::Done);
     }
@@ -286,9 +312,9 @@ mod tests {
         let mut copies = 0;
         while copies < 100 {
             match p.poll_next(now) {
-                Next::Copy(r) => {
-                    p.on_acked(r).unwrap();
-                    copies += 1;
+                Next::Copy { first, count } => {
+                    p.on_acked(first).unwrap();
+                    copies += count;
                 }
                 Next::Wait { until_ns: Some(t) } => now = t,
                 Next::Flush => {
@@ -303,10 +329,10 @@ mod tests {
 
     #[test]
     fn acks_out_of_order_are_refused() {
-        let mut p = plan(&[1, 2], 64, 0);
-        assert_eq!(p.poll_next(0), Next::Copy(1));
-        assert_eq!(p.poll_next(0), Next::Copy(2));
-        assert_eq!(p.on_acked(2), Err(CopyError::UnexpectedAck { got: 2, expected: Some(1) }));
+        let mut p = plan(&[1, 2, 5], 64, 0);
+        assert_eq!(p.poll_next(0), Next::Copy { first: 1, count: 2 }, "consecutive regions go as one run");
+        assert_eq!(p.poll_next(0), Next::Copy { first: 5, count: 1 });
+        assert_eq!(p.on_acked(5), Err(CopyError::UnexpectedAck { got: 5, expected: Some(1) }));
         assert!(p.on_flushed().is_err());
     }
 }

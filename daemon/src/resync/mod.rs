@@ -192,7 +192,7 @@ pub fn send_hello(s: &mut TcpStream, h: &SyncHello, bitmap: &[u8]) -> Result<(),
 }
 
 /// Reads the peer's hello and bitmap; the bitmap must cover exactly `regions` regions.
-pub fn read_hello(s: &mut TcpStream, regions: u64) -> Result<(SyncHello, Vec<u8>), String> {
+pub fn read_hello(s: &mut impl Read, regions: u64) -> Result<(SyncHello, Vec<u8>), String> {
     let mut buf = [0u8; SYNC_HELLO_LEN];
     s.read_exact(&mut buf).map_err(|e| format!("no sync hello from the peer: {e}"))?;
     let h = SyncHello::decode(&buf).map_err(|e| format!("bad sync hello from the peer: {e}"))?;
@@ -208,16 +208,31 @@ pub fn read_hello(s: &mut TcpStream, regions: u64) -> Result<(SyncHello, Vec<u8>
     Ok((h, bitmap))
 }
 
-/// Writes one frame (header, then payload).
+/// Writes one frame: header and payload in one vectored write where the socket takes it.
 pub fn write_frame(s: &mut TcpStream, f: &Frame, payload: &[u8]) -> Result<(), String> {
     let mut h = [0u8; HEADER_LEN];
     f.encode(&mut h);
-    s.write_all(&h).and_then(|()| s.write_all(payload)).map_err(|e| format!("sync link send failed: {e}"))
+    let total = HEADER_LEN + payload.len();
+    let mut done = 0;
+    while done < total {
+        let parts = if done < HEADER_LEN {
+            [std::io::IoSlice::new(&h[done..]), std::io::IoSlice::new(payload)]
+        } else {
+            [std::io::IoSlice::new(&payload[done - HEADER_LEN..]), std::io::IoSlice::new(&[])]
+        };
+        match s.write_vectored(&parts) {
+            Ok(0) => return Err("sync link send failed: the connection closed".into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("sync link send failed: {e}")),
+        }
+    }
+    Ok(())
 }
 
 /// Reads one frame; its payload lands in `buf` (which must be large enough for the largest
 /// payload the geometry allows). Checks the header and the payload's checksum.
-pub fn read_frame(s: &mut TcpStream, geo: &Geometry, buf: &mut [u8]) -> Result<(Frame, usize), String> {
+pub fn read_frame(s: &mut impl Read, geo: &Geometry, buf: &mut [u8]) -> Result<(Frame, usize), String> {
     let mut h = [0u8; HEADER_LEN];
     s.read_exact(&mut h).map_err(|e| format!("sync link receive failed: {e}"))?;
     let f = decode_header(&h, geo).map_err(|e| format!("malformed frame on the sync link: {e}"))?;

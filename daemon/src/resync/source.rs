@@ -7,6 +7,7 @@
 //! after (and reaches the secondary after the copy): a copy never overwrites a newer write.
 
 use std::collections::VecDeque;
+use std::io::BufReader;
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
@@ -105,8 +106,7 @@ fn run(v: Arc<VolumeShared>, slot: Arc<Mutex<Option<TcpStream>>>) {
             *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
         }
         let up_at = Instant::now();
-        let mut link = SyncLink::new(&v, stream);
-        let result = link.run();
+        let result = SyncLink::new(&v, stream).map_err(Ended::Failed).and_then(|mut link| link.run());
         *slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let wait = match result {
             Ok(()) => Duration::ZERO, // an operator's restart: exchange again at once
@@ -140,6 +140,8 @@ impl From<String> for Ended {
 struct SyncLink<'a> {
     v: &'a VolumeShared,
     s: TcpStream,
+    /// The same socket, read through a buffer: one read brings many acks.
+    r: BufReader<TcpStream>,
     seq: u64,
     buf: AlignedBuf,
     start: Instant,
@@ -153,8 +155,9 @@ struct InFlight {
 }
 
 impl<'a> SyncLink<'a> {
-    fn new(v: &'a VolumeShared, s: TcpStream) -> SyncLink<'a> {
-        SyncLink { v, s, seq: 0, buf: AlignedBuf::new(MAX_PAYLOAD as usize), start: Instant::now() }
+    fn new(v: &'a VolumeShared, s: TcpStream) -> Result<SyncLink<'a>, String> {
+        let r = BufReader::with_capacity(64 << 10, s.try_clone().map_err(|e| format!("sync link: {e}"))?);
+        Ok(SyncLink { v, s, r, seq: 0, buf: AlignedBuf::new(MAX_PAYLOAD as usize), start: Instant::now() })
     }
 
     fn next_seq(&mut self) -> u64 {
@@ -173,7 +176,7 @@ impl<'a> SyncLink<'a> {
         v.sync.restart.store(false, Ordering::Release);
         let (ours, our_bitmap) = local_hello(&v.intent, v.disk.state(), &v.sync);
         send_hello(&mut self.s, &ours, &our_bitmap)?;
-        let (theirs, their_bitmap) = read_hello(&mut self.s, v.intent.regions())?;
+        let (theirs, their_bitmap) = read_hello(&mut self.r, v.intent.regions())?;
         let decision = decide(&facts(&ours, &our_bitmap), &facts(&theirs, &their_bitmap));
         match decision {
             Decision::SplitBrain => {
@@ -236,7 +239,15 @@ impl<'a> SyncLink<'a> {
                 }
             }
             let rate = v.sync.rate_bps.load(Ordering::Relaxed);
-            let plan = CopyPlan::new(words, regions, v.intent.region_size(), v.config.size, rate, now_ns(self.start));
+            let plan = CopyPlan::new(
+                words,
+                regions,
+                v.intent.region_size(),
+                v.config.size,
+                MAX_PAYLOAD as u64,
+                rate,
+                now_ns(self.start),
+            );
             tracing::info!(
                 volume = %v.config.name,
                 pass,
@@ -281,7 +292,7 @@ impl<'a> SyncLink<'a> {
         write_frame(&mut self.s, &Frame::sync_done(seq, v.epoch()), &[])?;
         let geo = v.geometry;
         loop {
-            let (f, _) = read_frame(&mut self.s, &geo, self.buf.as_mut_slice())?;
+            let (f, _) = read_frame(&mut self.r, &geo, self.buf.as_mut_slice())?;
             match f.kind {
                 FrameKind::FlushAck if f.seq == seq && f.status == 0 => break,
                 FrameKind::Pong => continue,
@@ -311,6 +322,16 @@ impl<'a> SyncLink<'a> {
     /// Runs one copy pass to the end; returns the bytes copied.
     fn copy(&mut self, mut plan: CopyPlan) -> Result<u64, Ended> {
         let v = self.v;
+        // A clear asked in an earlier pass must be judged before this pass resets `touched`
+        // of the regions it copies again.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while v.intent.clears_pending() {
+            v.intent.wake_writer();
+            if Instant::now() > deadline {
+                return Err("the write-intent writer did not handle the clears of the last pass".to_string().into());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(super::copy::COPIES_IN_FLIGHT_MAX);
         let mut flush_seq = None;
         let result = (|| -> Result<u64, Ended> {
@@ -319,13 +340,15 @@ impl<'a> SyncLink<'a> {
                     return Err("stopping".to_string().into());
                 }
                 match plan.poll_next(now_ns(self.start)) {
-                    Next::Copy(r) => {
-                        let range = self.take_range(&plan, r)?;
-                        // No write to the region is in flight: what was written since is seen
-                        // by the clear below, and blocks it.
-                        v.intent.reset_touched(r);
-                        in_flight.push_back(InFlight { region: r, range, acks_due: 0 });
-                        let sent = self.send_region(&plan, r)?;
+                    Next::Copy { first, count } => {
+                        let range = self.take_range(&plan, first, count)?;
+                        // No write to the regions is in flight: what is written from now on
+                        // is seen by the clear after the flush, and keeps the bit.
+                        for r in first..first + count {
+                            v.intent.reset_touched(r);
+                        }
+                        in_flight.push_back(InFlight { region: first, range, acks_due: 0 });
+                        let sent = self.send_run(&plan, first, count)?;
                         in_flight.back_mut().expect("just pushed").acks_due = sent;
                     }
                     Next::Flush => {
@@ -351,10 +374,10 @@ impl<'a> SyncLink<'a> {
         result
     }
 
-    /// Takes region `r`'s range in the conflict table, waiting for writes in flight to it.
-    fn take_range(&self, plan: &CopyPlan, r: u64) -> Result<GranuleRange, Ended> {
+    /// Takes the run's range in the conflict table, waiting for writes in flight to it.
+    fn take_range(&self, plan: &CopyPlan, r: u64, count: u64) -> Result<GranuleRange, Ended> {
         let v = self.v;
-        let range = v.conflicts.range(plan.region_offset(r), plan.region_len(r));
+        let range = v.conflicts.range(plan.region_offset(r), plan.run_len(r, count));
         let deadline = Instant::now() + RANGE_WAIT_MAX;
         let mut pause = Duration::from_micros(50);
         while !v.conflicts.try_acquire(range, RESYNC_OWNER) {
@@ -367,10 +390,11 @@ impl<'a> SyncLink<'a> {
         Ok(range)
     }
 
-    /// Reads region `r` and sends it in frames of at most MAX_PAYLOAD; returns the frames.
-    fn send_region(&mut self, plan: &CopyPlan, r: u64) -> Result<u32, Ended> {
+    /// Reads the run of `count` regions from `r` and sends it in frames of at most
+    /// MAX_PAYLOAD; returns the frames.
+    fn send_run(&mut self, plan: &CopyPlan, r: u64, count: u64) -> Result<u32, Ended> {
         let v = self.v;
-        let (offset, len) = (plan.region_offset(r), plan.region_len(r));
+        let (offset, len) = (plan.region_offset(r), plan.run_len(r, count));
         let mut done = 0u64;
         let mut frames = 0;
         while done < len {
@@ -396,7 +420,7 @@ impl<'a> SyncLink<'a> {
     ) -> Result<(), Ended> {
         let v = self.v;
         let geo = v.geometry;
-        let (f, _) = read_frame(&mut self.s, &geo, self.buf.as_mut_slice())?;
+        let (f, _) = read_frame(&mut self.r, &geo, self.buf.as_mut_slice())?;
         if f.status != 0 {
             return Err(format!("the peer failed a resync {}: status {}", f.kind, f.status).into());
         }
@@ -407,10 +431,10 @@ impl<'a> SyncLink<'a> {
                 if front.acks_due == 0 {
                     let done = in_flight.pop_front().expect("checked");
                     v.conflicts.release(done.range, RESYNC_OWNER);
+                    let (regions_before, bytes_before) = (plan.regions_copied, plan.bytes_copied);
                     plan.on_acked(done.region).map_err(|e| e.to_string())?;
-                    let len = plan.region_len(done.region);
-                    v.sync.bytes_resynced.fetch_add(len, Ordering::Relaxed);
-                    v.sync.regions_resynced.fetch_add(1, Ordering::Relaxed);
+                    v.sync.bytes_resynced.fetch_add(plan.bytes_copied - bytes_before, Ordering::Relaxed);
+                    v.sync.regions_resynced.fetch_add(plan.regions_copied - regions_before, Ordering::Relaxed);
                     v.sync.update(|i| {
                         i.regions_done = plan.regions_copied;
                         i.bytes_done = plan.bytes_copied;
@@ -469,7 +493,7 @@ impl<'a> SyncLink<'a> {
     fn wait_for(&mut self, kind: FrameKind, seq: u64) -> Result<(), Ended> {
         let geo = self.v.geometry;
         loop {
-            let (f, _) = read_frame(&mut self.s, &geo, self.buf.as_mut_slice())?;
+            let (f, _) = read_frame(&mut self.r, &geo, self.buf.as_mut_slice())?;
             if f.kind == kind && f.seq == seq {
                 if f.status != 0 {
                     return Err(format!("the peer failed a {kind}: status {}", f.status).into());
@@ -482,16 +506,21 @@ impl<'a> SyncLink<'a> {
         }
     }
 
-    /// One cleaning cycle (see `bitmap/`): reset `touched`, take the set regions with no
-    /// write in flight, make everything durable on both nodes (local fdatasync, the peer's
-    /// FLUSH), then ask for their bits to be cleared; a region written since keeps its bit.
+    /// One cleaning cycle (see `bitmap/`): take the set regions not written since the last
+    /// cycle (idle for a whole period: a region written at least once per period is hot and
+    /// keeps its bit) and with no write in flight, make everything durable on both nodes (local
+    /// fdatasync, the peer's FLUSH), ask for their bits to be cleared (a region written since
+    /// keeps its bit), then start the next period by resetting `touched`.
     fn clean(&mut self) -> Result<(), Ended> {
         let v = self.v;
+        if v.intent.clears_pending() {
+            return Ok(()); // the last period's clears are not judged yet
+        }
         if v.intent.resync_needed() || !self.data_links_up() || v.intent.dirty_regions() == 0 {
+            v.intent.request_touched_reset();
             return Ok(());
         }
         let losses = v.intent.link_losses();
-        v.intent.reset_all_touched();
         let region = v.intent.region_size();
         let candidates: Vec<u64> = v
             .intent
@@ -499,23 +528,23 @@ impl<'a> SyncLink<'a> {
             .ones()
             .filter(|&r| {
                 let len = (v.config.size - r * region).min(region);
-                !v.conflicts.is_taken(v.conflicts.range(r * region, len))
+                !v.intent.is_touched(r) && !v.conflicts.is_taken(v.conflicts.range(r * region, len))
             })
             .collect();
         if candidates.is_empty() {
+            v.intent.request_touched_reset();
             return Ok(());
         }
         v.file.sync_data().map_err(|e| format!("fdatasync of the backing file: {e}"))?;
         let seq = self.next_seq();
         write_frame(&mut self.s, &Frame::flush(seq, v.epoch()), &[])?;
         self.wait_for(FrameKind::FlushAck, seq)?;
-        if v.intent.link_losses() != losses || v.intent.resync_needed() {
-            return Ok(());
+        if v.intent.link_losses() == losses && !v.intent.resync_needed() {
+            for r in candidates {
+                v.intent.request_clear(r);
+            }
         }
-        for r in candidates {
-            v.intent.request_clear(r);
-        }
-        v.intent.wake_writer();
+        v.intent.request_touched_reset();
         Ok(())
     }
 }

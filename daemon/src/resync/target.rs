@@ -87,8 +87,9 @@ fn serve_inner(v: &VolumeShared, s: &mut TcpStream) -> Result<(), String> {
 fn apply(v: &VolumeShared, s: &mut TcpStream, source: &SyncHello) -> Result<(), String> {
     let geo = v.geometry;
     let mut buf = AlignedBuf::new(MAX_PAYLOAD as usize);
+    let mut r = std::io::BufReader::with_capacity(256 << 10, s.try_clone().map_err(|e| format!("sync link: {e}"))?);
     loop {
-        let (f, n) = match read_frame(s, &geo, buf.as_mut_slice()) {
+        let (f, n) = match read_frame(&mut r, &geo, buf.as_mut_slice()) {
             Ok(x) => x,
             Err(e) if e.contains("failed to fill whole buffer") || e.contains("UnexpectedEof") => {
                 return Ok(());

@@ -102,6 +102,8 @@ pub struct Queue {
     replicate: bool,
     /// The conflict rule (`conflict.rs`); off only in the pipeline benchmark's A/B case.
     order_conflicts: bool,
+    /// The write-intent bitmap (`bitmap/`); off only in the pipeline benchmark's A/B case.
+    mark_intent: bool,
 }
 
 // SAFETY: the raw buffer pointers in slots belong to the driver of this queue and are only
@@ -175,7 +177,15 @@ impl Queue {
             inflight: 0,
             replicate,
             order_conflicts: true,
+            mark_intent: true,
         }
+    }
+
+    /// Turns the write-intent bitmap off, for the pipeline benchmark only: it measures what the
+    /// bitmap costs. Without it a crash can leave the copies different, unnoticed.
+    pub fn without_write_intent_for_benchmark(mut self) -> Queue {
+        self.mark_intent = false;
+        self
     }
 
     /// Turns the conflict rule off, for the pipeline benchmark only: it measures what the rule
@@ -302,7 +312,10 @@ impl Queue {
     /// a cold region is parked until its bit is durable.
     fn start_request(&mut self, s: &mut impl Submitter, tag: u16) {
         let r = self.slots[tag as usize].req;
-        if self.replicate && matches!(r.kind, ReqKind::Write | ReqKind::Discard | ReqKind::WriteZeroes) {
+        if self.replicate
+            && self.mark_intent
+            && matches!(r.kind, ReqKind::Write | ReqKind::Discard | ReqKind::WriteZeroes)
+        {
             let (first, last) = self.shared.intent.regions_of(r.offset, r.len as u64);
             if self.shared.intent.mark(first, last) == Mark::Wait {
                 QueueStats::add(&self.stats.intent_waits, 1);
