@@ -399,14 +399,17 @@ fn main() {
     }
 }
 
-/// The mirror on /dev/shm with a feature on and off (`with` and `without`), alternating,
-/// `rounds` times per depth; prints each run and the on/off IOPS ratios (median, min, max).
+/// The mirror on /dev/shm with a feature on and off (`with` and `without`), alternating (and
+/// alternating which goes first), `rounds` times per depth; prints each run and the on/off IOPS ratios (median, min, max).
 fn ab_runs(dir: &Path, rounds: usize, secs: Duration, label: &str, with: Variant, without: Variant) {
     for depth in [1usize, 32] {
         let mut ratios = Vec::new();
         for round in 0..rounds {
             let mut iops = [0.0f64; 2];
-            for (i, variant) in [with, without].into_iter().enumerate() {
+            // Which goes first alternates, so a drift within a round favours neither.
+            let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+            for i in order {
+                let variant = [with, without][i];
                 let sub = dir.join(format!("{label}{depth}-{round}-{i}"));
                 std::fs::create_dir_all(&sub).unwrap();
                 let r = bench_mirror_with(&sub, false, "shm", depth, secs, variant);

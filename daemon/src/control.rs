@@ -79,6 +79,9 @@ pub struct VolumeStatus {
     pub metadata_writes: u64,
     pub intent_waits: u64,
     pub completed_alone: u64,
+    /// The last online verify (primary): regions compared and found different, and whether
+    /// it finished (or failed part way).
+    pub verify: Option<crate::resync::VerifyInfo>,
 }
 
 /// What the control socket reports on, per volume.
@@ -154,6 +157,7 @@ pub fn volume_status(h: &VolumeHandle) -> VolumeStatus {
         metadata_writes: v.intent.stats.metadata_writes.load(std::sync::atomic::Ordering::Relaxed),
         intent_waits: sum(|q| &q.intent_waits),
         completed_alone: sum(|q| &q.completed_alone),
+        verify: sync.verify,
     }
 }
 
@@ -188,6 +192,8 @@ pub struct ControlRequest {
     /// Resync rate limit in bytes per second (0: unlimited).
     #[serde(default)]
     pub rate: Option<u64>,
+    #[serde(default)]
+    pub checksum: bool,
 }
 
 /// `resync` and `resume-alone` on one volume; returns the answer's text.
@@ -225,6 +231,9 @@ fn volume_command(r: &ControlRequest, volumes: &[VolumeHandle]) -> Result<String
             if r.full {
                 v.sync.full_requested.store(true, Ordering::Release);
             }
+            if r.checksum {
+                v.sync.checksum_requested.store(true, Ordering::Release);
+            }
             v.sync.restart.store(true, Ordering::Release);
             Ok(if r.discard_local {
                 format!(
@@ -235,6 +244,13 @@ fn volume_command(r: &ControlRequest, volumes: &[VolumeHandle]) -> Result<String
             } else {
                 format!("volume {name}: resync requested (the primary starts it at its next exchange)")
             })
+        }
+        "verify" => {
+            if h.role != Role::Primary {
+                return Err(format!("volume {name} is secondary here; run verify on the primary"));
+            }
+            v.sync.verify_requested.store(true, Ordering::Release);
+            Ok(format!("volume {name}: online verify requested"))
         }
         other => Err(format!("unknown command '{other}'")),
     }
@@ -375,6 +391,20 @@ pub fn render(s: &NodeStatus) -> String {
                 v.resync_bytes_left.unwrap_or(0),
                 v.resync_rate_bps.unwrap_or(0.0) / (1 << 20) as f64,
                 v.resync_eta_s.map_or("-".to_string(), |e| format!("{e:.0} s"))
+            );
+        }
+        if let Some(vi) = &v.verify {
+            out += &format!(
+                "    verify: {} regions checked, {} differ{}\n",
+                vi.regions_checked,
+                vi.regions_differing,
+                if vi.failed {
+                    " (failed part way)"
+                } else if vi.done {
+                    ""
+                } else {
+                    " (running)"
+                }
             );
         }
         if let Some(m) = &v.sync_message {

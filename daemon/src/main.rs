@@ -60,6 +60,10 @@ enum Command {
         /// Copy every region, not only the dirty ones.
         #[arg(long)]
         full: bool,
+        /// Send a region only when the peer's hash of it differs (saves the link when most
+        /// marked regions are in fact equal).
+        #[arg(long)]
+        checksum: bool,
         /// Drop this node's changes (after a split brain): it becomes the sync target, and the
         /// regions either side changed are copied from the peer.
         #[arg(long)]
@@ -70,6 +74,15 @@ enum Command {
         /// Wait until the copies are in sync, showing the progress.
         #[arg(long)]
         wait: bool,
+    },
+    /// Compare every region of a volume with the peer's, online (SHA-256 per region), print
+    /// how many differ, and mark those out of sync so a resync repairs them. Run on the primary.
+    Verify {
+        /// The node's config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The volume's name in that config.
+        volume: String,
     },
     /// Let a primary that lost its peer go on alone: held writes complete locally and their
     /// regions are resynced when the peer returns (the peer is recorded outdated). Only when
@@ -161,12 +174,13 @@ fn run(cli: Cli) -> Result<(), String> {
             println!("{}", metroblk::metadata::create_md_command(&config, &volume, force)?);
             Ok(())
         }
-        Command::Resync { config, volume, full, discard_local, rate, wait } => {
+        Command::Verify { config, volume } => metroblk::resync::command::verify(&config, &volume).map(|_| ()),
+        Command::Resync { config, volume, full, checksum, discard_local, rate, wait } => {
             let rate = match rate {
                 Some(r) => Some(metroblk::config::parse_size(&r).map_err(|e| format!("--rate: {e}"))?),
                 None => None,
             };
-            let args = metroblk::resync::command::ResyncArgs { full, discard_local, rate, wait };
+            let args = metroblk::resync::command::ResyncArgs { full, checksum, discard_local, rate, wait };
             metroblk::resync::command::resync(&config, &volume, &args)
         }
         Command::ResumeAlone { config, volume } => {

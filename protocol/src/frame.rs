@@ -32,6 +32,11 @@ pub const HEADER_LEN: usize = 40;
 pub const MAX_PAYLOAD: u32 = 1 << 20;
 /// Largest ERROR frame text.
 pub const MAX_ERROR_TEXT: u32 = 256;
+/// Bytes of one region hash in a HASH_REPLY (SHA-256).
+pub const HASH_LEN: usize = 32;
+/// Largest range one HASH_REQUEST may cover: 64 MiB, whose hashes fit one reply for every
+/// region size (at 4 KiB: 16384 hashes, 512 KiB).
+pub const MAX_HASH_RANGE: u32 = 64 << 20;
 /// Force unit access: the receiver acks only after the data is durable. Allowed on WRITE and FLUSH.
 pub const FLAG_FUA: u8 = 1;
 
@@ -81,6 +86,11 @@ pub enum FrameKind {
     /// Sync link only: the resync is complete; the target is up to date once it has answered
     /// (with a FLUSH_ACK of the same seq, after making it durable).
     SyncDone = 10,
+    /// Sync link only: hash `length` bytes at `offset`, one SHA-256 per region of the
+    /// volume's region size (online verify, checksum resync).
+    HashRequest = 11,
+    /// Answers HASH_REQUEST: `length` payload bytes, 32 per region, `seq` of the request.
+    HashReply = 12,
 }
 
 impl FrameKind {
@@ -97,6 +107,8 @@ impl FrameKind {
             8 => FrameKind::Pong,
             9 => FrameKind::Error,
             10 => FrameKind::SyncDone,
+            11 => FrameKind::HashRequest,
+            12 => FrameKind::HashReply,
             _ => return None,
         })
     }
@@ -114,17 +126,19 @@ impl FrameKind {
             FrameKind::Pong => "pong",
             FrameKind::Error => "error",
             FrameKind::SyncDone => "sync-done",
+            FrameKind::HashRequest => "hash-request",
+            FrameKind::HashReply => "hash-reply",
         }
     }
 
     /// Kinds whose `offset`/`length` name a byte range of the volume.
     fn is_ranged(self) -> bool {
-        matches!(self, FrameKind::Write | FrameKind::Discard | FrameKind::WriteZeroes)
+        matches!(self, FrameKind::Write | FrameKind::Discard | FrameKind::WriteZeroes | FrameKind::HashRequest)
     }
 
     /// Kinds followed by `length` payload bytes.
     fn has_payload(self) -> bool {
-        matches!(self, FrameKind::Write | FrameKind::Error)
+        matches!(self, FrameKind::Write | FrameKind::Error | FrameKind::HashReply)
     }
 
     /// Flag bits that mean something on this kind.
@@ -211,6 +225,20 @@ impl Frame {
 
     pub fn sync_done(seq: u64, epoch: u64) -> Frame {
         Frame { epoch, ..Frame::bare(FrameKind::SyncDone, seq) }
+    }
+
+    pub fn hash_request(seq: u64, offset: u64, length: u32) -> Frame {
+        Frame { offset, length, ..Frame::bare(FrameKind::HashRequest, seq) }
+    }
+
+    /// Answers a HASH_REQUEST with `hashes` (32 bytes per region), or `status` < 0.
+    pub fn hash_reply(seq: u64, hashes: &[u8], status: i32) -> Frame {
+        Frame {
+            length: len_u32(hashes.len()),
+            payload_crc: crc32c::crc32c(hashes),
+            status,
+            ..Frame::bare(FrameKind::HashReply, seq)
+        }
     }
 
     /// An ERROR carrying `text` (the caller truncates it to [`MAX_ERROR_TEXT`]) and `code`.
@@ -339,6 +367,9 @@ pub fn decode_header(buf: &[u8; HEADER_LEN], geo: &Geometry) -> Result<Frame, Fr
         if kind == FrameKind::Write && length > geo.max_payload {
             return Err(FrameError::TooLong { kind, length, max: geo.max_payload });
         }
+        if kind == FrameKind::HashRequest && length > MAX_HASH_RANGE {
+            return Err(FrameError::TooLong { kind, length, max: MAX_HASH_RANGE });
+        }
         // A block size of 0 would divide by zero; treat it as "no alignment constraint".
         let bs = u64::from(geo.block_size.max(1));
         if frame.offset % bs != 0 || u64::from(length) % bs != 0 {
@@ -352,6 +383,10 @@ pub fn decode_header(buf: &[u8; HEADER_LEN], geo: &Geometry) -> Result<Frame, Fr
     } else if kind == FrameKind::Error {
         if length > MAX_ERROR_TEXT {
             return Err(FrameError::TooLong { kind, length, max: MAX_ERROR_TEXT });
+        }
+    } else if kind == FrameKind::HashReply {
+        if length > geo.max_payload || length % HASH_LEN as u32 != 0 {
+            return Err(FrameError::TooLong { kind, length, max: geo.max_payload });
         }
     } else if length != 0 {
         return Err(FrameError::UnexpectedLength { kind, length });
@@ -463,7 +498,7 @@ mod tests {
 
     #[test]
     fn rejects_unknown_kind() {
-        for k in [0u8, 11, 255] {
+        for k in [0u8, 13, 255] {
             let mut b = enc(&Frame::ping(1));
             b[2] = k;
             assert_eq!(decode_header(&b, &GEO), Err(FrameError::UnknownKind(k)));

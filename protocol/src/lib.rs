@@ -14,8 +14,8 @@ pub mod handshake;
 pub mod sync;
 
 pub use frame::{
-    decode_header, verify_payload, Frame, FrameError, FrameKind, Geometry, FLAG_FUA, FRAME_MAGIC, HEADER_LEN,
-    MAX_ERROR_TEXT, MAX_PAYLOAD,
+    decode_header, verify_payload, Frame, FrameError, FrameKind, Geometry, FLAG_FUA, FRAME_MAGIC, HASH_LEN, HEADER_LEN,
+    MAX_ERROR_TEXT, MAX_HASH_RANGE, MAX_PAYLOAD,
 };
 pub use handshake::{
     printable, run_handshake, Handshake, HandshakeError, HelloInfo, Role, MAX_NODE_NAME, PEER_MAGIC,

@@ -307,3 +307,73 @@ fn a_split_brain_is_refused_until_discard_local_resolves_it_with_a_bitmap_resync
     let data = std::fs::read(p.dir.path().join("beta-vol0.img")).unwrap();
     assert_eq!(data[(100 * REGION) as usize], 0, "beta's own change survived --discard-local");
 }
+
+/// Writes through the primary, waits until the copies are in sync and the cleaner cleared
+/// every bit, then stops the secondary and changes `regions` of its file behind its back.
+fn in_sync_then_tamper(p: &Pair, a: &mut TestPrimary, beta: &mut NodeProcess, regions: &[u64]) {
+    beta.wait_ready(Duration::from_secs(10));
+    a.wait_link(Duration::from_secs(20));
+    a.write_random(300, 0, VOLUME, LONG);
+    a.flush(LONG);
+    wait_in_sync(a, beta, LONG);
+    wait_until(Duration::from_secs(20), "the cleaner to clear every bit", || {
+        a.poll();
+        a.vol.shared.intent.dirty_regions() == 0
+    });
+    beta.kill9();
+    let f = std::fs::OpenOptions::new().write(true).open(p.dir.path().join("beta-vol0.img")).unwrap();
+    for &r in regions {
+        std::os::unix::fs::FileExt::write_all_at(&f, b"changed behind the daemon's back", r * REGION + 1000).unwrap();
+    }
+}
+
+#[test]
+fn verify_finds_regions_changed_behind_the_daemons_back_and_a_resync_repairs_them() {
+    let p = pair("", "", None);
+    let mut beta = NodeProcess::start(&p.beta);
+    let (cfg, name) = volume_cfg(&p.alpha);
+    let mut a = TestPrimary::open(&cfg, &name, 16, 8);
+    in_sync_then_tamper(&p, &mut a, &mut beta, &[5, 77, 1000]);
+    let mut beta = NodeProcess::start(&p.beta);
+    beta.wait_ready(Duration::from_secs(10));
+    wait_in_sync(&mut a, &beta, LONG);
+    a.wait_link(LONG);
+    let before = resynced_bytes(&a);
+    a.vol.shared.sync.verify_requested.store(true, std::sync::atomic::Ordering::Release);
+    wait_until(LONG, "the verify to finish", || {
+        a.poll();
+        a.vol.shared.sync.info().verify.is_some_and(|v| v.done)
+    });
+    let v = a.vol.shared.sync.info().verify.unwrap();
+    assert_eq!(v.regions_checked, VOLUME / REGION);
+    assert_eq!(v.regions_differing, 3, "{v:?}");
+    wait_in_sync(&mut a, &beta, LONG);
+    assert_eq!(resynced_bytes(&a) - before, 3 * REGION, "the resync copies the three regions");
+    a.flush(LONG);
+    assert_identical(p.dir.path());
+}
+
+#[test]
+fn a_checksum_resync_sends_only_the_regions_whose_hashes_differ() {
+    let p = pair("", "", None);
+    let mut beta = NodeProcess::start(&p.beta);
+    let (cfg, name) = volume_cfg(&p.alpha);
+    let mut a = TestPrimary::open(&cfg, &name, 16, 9);
+    in_sync_then_tamper(&p, &mut a, &mut beta, &[12, 700]);
+    let mut beta = NodeProcess::start(&p.beta);
+    beta.wait_ready(Duration::from_secs(10));
+    wait_in_sync(&mut a, &beta, LONG);
+    let before = resynced_bytes(&a);
+    let sync = &a.vol.shared.sync;
+    sync.full_requested.store(true, std::sync::atomic::Ordering::Release);
+    sync.checksum_requested.store(true, std::sync::atomic::Ordering::Release);
+    sync.restart.store(true, std::sync::atomic::Ordering::Release);
+    wait_until(LONG, "the checksum resync to start", || {
+        a.poll();
+        !a.vol.shared.sync.checksum_requested.load(std::sync::atomic::Ordering::Acquire)
+    });
+    wait_in_sync(&mut a, &beta, LONG);
+    assert_eq!(resynced_bytes(&a) - before, 2 * REGION, "a full checksum resync sends only the 2 changed regions");
+    a.flush(LONG);
+    assert_identical(p.dir.path());
+}

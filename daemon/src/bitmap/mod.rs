@@ -294,6 +294,13 @@ impl WriteIntent {
             || (0..self.to_clear.words()).any(|w| self.to_clear.word(w) != 0)
     }
 
+    /// Marks region `r` dirty without a write (verify found it different): the writer makes
+    /// the bit durable in its next round, and a resync copies the region.
+    pub fn mark_out_of_sync(&self, r: u64) {
+        self.pending.set(r);
+        self.wake_writer();
+    }
+
     /// Resets `touched` for region `r` (resync, holding the region's range: no write to it
     /// is in flight).
     pub fn reset_touched(&self, r: u64) {

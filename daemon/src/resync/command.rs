@@ -14,6 +14,7 @@ use crate::resync::SyncState;
 #[derive(Debug, Default)]
 pub struct ResyncArgs {
     pub full: bool,
+    pub checksum: bool,
     pub discard_local: bool,
     pub rate: Option<u64>,
     pub wait: bool,
@@ -43,6 +44,7 @@ pub fn resync(config: &Path, volume: &str, args: &ResyncArgs) -> Result<(), Stri
         full: args.full,
         discard_local: args.discard_local,
         rate: args.rate,
+        checksum: args.checksum,
     };
     let answer = control::request(&socket, &req)?;
     println!("{}", answer.get("ok").and_then(|v| v.as_str()).unwrap_or("requested"));
@@ -91,6 +93,41 @@ pub fn resync(config: &Path, volume: &str, args: &ResyncArgs) -> Result<(), Stri
                     v.sync_state,
                     v.sync_message.unwrap_or_else(|| "see the node's log".into())
                 ));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// `metroblk verify`: compares every region's hash with the peer's (online: applications keep
+/// writing), waits for the result, and prints how many regions differed. Differing regions are
+/// marked dirty and resynced at once.
+pub fn verify(config: &Path, volume: &str) -> Result<u64, String> {
+    let socket = socket_of(config)?;
+    let req = ControlRequest { command: "verify".into(), volume: Some(volume.into()), ..Default::default() };
+    control::request(&socket, &req)?;
+    // The request is taken at the sync link's next tick; a result from an earlier verify
+    // must not be taken for this one.
+    let mut started = false;
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let v = volume_status(&socket, volume)?;
+        match v.verify {
+            Some(vi) if !vi.done && !vi.failed => started = true,
+            Some(vi) if started && vi.failed => {
+                return Err(format!(
+                    "volume {volume}: verify failed after {} regions (see the log)",
+                    vi.regions_checked
+                ))
+            }
+            Some(vi) if started && vi.done => {
+                println!(
+                    "volume {volume}: {} regions checked, {} differ{}",
+                    vi.regions_checked,
+                    vi.regions_differing,
+                    if vi.regions_differing > 0 { " (marked out of sync; a resync copies them)" } else { "" }
+                );
+                return Ok(vi.regions_differing);
             }
             _ => {}
         }

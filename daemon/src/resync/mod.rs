@@ -20,6 +20,7 @@
 pub mod command;
 pub mod copy;
 pub mod decide;
+pub mod hash;
 pub mod source;
 pub mod target;
 
@@ -75,6 +76,17 @@ pub struct SyncInfo {
     pub bytes_total: u64,
     pub bytes_done: u64,
     pub started: Option<Instant>,
+    /// The last online verify: regions compared, regions that differed, finished.
+    pub verify: Option<VerifyInfo>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyInfo {
+    pub regions_checked: u64,
+    pub regions_differing: u64,
+    pub done: bool,
+    /// Set when the verify could not finish (the link ended): `regions_checked` is partial.
+    pub failed: bool,
 }
 
 /// Per volume: the sync link's state and the operator's requests.
@@ -88,6 +100,10 @@ pub struct SyncShared {
     pub discard_local: AtomicBool,
     /// `resync --full`.
     pub full_requested: AtomicBool,
+    /// `resync --checksum`: send only the regions whose hashes differ.
+    pub checksum_requested: AtomicBool,
+    /// `verify`: compare every region's hash with the peer's.
+    pub verify_requested: AtomicBool,
     /// `resync`: exchange again now (and resync what is dirty).
     pub restart: AtomicBool,
     /// Bytes per second; 0: unlimited. From the config, changed by `resync --rate`.

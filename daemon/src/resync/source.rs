@@ -14,11 +14,11 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use metroblk_protocol::{Frame, FrameKind, MAX_PAYLOAD, SYNC_QUEUE};
+use metroblk_protocol::{Frame, FrameKind, HASH_LEN, MAX_PAYLOAD, SYNC_QUEUE};
 
 use super::copy::{CopyPlan, Next};
 use super::decide::{decide, Decision};
-use super::{facts, local_hello, now_ns, read_frame, read_hello, send_hello, write_frame, SyncState};
+use super::{facts, local_hello, now_ns, read_frame, read_hello, send_hello, write_frame, SyncState, VerifyInfo};
 use crate::peer::connector::{self, Backoff};
 use crate::volume::conflict::{GranuleRange, RESYNC_OWNER};
 use crate::volume::disk::DiskState;
@@ -36,6 +36,8 @@ pub const CLEAN_INTERVAL: Duration = Duration::from_secs(2);
 /// How long a copy waits for an application write to its region before the pass gives up
 /// (the writes may be held while the data links are down).
 pub const RANGE_WAIT_MAX: Duration = Duration::from_secs(30);
+/// Bytes one hash comparison covers (under one conflict-table hold).
+pub const HASH_RUN_BYTES: u64 = 4 << 20;
 /// Passes of one resync at most (each over the bits set during the previous one).
 pub const RESYNC_PASSES_MAX: u32 = 8;
 /// Pause after a refusal (split brain, an outdated peer) before the next exchange.
@@ -238,6 +240,33 @@ impl<'a> SyncLink<'a> {
                     *w |= u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
                 }
             }
+            // Checksum mode: compare first, copy only what differs; the equal regions' bits are
+            // cleared after a both-node flush below.
+            let mut equal = Vec::new();
+            if pass == 0 && v.sync.checksum_requested.swap(false, Ordering::AcqRel) {
+                let marked: Vec<u64> = words
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(w, &bits)| {
+                        (0..64).filter(move |b| bits & (1 << b) != 0).map(move |b| w as u64 * 64 + b)
+                    })
+                    .filter(|&r| r < regions)
+                    .collect();
+                let differing = self.compare(&marked, true)?;
+                words.iter_mut().for_each(|w| *w = 0);
+                for &r in &differing {
+                    words[(r / 64) as usize] |= 1 << (r % 64);
+                }
+                let mut d = differing.iter().peekable();
+                for r in marked {
+                    if d.peek() == Some(&&r) {
+                        d.next();
+                    } else {
+                        equal.push(r);
+                    }
+                }
+                tracing::info!(volume = %v.config.name, equal = equal.len(), differing = differing.len(), "checksum resync: only differing regions are sent");
+            }
             let rate = v.sync.rate_bps.load(Ordering::Relaxed);
             let plan = CopyPlan::new(
                 words,
@@ -266,6 +295,12 @@ impl<'a> SyncLink<'a> {
             });
             let t0 = Instant::now();
             let bytes = self.copy(plan)?;
+            if !equal.is_empty() {
+                self.flush_both()?;
+                for r in equal {
+                    v.intent.request_clear(r);
+                }
+            }
             let secs = t0.elapsed().as_secs_f64();
             tracing::info!(
                 volume = %v.config.name,
@@ -376,8 +411,13 @@ impl<'a> SyncLink<'a> {
 
     /// Takes the run's range in the conflict table, waiting for writes in flight to it.
     fn take_range(&self, plan: &CopyPlan, r: u64, count: u64) -> Result<GranuleRange, Ended> {
+        self.take_bytes(r, plan.region_offset(r), plan.run_len(r, count))
+    }
+
+    /// Takes `len` bytes at `offset` (from region `r`) in the conflict table.
+    fn take_bytes(&self, r: u64, offset: u64, len: u64) -> Result<GranuleRange, Ended> {
         let v = self.v;
-        let range = v.conflicts.range(plan.region_offset(r), plan.run_len(r, count));
+        let range = v.conflicts.range(offset, len);
         let deadline = Instant::now() + RANGE_WAIT_MAX;
         let mut pause = Duration::from_micros(50);
         while !v.conflicts.try_acquire(range, RESYNC_OWNER) {
@@ -471,8 +511,12 @@ impl<'a> SyncLink<'a> {
                 return Ok(());
             }
             if v.intent.resync_needed() && self.data_links_up() {
-                // A data link was lost and is back: what it may have lost is resynced.
+                // Writes completed alone (or verify marked regions): resync them.
                 return Ok(());
+            }
+            if v.sync.verify_requested.swap(false, Ordering::AcqRel) {
+                self.verify()?;
+                continue;
             }
             std::thread::sleep(IDLE_TICK);
             if last_clean.elapsed() >= CLEAN_INTERVAL {
@@ -484,6 +528,141 @@ impl<'a> SyncLink<'a> {
                 self.wait_for(FrameKind::Pong, seq)?;
             }
         }
+    }
+
+    /// Online verify: compares every region's hash with the peer's, marks the differing ones
+    /// dirty (a resync follows at once), and records the count for status.
+    fn verify(&mut self) -> Result<(), Ended> {
+        let v = self.v;
+        let name = v.config.name.clone();
+        tracing::info!(volume = %name, "online verify starts");
+        v.sync.update(|i| i.verify = Some(VerifyInfo::default()));
+        let all: Vec<u64> = (0..v.intent.regions()).collect();
+        let result = self.compare(&all, false);
+        let differing = match result {
+            Ok(d) => d,
+            Err(e) => {
+                v.sync.update(|i| {
+                    if let Some(vi) = i.verify.as_mut() {
+                        vi.failed = true;
+                    }
+                });
+                return Err(e);
+            }
+        };
+        for &r in &differing {
+            v.intent.mark_out_of_sync(r);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !differing.iter().all(|&r| v.intent.is_durable(r, r)) {
+            if Instant::now() > deadline {
+                return Err("the write-intent writer did not mark the differing regions".to_string().into());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if !differing.is_empty() {
+            v.intent.set_resync_needed(true);
+        }
+        tracing::info!(volume = %name, differing = differing.len(), "online verify done");
+        v.sync.update(|i| {
+            i.verify = Some(VerifyInfo {
+                regions_checked: all.len() as u64,
+                regions_differing: differing.len() as u64,
+                done: true,
+                failed: false,
+            })
+        });
+        Ok(())
+    }
+
+    /// Compares the hashes of `regions` (ascending) with the peer's, in runs of consecutive
+    /// regions, each under the conflict rule (no write to it in flight on either node while
+    /// both hash it). Returns the regions that differ. `reset_touched`: as a copy does, so the
+    /// equal ones may be cleared after a both-node flush.
+    fn compare(&mut self, regions: &[u64], reset_touched: bool) -> Result<Vec<u64>, Ended> {
+        let v = self.v;
+        let region = v.intent.region_size();
+        let run_max = (HASH_RUN_BYTES / region).max(1);
+        let mut local = Vec::with_capacity((run_max as usize) * HASH_LEN);
+        let mut scratch = vec![0u8; region as usize];
+        let mut differing = Vec::new();
+        let mut i = 0;
+        while i < regions.len() {
+            if v.sync.stopping.load(Ordering::Acquire) {
+                return Err("stopping".to_string().into());
+            }
+            let first = regions[i];
+            let mut count = 1;
+            while i + (count as usize) < regions.len()
+                && count < run_max
+                && regions[i + count as usize] == first + count
+            {
+                count += 1;
+            }
+            let offset = first * region;
+            let len = (v.config.size - offset).min(count * region);
+            let range = self.take_bytes(first, offset, len)?;
+            let result = (|| -> Result<(), Ended> {
+                if reset_touched {
+                    for r in first..first + count {
+                        v.intent.reset_touched(r);
+                    }
+                }
+                local.clear();
+                super::hash::hash_regions(&v.file, offset, len, region, &mut scratch, &mut local)
+                    .map_err(|e| format!("verify cannot read the backing file: {e}"))?;
+                let seq = self.next_seq();
+                write_frame(&mut self.s, &Frame::hash_request(seq, offset, len as u32), &[])?;
+                let geo = v.geometry;
+                loop {
+                    let (f, n) = read_frame(&mut self.r, &geo, self.buf.as_mut_slice())?;
+                    match f.kind {
+                        FrameKind::Pong => continue,
+                        FrameKind::HashReply if f.seq == seq => {
+                            if f.status != 0 || n != local.len() {
+                                return Err(format!(
+                                    "the peer could not hash {len} bytes at {offset}: status {}",
+                                    f.status
+                                )
+                                .into());
+                            }
+                            for (k, (a, b)) in local
+                                .chunks_exact(HASH_LEN)
+                                .zip(self.buf.as_slice()[..n].chunks_exact(HASH_LEN))
+                                .enumerate()
+                            {
+                                if a != b {
+                                    differing.push(first + k as u64);
+                                }
+                            }
+                            return Ok(());
+                        }
+                        other => return Err(format!("unexpected {other} frame while verifying").into()),
+                    }
+                }
+            })();
+            v.conflicts.release(range, RESYNC_OWNER);
+            result?;
+            i += count as usize;
+            let checked = i as u64;
+            let n_diff = differing.len() as u64;
+            v.sync.update(|info| {
+                if let Some(vi) = info.verify.as_mut() {
+                    vi.regions_checked = checked;
+                    vi.regions_differing = n_diff;
+                }
+            });
+        }
+        Ok(differing)
+    }
+
+    /// Makes everything durable on both nodes: local fdatasync, then the peer's FLUSH.
+    fn flush_both(&mut self) -> Result<(), Ended> {
+        let v = self.v;
+        v.file.sync_data().map_err(|e| format!("fdatasync of the backing file: {e}"))?;
+        let seq = self.next_seq();
+        write_frame(&mut self.s, &Frame::flush(seq, v.epoch()), &[])?;
+        self.wait_for(FrameKind::FlushAck, seq)
     }
 
     fn data_links_up(&self) -> bool {
@@ -535,10 +714,7 @@ impl<'a> SyncLink<'a> {
             v.intent.request_touched_reset();
             return Ok(());
         }
-        v.file.sync_data().map_err(|e| format!("fdatasync of the backing file: {e}"))?;
-        let seq = self.next_seq();
-        write_frame(&mut self.s, &Frame::flush(seq, v.epoch()), &[])?;
-        self.wait_for(FrameKind::FlushAck, seq)?;
+        self.flush_both()?;
         if v.intent.link_losses() == losses && !v.intent.resync_needed() {
             for r in candidates {
                 v.intent.request_clear(r);

@@ -88,6 +88,9 @@ fn apply(v: &VolumeShared, s: &mut TcpStream, source: &SyncHello) -> Result<(), 
     let geo = v.geometry;
     let mut buf = AlignedBuf::new(MAX_PAYLOAD as usize);
     let mut r = std::io::BufReader::with_capacity(256 << 10, s.try_clone().map_err(|e| format!("sync link: {e}"))?);
+    // Scratch for HASH_REQUEST: one region, and the hashes of the largest range.
+    let mut hash_buf = vec![0u8; v.intent.region_size() as usize];
+    let mut hashes: Vec<u8> = Vec::with_capacity(metroblk_protocol::MAX_PAYLOAD as usize);
     loop {
         let (f, n) = match read_frame(&mut r, &geo, buf.as_mut_slice()) {
             Ok(x) => x,
@@ -112,6 +115,28 @@ fn apply(v: &VolumeShared, s: &mut TcpStream, source: &SyncHello) -> Result<(), 
             }
             FrameKind::Flush => Frame::flush_ack(f.seq, flush(v)),
             FrameKind::Ping => Frame::pong(f.seq),
+            FrameKind::HashRequest => {
+                let region = v.intent.region_size();
+                hashes.clear();
+                let status = if f.offset % region != 0 {
+                    -libc::EINVAL
+                } else {
+                    match super::hash::hash_regions(
+                        &v.file,
+                        f.offset,
+                        f.length as u64,
+                        region,
+                        &mut hash_buf,
+                        &mut hashes,
+                    ) {
+                        Ok(()) => 0,
+                        Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+                    }
+                };
+                let payload = if status == 0 { &hashes[..] } else { &[][..] };
+                write_frame(s, &Frame::hash_reply(f.seq, payload, status), payload)?;
+                continue;
+            }
             FrameKind::SyncDone => {
                 let status = flush(v);
                 if status == 0 {
