@@ -84,6 +84,16 @@ enum Command {
         /// The volume's name in that config.
         volume: String,
     },
+    /// Take a volume's disk back after it failed and was repaired or replaced: the node's copy
+    /// is marked inconsistent and resynced in full from the peer when the node next runs (as
+    /// the secondary). Run while the node is stopped.
+    Attach {
+        /// The node's config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The volume's name in that config.
+        volume: String,
+    },
     /// Let a primary that lost its peer go on alone: held writes complete locally and their
     /// regions are resynced when the peer returns (the peer is recorded outdated). Only when
     /// you know the peer is down, not just cut off: otherwise both sides may write (split
@@ -172,6 +182,10 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Command::CreateMd { config, volume, force } => {
             println!("{}", metroblk::metadata::create_md_command(&config, &volume, force)?);
+            Ok(())
+        }
+        Command::Attach { config, volume } => {
+            println!("{}", metroblk::metadata::attach_command(&config, &volume)?);
             Ok(())
         }
         Command::Verify { config, volume } => metroblk::resync::command::verify(&config, &volume).map(|_| ()),

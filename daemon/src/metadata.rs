@@ -100,9 +100,11 @@ struct WireSuperblock {
     /// [`PEER_UNKNOWN`] or a disk state.
     peer_disk_state: u8,
     clean_shutdown: u8,
+    /// 1: the next resync to this node copies every region (`metroblk attach`).
+    full_resync: u8,
     node_name_len: u8,
     node_name: [u8; NODE_NAME_MAX],
-    reserved: [u8; 87],
+    reserved: [u8; 86],
     crc: U32,
 }
 
@@ -148,6 +150,9 @@ pub struct Superblock {
     pub peer_disk_state: Option<DiskState>,
     /// True when the node stopped cleanly (bitmap written, nothing in flight); false while it runs.
     pub clean_shutdown: bool,
+    /// The next resync to this node copies every region: its disk was replaced or repaired
+    /// after failing (`metroblk attach`). Cleared when that resync completes.
+    pub full_resync: bool,
 }
 
 impl Superblock {
@@ -166,6 +171,7 @@ impl Superblock {
             disk_state: DiskState::UpToDate,
             peer_disk_state: None,
             clean_shutdown: true,
+            full_resync: false,
         }
     }
 
@@ -255,6 +261,20 @@ pub struct Expected<'a> {
     pub config: &'a Path,
 }
 
+impl<'a> Expected<'a> {
+    /// What volume `v` of node `node_name`'s config (`config`) expects.
+    pub fn for_volume(v: &'a crate::config::VolumeConfig, node_name: &'a str, config: &'a Path) -> Expected<'a> {
+        Expected {
+            volume_name: &v.name,
+            volume_uuid: v.uuid,
+            node_name,
+            size: v.size,
+            region_size: v.region_size,
+            config,
+        }
+    }
+}
+
 /// An open metadata file: the current superblock's sequence and slot, and the I/O.
 pub struct MetadataFile<I: MetaIo> {
     io: I,
@@ -315,9 +335,10 @@ fn encode(sb: &Superblock, seq: u64) -> [u8; BLOCK_BYTES] {
         disk_state: state_to_u8(sb.disk_state),
         peer_disk_state: sb.peer_disk_state.map(state_to_u8).unwrap_or(PEER_UNKNOWN),
         clean_shutdown: sb.clean_shutdown as u8,
+        full_resync: sb.full_resync as u8,
         node_name_len: sb.node_name.len() as u8,
         node_name,
-        reserved: [0; 87],
+        reserved: [0; 86],
         crc: U32::new(0),
     };
     w.crc = U32::new(crc32c::crc32c(&w.as_bytes()[..SB_LEN - 4]));
@@ -381,6 +402,9 @@ fn decode(buf: &[u8; BLOCK_BYTES]) -> Slot {
     if w.clean_shutdown > 1 {
         return Slot::Invalid(format!("clean-shutdown flag {}", w.clean_shutdown));
     }
+    if w.full_resync > 1 {
+        return Slot::Invalid(format!("full-resync flag {}", w.full_resync));
+    }
     let name_len = w.node_name_len as usize;
     let node_name = match w.node_name.get(..name_len).map(std::str::from_utf8) {
         Some(Ok(n)) => n.to_string(),
@@ -399,6 +423,7 @@ fn decode(buf: &[u8; BLOCK_BYTES]) -> Slot {
             disk_state,
             peer_disk_state,
             clean_shutdown: w.clean_shutdown == 1,
+            full_resync: w.full_resync == 1,
         },
     )
 }
@@ -649,5 +674,38 @@ pub fn create_md_command(config: &Path, volume: &str, force: bool) -> Result<Str
         sb.regions(),
         v.region_size,
         sb.generation
+    ))
+}
+
+/// `metroblk attach`: a node whose disk failed (and was repaired or replaced) takes part
+/// again: its copy is marked `inconsistent`, to be resynced in full from the peer when the
+/// node next runs. Offline: the node must be stopped (its disk state is latched in memory).
+pub fn attach_command(config: &Path, volume: &str) -> Result<String, String> {
+    let cfg = crate::config::NodeConfig::load_with(config, crate::config::Keys::Skip).map_err(|e| e.to_string())?;
+    let v = cfg.volumes.iter().find(|v| v.name == volume).ok_or_else(|| {
+        let names: Vec<&str> = cfg.volumes.iter().map(|v| v.name.as_str()).collect();
+        format!("{}: no volume '{volume}' (it configures: {})", config.display(), names.join(", "))
+    })?;
+    if std::os::unix::net::UnixStream::connect(&cfg.control_socket).is_ok() {
+        return Err(format!(
+            "node {} is running (its control socket {} answers); stop it first, then attach",
+            cfg.name,
+            cfg.control_socket.display()
+        ));
+    }
+    // The backing file must be usable again: open it as the node will, and read it.
+    let file = crate::volume::open_backing_file(v).map_err(|e| e.to_string())?;
+    let mut block = vec![0u8; 4096.min(v.size as usize)];
+    FileExt::read_exact_at(&file, &mut block, 0)
+        .map_err(|e| format!("{}: still unreadable: {e}", v.backing_file.display()))?;
+    let expect = Expected::for_volume(v, &cfg.name, config);
+    let (mut md, mut sb, _) = open_file(&v.metadata_file, &expect).map_err(|e| e.to_string())?;
+    sb.disk_state = DiskState::Inconsistent;
+    sb.full_resync = true;
+    md.write_superblock(&sb).map_err(|e| e.to_string())?;
+    Ok(format!(
+        "volume {} on node {}: disk attached; its copy is inconsistent until a full resync from the peer \
+         completes (start the node as the secondary)",
+        v.name, cfg.name
     ))
 }

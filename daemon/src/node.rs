@@ -43,6 +43,10 @@ pub fn start_secondary(cfg: &VolumeConfig, node_name: &str, config_path: &Path) 
         // One set of counters per primary queue's link; [0] also holds the link state.
         queue_stats: (0..MAX_QUEUES).map(|_| Arc::new(QueueStats::default())).collect(),
     });
+    if shared.intent.superblock().full_resync {
+        // `metroblk attach` after a disk failure: the next resync copies every region.
+        shared.sync.full_requested.store(true, std::sync::atomic::Ordering::Release);
+    }
     listener::start(shared.clone())?;
     Ok(VolumeHandle { shared, role: Role::Secondary, handoffs: Vec::new(), ublk_device: None })
 }

@@ -646,4 +646,27 @@ mod tests {
             "bad frame magic 0x1234 (expected 0xb10c): the peer link stream is out of sync"
         );
     }
+
+    #[test]
+    fn hash_frames_round_trip_and_are_bounded() {
+        let req = Frame::hash_request(9, 4096, 8192);
+        roundtrip(req);
+        let hashes = vec![7u8; 2 * HASH_LEN];
+        let reply = Frame::hash_reply(9, &hashes, 0);
+        roundtrip(reply);
+        verify_payload(&reply, &hashes).unwrap();
+        assert_eq!(reply.payload_len(), 2 * HASH_LEN);
+        assert_eq!(req.payload_len(), 0, "a hash request carries a range, not a payload");
+        // Ranges are checked like a write's: inside the volume, aligned, bounded.
+        let big = Geometry { volume_size: 1 << 30, ..GEO };
+        let too_long = enc(&Frame::hash_request(1, 0, MAX_HASH_RANGE + 4096));
+        assert!(matches!(decode_header(&too_long, &big), Err(FrameError::TooLong { .. })));
+        let past_end = enc(&Frame::hash_request(1, GEO.volume_size - 4096, 8192));
+        assert!(matches!(decode_header(&past_end, &GEO), Err(FrameError::OutOfRange { .. })));
+        let misaligned = enc(&Frame::hash_request(1, 100, 4096));
+        assert!(matches!(decode_header(&misaligned, &GEO), Err(FrameError::Misaligned { .. })));
+        // A reply must hold whole hashes and no more than a payload.
+        let ragged = enc(&Frame::hash_reply(1, &[0u8; 33], 0));
+        assert!(decode_header(&ragged, &GEO).is_err());
+    }
 }

@@ -28,14 +28,7 @@ fn create_md(config: &Path, force: bool) -> (bool, String) {
 fn open_as(config: &Path, meta: &Path) -> Result<u64, String> {
     let cfg = NodeConfig::load(config).unwrap();
     let v = &cfg.volumes[0];
-    let exp = Expected {
-        volume_name: &v.name,
-        volume_uuid: v.uuid,
-        node_name: &cfg.name,
-        size: v.size,
-        region_size: v.region_size,
-        config,
-    };
+    let exp = Expected::for_volume(v, &cfg.name, config);
     open_file(meta, &exp).map(|(_, sb, _)| sb.regions()).map_err(|e| e.to_string())
 }
 

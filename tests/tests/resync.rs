@@ -377,3 +377,32 @@ fn a_checksum_resync_sends_only_the_regions_whose_hashes_differ() {
     a.flush(LONG);
     assert_identical(p.dir.path());
 }
+
+#[test]
+fn a_replaced_disk_is_attached_and_resynced_in_full() {
+    let p = pair("", "", None);
+    let mut beta = NodeProcess::start(&p.beta);
+    let (cfg, name) = volume_cfg(&p.alpha);
+    let mut a = TestPrimary::open(&cfg, &name, 16, 10);
+    in_sync_then_tamper(&p, &mut a, &mut beta, &[]);
+    let attach = |expect_ok: bool| {
+        let out = Command::new(metroblk_bin()).args(["attach", "--config"]).arg(&p.beta).arg("vol0").output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert_eq!(out.status.success(), expect_ok, "{text}");
+        text
+    };
+    // The disk is replaced: a new, empty backing file.
+    let img = p.dir.path().join("beta-vol0.img");
+    std::fs::remove_file(&img).unwrap();
+    std::fs::File::create(&img).unwrap().set_len(VOLUME).unwrap();
+    let text = attach(true);
+    assert!(text.contains("inconsistent until a full resync"), "{text}");
+    let mut beta = NodeProcess::start(&p.beta);
+    beta.wait_ready(Duration::from_secs(10));
+    assert!(attach(false).contains("is running"), "attach must refuse a running node");
+    let before = resynced_bytes(&a);
+    wait_in_sync(&mut a, &beta, LONG);
+    assert_eq!(resynced_bytes(&a) - before, VOLUME, "an attached disk is resynced in full");
+    a.flush(LONG);
+    assert_identical(p.dir.path());
+}

@@ -176,10 +176,12 @@ fn become_up_to_date(v: &VolumeShared, source: &SyncHello) -> Result<(), String>
             sb.history = source.history.iter().map(|g| uuid::Uuid::from_bytes(*g)).collect();
             sb.disk_state = DiskState::UpToDate;
             sb.peer_disk_state = Some(DiskState::UpToDate);
+            sb.full_resync = false;
         })
         .map_err(|e| e.to_string())?;
     v.disk.set(DiskState::UpToDate);
     v.sync.discard_local.store(false, Ordering::Release);
+    v.sync.full_requested.store(false, Ordering::Release);
     v.sync.set_state(SyncState::InSync, None);
     tracing::info!(volume = %v.config.name, "resync complete: this copy is up to date");
     Ok(())

@@ -85,14 +85,7 @@ pub fn open_metadata(
     config_path: &std::path::Path,
 ) -> Result<Arc<WriteIntent>, OpenError> {
     let other = |message: String| OpenError::Other { volume: cfg.name.clone(), message };
-    let expect = metadata::Expected {
-        volume_name: &cfg.name,
-        volume_uuid: cfg.uuid,
-        node_name,
-        size: cfg.size,
-        region_size: cfg.region_size,
-        config: config_path,
-    };
+    let expect = metadata::Expected::for_volume(cfg, node_name, config_path);
     let (mut file, mut sb, bits) =
         metadata::open_file(&cfg.metadata_file, &expect).map_err(|e| other(e.to_string()))?;
     if sb.clean_shutdown {
