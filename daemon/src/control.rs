@@ -65,6 +65,9 @@ pub struct VolumeStatus {
     pub alone: bool,
     /// The sync link: unknown, in-sync, sync-source, sync-target, split-brain, refused.
     pub sync_state: crate::resync::SyncState,
+    /// A resync is due or asked for and has not run yet (writes completed alone, regions
+    /// found different, an operator's `resync`).
+    pub resync_pending: bool,
     pub sync_message: Option<String>,
     /// During a resync: percent done, bytes left, rate (bytes/s) and seconds to go.
     pub resync_percent: Option<f64>,
@@ -147,6 +150,7 @@ pub fn volume_status(h: &VolumeHandle) -> VolumeStatus {
         out_of_sync_bytes: (v.intent.dirty_regions() * v.intent.region_size()).min(c.size),
         alone: v.intent.is_alone(),
         sync_state: sync.state,
+        resync_pending: v.intent.resync_needed() || v.sync.is_pending(),
         sync_message: sync.message.clone(),
         resync_percent: progress.map(|p| p.0),
         resync_bytes_left: progress.map(|p| p.1),
@@ -232,9 +236,16 @@ fn volume_command(r: &ControlRequest, volumes: &[VolumeHandle]) -> Result<String
                 v.sync.full_requested.store(true, Ordering::Release);
             }
             if r.checksum {
+                if h.role != Role::Primary {
+                    return Err(format!("volume {name} is secondary here; run resync --checksum on the primary"));
+                }
                 v.sync.checksum_requested.store(true, Ordering::Release);
             }
-            v.sync.restart.store(true, Ordering::Release);
+            // The primary's sync link takes the request up at its next tick; a secondary's
+            // flags travel in its next sync hello.
+            if h.role == Role::Primary {
+                v.sync.restart.store(true, Ordering::Release);
+            }
             Ok(if r.discard_local {
                 format!(
                     "volume {name}: this node's changes will be dropped; it resyncs from the peer at the next exchange"

@@ -406,3 +406,59 @@ fn a_replaced_disk_is_attached_and_resynced_in_full() {
     a.flush(LONG);
     assert_identical(p.dir.path());
 }
+
+/// Serves the control socket of alpha's config for the in-process primary, so the operator
+/// commands (`status`, `resume-alone`, `resync`, `verify`) run as real processes against it.
+fn serve_control(config: &Path, a: &TestPrimary) {
+    let cfg = NodeConfig::load(config).unwrap();
+    let handle = metroblk::control::VolumeHandle {
+        shared: a.vol.shared.clone(),
+        role: metroblk::config::Role::Primary,
+        handoffs: a.vol.handoffs().to_vec(),
+        ublk_device: None,
+    };
+    metroblk::control::serve(&cfg.control_socket, cfg.name.clone(), std::sync::Arc::new(vec![handle])).unwrap();
+}
+
+fn cli(args: &[&str], config: &Path) -> (bool, String) {
+    let out = Command::new(metroblk_bin()).arg(args[0]).arg("--config").arg(config).args(&args[1..]).output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn an_operator_lets_a_holding_primary_go_on_alone_then_resyncs_and_verifies_from_the_cli() {
+    let p = pair("", "", None); // fencing = "hold", the default
+    let mut beta = NodeProcess::start(&p.beta);
+    beta.wait_ready(Duration::from_secs(10));
+    let (cfg, name) = volume_cfg(&p.alpha);
+    let mut a = TestPrimary::open(&cfg, &name, 16, 11);
+    serve_control(&p.alpha, &a);
+    a.wait_link(Duration::from_secs(20));
+    a.write_random(100, 0, VOLUME, LONG);
+    wait_in_sync(&mut a, &beta, LONG);
+
+    beta.kill9();
+    let done_before = a.completed;
+    a.submit_write(3 * REGION, 4096, 0x77, Instant::now() + LONG);
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(7) {
+        a.poll();
+    }
+    assert_eq!(a.completed, done_before, "a write completed without the peer under fencing = hold");
+    let (ok, status) = cli(&["status", "--json"], &p.alpha);
+    assert!(ok && status.contains("\"requests_held\": 1"), "{status}");
+
+    let (ok, text) = cli(&["resume-alone", "vol0"], &p.alpha);
+    assert!(ok && text.contains("going on alone"), "{text}");
+    a.drain(Instant::now() + Duration::from_secs(10));
+    assert!(a.vol.shared.intent.is_alone());
+
+    let _beta = NodeProcess::start(&p.beta);
+    let (ok, text) = cli(&["resync", "vol0", "--wait"], &p.alpha);
+    assert!(ok && text.contains("in sync"), "{text}");
+    a.wait_link(LONG);
+    let (ok, text) = cli(&["verify", "vol0"], &p.alpha);
+    assert!(ok && text.contains("regions checked, 0 differ"), "{text}");
+    a.flush(LONG);
+    assert_identical(p.dir.path());
+}

@@ -53,13 +53,11 @@ pub fn resync(config: &Path, volume: &str, args: &ResyncArgs) -> Result<(), Stri
     }
     let tty = std::io::stdout().is_terminal();
     let mut last_line = Instant::now() - Duration::from_secs(60);
-    let mut seen_sync = false;
     loop {
         std::thread::sleep(Duration::from_millis(250));
         let v = volume_status(&socket, volume)?;
         match v.sync_state {
             SyncState::SyncSource | SyncState::SyncTarget => {
-                seen_sync = true;
                 let pct = v.resync_percent.unwrap_or(0.0);
                 let rate = v.resync_rate_bps.unwrap_or(0.0) / (1 << 20) as f64;
                 let eta = v.resync_eta_s.map_or("-".to_string(), |e| format!("{e:.0} s"));
@@ -80,7 +78,9 @@ pub fn resync(config: &Path, volume: &str, args: &ResyncArgs) -> Result<(), Stri
                     last_line = Instant::now();
                 }
             }
-            SyncState::InSync if seen_sync || v.dirty_regions == 0 || v.role == crate::config::Role::Secondary => {
+            // In sync, and nothing asked for or due is still to run (this command's own request
+            // included: the sync link takes it up within half a second).
+            SyncState::InSync if !v.resync_pending && !v.alone => {
                 if tty {
                     println!();
                 }

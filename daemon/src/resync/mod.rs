@@ -140,6 +140,13 @@ impl SyncShared {
         self.admitted.load(Ordering::Acquire)
     }
 
+    /// An operator's request the sync link has not taken up yet.
+    pub fn is_pending(&self) -> bool {
+        self.restart.load(Ordering::Acquire)
+            || self.full_requested.load(Ordering::Acquire)
+            || self.checksum_requested.load(Ordering::Acquire)
+    }
+
     pub fn admissions(&self) -> u64 {
         self.admissions.load(Ordering::Acquire)
     }
@@ -172,7 +179,8 @@ fn disk_state_from_u8(v: u8) -> DiskState {
 }
 
 /// This node's sync hello and its dirty bitmap (bytes, LSB first).
-pub fn local_hello(intent: &WriteIntent, disk: DiskState, sync: &SyncShared) -> (SyncHello, Vec<u8>) {
+/// `full`: ask for a full resync (an operator's `--full`, or an attached disk).
+pub fn local_hello(intent: &WriteIntent, disk: DiskState, sync: &SyncShared, full: bool) -> (SyncHello, Vec<u8>) {
     let sb = intent.superblock();
     let dirty = intent.dirty();
     let mut bitmap = Vec::with_capacity(dirty.words() * 8);
@@ -184,7 +192,7 @@ pub fn local_hello(intent: &WriteIntent, disk: DiskState, sync: &SyncShared) -> 
         history: sb.history.iter().map(|g| g.into_bytes()).collect(),
         disk_state: disk_state_to_u8(disk),
         discard_local: sync.discard_local.load(Ordering::Acquire),
-        full: sync.full_requested.load(Ordering::Acquire),
+        full,
         regions: intent.regions(),
         bitmap_bytes: bitmap.len() as u64,
     };

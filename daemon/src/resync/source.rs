@@ -169,14 +169,34 @@ impl<'a> SyncLink<'a> {
 
     fn run(&mut self) -> Result<(), Ended> {
         let v = self.v;
-        let name = &v.config.name;
         self.s
             .set_read_timeout(Some(SYNC_LINK_TIMEOUT))
             .and_then(|()| self.s.set_write_timeout(Some(SYNC_LINK_TIMEOUT)))
             .map_err(|e| format!("sync link: {e}"))?;
         let _ = self.s.set_nodelay(true);
         v.sync.restart.store(false, Ordering::Release);
-        let (ours, our_bitmap) = local_hello(&v.intent, v.disk.state(), &v.sync);
+        // The operator's requests are taken for this exchange; given back if it ends before
+        // the resync they asked for is done.
+        let full = v.sync.full_requested.swap(false, Ordering::AcqRel);
+        let checksum = v.sync.checksum_requested.swap(false, Ordering::AcqRel);
+        let result = self.exchange(full, checksum);
+        if result.is_err() {
+            if full {
+                v.sync.full_requested.store(true, Ordering::Release);
+            }
+            if checksum {
+                v.sync.checksum_requested.store(true, Ordering::Release);
+            }
+        }
+        result?;
+        self.idle()
+    }
+
+    /// The exchange and, if one is due, the resync.
+    fn exchange(&mut self, full: bool, checksum: bool) -> Result<(), Ended> {
+        let v = self.v;
+        let name = &v.config.name;
+        let (ours, our_bitmap) = local_hello(&v.intent, v.disk.state(), &v.sync, full);
         send_hello(&mut self.s, &ours, &our_bitmap)?;
         let (theirs, their_bitmap) = read_hello(&mut self.r, v.intent.regions())?;
         let decision = decide(&facts(&ours, &our_bitmap), &facts(&theirs, &their_bitmap));
@@ -201,10 +221,10 @@ impl<'a> SyncLink<'a> {
             }
             Decision::PrimaryToSecondary { full } => {
                 v.sync.set_admitted(true);
-                self.resync(full, &their_bitmap)?;
+                self.resync(full, checksum, &their_bitmap)?;
             }
         }
-        self.idle()
+        Ok(())
     }
 
     /// The peer is up to date: record it and let the cleaner work.
@@ -216,13 +236,12 @@ impl<'a> SyncLink<'a> {
                 .map_err(|e| e.to_string())?;
         }
         v.intent.on_peer_up_to_date();
-        v.sync.full_requested.store(false, Ordering::Release);
         v.sync.set_state(SyncState::InSync, None);
         v.sync.set_admitted(true);
         Ok(())
     }
 
-    fn resync(&mut self, full: bool, their_bitmap: &[u8]) -> Result<(), Ended> {
+    fn resync(&mut self, full: bool, checksum: bool, their_bitmap: &[u8]) -> Result<(), Ended> {
         let v = self.v;
         let regions = v.intent.regions();
         // Writes that complete without the peer while a pass runs (its data links are not up
@@ -243,7 +262,7 @@ impl<'a> SyncLink<'a> {
             // Checksum mode: compare first, copy only what differs; the equal regions' bits are
             // cleared after a both-node flush below.
             let mut equal = Vec::new();
-            if pass == 0 && v.sync.checksum_requested.swap(false, Ordering::AcqRel) {
+            if pass == 0 && checksum {
                 let marked: Vec<u64> = words
                     .iter()
                     .enumerate()

@@ -44,7 +44,8 @@ fn serve_inner(v: &VolumeShared, s: &mut TcpStream) -> Result<(), String> {
     let _ = s.set_nodelay(true);
     let name = &v.config.name;
     let (theirs, their_bitmap) = read_hello(s, v.intent.regions())?;
-    let (ours, our_bitmap) = local_hello(&v.intent, v.disk.state(), &v.sync);
+    let full = v.sync.full_requested.load(Ordering::Acquire);
+    let (ours, our_bitmap) = local_hello(&v.intent, v.disk.state(), &v.sync, full);
     let decision = decide(&facts(&theirs, &their_bitmap), &facts(&ours, &our_bitmap));
     // Decided before answering: by the time the primary knows, data links are let in here.
     match &decision {
