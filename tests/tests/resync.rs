@@ -186,10 +186,12 @@ fn dirty_regions_alone(a: &mut TestPrimary, regions: u64) {
 
 #[test]
 fn a_resync_cut_twice_resumes_and_the_target_cannot_be_primary_meanwhile() {
-    let p = pair("fencing = \"none\"\nresync_rate = \"6MiB\"\n", "", None);
+    let sites = Sites::create(12);
+    let p = pair("fencing = \"none\"\nresync_rate = \"6MiB\"\n", "", Some((&sites.addr_a, &sites.addr_b)));
+    sites.enter_a();
     let (cfg, name) = volume_cfg(&p.alpha);
     let mut a = TestPrimary::open(&cfg, &name, 16, 3);
-    // No secondary yet: the primary goes on alone (after the link times out).
+    // No secondary yet: the primary goes on alone.
     dirty_regions_alone(&mut a, 400); // 25 MiB dirty: about 4 s at 6 MiB/s
     let dirty_bytes = a.vol.shared.intent.dirty_regions() * REGION;
     assert_eq!(dirty_bytes, 400 * REGION);
@@ -197,26 +199,28 @@ fn a_resync_cut_twice_resumes_and_the_target_cannot_be_primary_meanwhile() {
     let beta_as_primary = p.dir.path().join("beta-as-primary.toml");
     let text = std::fs::read_to_string(&p.beta).unwrap().replace("role = \"secondary\"", "role = \"primary\"");
     std::fs::write(&beta_as_primary, text).unwrap();
-    for cut in 0..2 {
-        let mut beta = NodeProcess::start(&p.beta);
-        beta.wait_ready(Duration::from_secs(10));
+    let mut beta = NodeProcess::start_in(Some(&sites.b), &p.beta);
+    beta.wait_ready(Duration::from_secs(10));
+    for cut in 0..2u64 {
         wait_until(LONG, "the resync to be under way", || {
             a.poll();
             beta.status_json()["volumes"][0]["disk_state"] == "inconsistent"
                 && resynced_bytes(&a) > (cut + 1) * (4 << 20)
         });
-        beta.kill9();
+        sites.cut();
+        wait_until(LONG, "the primary to see its sync link end", || {
+            a.poll();
+            a.vol.shared.sync.info().message.is_some()
+        });
         // The target, inconsistent, refuses to serve as primary.
         let out =
             Command::new(metroblk_bin()).args(["node", "run", "--config"]).arg(&beta_as_primary).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "an inconsistent copy started as primary");
         assert!(err.contains("copy is inconsistent") && err.trim().lines().count() == 1, "{err}");
+        sites.heal();
     }
-    let beta = NodeProcess::start(&p.beta);
-    let mut beta = beta;
-    beta.wait_ready(Duration::from_secs(10));
-    wait_in_sync(&mut a, &beta, LONG);
+    wait_in_sync(&mut a, &beta, Duration::from_secs(120));
     let copied = resynced_bytes(&a);
     // Resumed, not restarted: each cut costs at most what was not yet flushed on the target.
     let slack = 2 * (metroblk::resync::copy::BYTES_PER_FLUSH_MAX + 32 * REGION);

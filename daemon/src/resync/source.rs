@@ -196,6 +196,7 @@ impl<'a> SyncLink<'a> {
     fn exchange(&mut self, full: bool, checksum: bool) -> Result<(), Ended> {
         let v = self.v;
         let name = &v.config.name;
+        let alone_before = self.completed_alone();
         let (ours, our_bitmap) = local_hello(&v.intent, v.disk.state(), &v.sync, full);
         send_hello(&mut self.s, &ours, &our_bitmap)?;
         let (theirs, their_bitmap) = read_hello(&mut self.r, v.intent.regions())?;
@@ -217,6 +218,11 @@ impl<'a> SyncLink<'a> {
             }
             Decision::InSync => {
                 tracing::info!(volume = %name, "copies in sync: nothing to resync");
+                // Same generation, no region marked on either node: nothing is due, unless a
+                // write completed alone since our hello was made.
+                if self.completed_alone() == alone_before {
+                    v.intent.set_resync_needed(false);
+                }
                 self.finish_in_sync()?;
             }
             Decision::PrimaryToSecondary { full } => {
