@@ -31,8 +31,10 @@ pub const SYNC_LINK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often an idle sync link is pinged, and the operator's requests looked at.
 pub const IDLE_TICK: Duration = Duration::from_millis(500);
 /// How often the cleaner looks for bits to clear: a region written at least this often is
-/// hot and never costs a metadata write.
-pub const CLEAN_INTERVAL: Duration = Duration::from_secs(2);
+/// hot and never costs a metadata write. Short, because every bit still set when the link is
+/// lost is resynced: after `mkfs` (a discard of the whole device) the bits should be gone
+/// within a couple of seconds, not copied in full at the next partition.
+pub const CLEAN_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a copy waits for an application write to its region before the pass gives up
 /// (the writes may be held while the data links are down).
 pub const RANGE_WAIT_MAX: Duration = Duration::from_secs(30);
