@@ -11,11 +11,15 @@
 //! - `start NODE LOGSUFFIX` (pid in `$PID_<NODE>`), `stop NODE` (SIGTERM, must exit 0),
 //!   `kill9 NODE` (SIGKILL, no clean shutdown);
 //! - `wait_device`: the primary reports its device, it exists, the link is up; sets `$DEV`;
-//! - `status_field NODE FIELD`: one field of `metroblk status --json`;
+//! - `status_field NODE FIELD`: one field of `metroblk status --json`; `field_is NODE FIELD
+//!   VALUE`; `wait_for SECONDS WHAT COMMAND...` (polls); `now_ms`;
 //! - `write_files DIR PREFIX COUNT SIZE`, `write_synced DIR PREFIX COUNT`: files of random bytes;
-//! - `check_secondary_copy [FSTYPE] [MOUNT_OPTIONS]`: the secondary's backing file, attached
-//!   read-only to a loop device and mounted, holds exactly the files listed in `$W/sums`
-//!   (`sha256sum` lines relative to the mount point); default `ext4 ro,noload`.
+//! - `check_secondary_copy [FSTYPE] [MOUNT_OPTIONS] [NODE]`: NODE's (beta's) backing file,
+//!   attached read-only to a loop device and mounted, holds exactly the files listed in
+//!   `$W/sums` (`sha256sum` lines relative to the mount point); default `ext4 ro,noload`.
+//! - with `Opts::sites`: three network namespaces (sa: alpha, sb: beta, sw: the witness)
+//!   joined pairwise by veth links (`cut sa ab`, `heal sa ab`; ab, aw, bw), `start_witness`,
+//!   `in_site NODE COMMAND...`; `$WRITER` is the `blk_writer` binary.
 
 use std::path::Path;
 use std::time::Duration;
@@ -46,7 +50,14 @@ trap 'rc=$?; [ $rc = 0 ] || dump_logs' EXIT
 
 printf '%s\n' "$KEY" > "$W/key"
 chmod 600 "$W/key"
-# config NAME PEER ROLE LISTEN_PORT PEER_PORT [EXTRA_VOLUME_LINES]
+# ns_of NODE: the network namespace a node runs in ("" on loopback).
+ns_of() { case "$TOPOLOGY:$1" in sites:alpha) echo sa ;; sites:beta) echo sb ;; sites:witness) echo sw ;; *) echo "" ;; esac; }
+# in_site NODE COMMAND...: runs COMMAND in NODE's network namespace.
+in_site() {
+    local ns; ns=$(ns_of "$1"); shift
+    if [ -n "$ns" ]; then ip netns exec "$ns" "$@"; else "$@"; fi
+}
+# config NAME PEER ROLE LISTEN PEER_ADDRESS [EXTRA_VOLUME_LINES] [EXTRA_SECTIONS]
 config() {
     cat > "$W/$1.toml" <<EOF
 [node]
@@ -58,39 +69,78 @@ name = "vol0"
 size = "$SIZE"
 backing_file = "$W/$1.img"
 metadata_file = "$W/$1.meta"
-listen = "127.0.0.1:$4"
+listen = "$4"
 role = "$3"
 queues = 2
 depth = 64
 ${6:-}
 [volume.peer]
 name = "$2"
-address = "127.0.0.1:$5"
+address = "$5"
 authkey_file = "$W/key"
+${7:-}
 EOF
     "$BIN" create-md --force --config "$W/$1.toml" vol0 >/dev/null
 }
-config alpha beta primary 7801 7802 "${ALPHA_EXTRA:-}"
-config beta alpha secondary 7802 7801
+if [ "$TOPOLOGY" = sites ]; then
+    # Three sites in network namespaces: sa (alpha), sb (beta), sw (the witness), a veth
+    # link between each pair. `cut NS DEV` / `heal NS DEV`: ab (alpha-beta), aw (alpha-witness),
+    # bw (beta-witness), all from the first site's end.
+    for ns in sa sb sw; do ip netns del $ns 2>/dev/null || true; ip netns add $ns; ip -n $ns link set lo up; done
+    veth() { # NS1 DEV1 ADDR1 NS2 DEV2 ADDR2
+        ip -n "$1" link add "$2" type veth peer name "$5" netns "$4"
+        ip -n "$1" addr add "$3/30" dev "$2"; ip -n "$4" addr add "$6/30" dev "$5"
+        ip -n "$1" link set "$2" up; ip -n "$4" link set "$5" up
+    }
+    veth sa ab 10.88.1.1 sb ba 10.88.1.2
+    veth sa aw 10.88.2.1 sw wa 10.88.2.2
+    veth sb bw 10.88.3.1 sw wb 10.88.3.2
+    cut() { ip -n "$1" link set "$2" down; }
+    heal() { ip -n "$1" link set "$2" up; }
+    printf '%s\n' "witness-$KEY" > "$W/witness.key"
+    chmod 600 "$W/witness.key"
+    cat > "$W/witness.toml" <<EOF
+listen = "0.0.0.0"
+port = 9095
+authkey_file = "$W/witness.key"
+state_file = "$W/witness.state"
+EOF
+    wsec() { # WITNESS_ADDRESS
+        printf '[volume.witness]\naddress = "%s"\nauthkey_file = "%s"\nlease_ms = %s\n' "$1" "$W/witness.key" "$LEASE_MS"
+    }
+    config alpha beta primary 10.88.1.1:7801 10.88.1.2:7802 "ublk_id = 0
+${ALPHA_EXTRA:-}" "$(wsec 10.88.2.2:9095)"
+    config beta alpha secondary 10.88.1.2:7802 10.88.1.1:7801 "ublk_id = 1
+${ALPHA_EXTRA:-}" "$(wsec 10.88.3.2:9095)"
+    start_witness() {
+        in_site witness "$BIN" witness run --config "$W/witness.toml" 2>> "$W/witness.log" &
+        PID_witness=$!
+    }
+else
+    config alpha beta primary 127.0.0.1:7801 127.0.0.1:7802 "${ALPHA_EXTRA:-}"
+    config beta alpha secondary 127.0.0.1:7802 127.0.0.1:7801
+fi
 
 # start NAME LOGSUFFIX: runs the node in the background; its pid is in PID_<NAME>.
 start() {
-    "$BIN" node run --config "$W/$1.toml" 2> "$W/$1$2.log" &
+    in_site "$1" "$BIN" node run --config "$W/$1.toml" 2>> "$W/$1$2.log" &
     eval "PID_$1=$!"
 }
 status_field() { # NODE FIELD
     "$BIN" status --json --config "$W/$1.toml" 2>/dev/null | sed -n "s/^ *\"$2\": *\"\{0,1\}\([^\",]*\)\"\{0,1\},\{0,1\}$/\1/p" | head -n 1 || true
 }
-# Waits until the primary reports its device, the block device exists and the link is up.
+# wait_device [NODE [LINK_STATE]]: waits until NODE (alpha) reports its device, the block
+# device exists and its link is in LINK_STATE (connected; "any" for any); sets $DEV.
 wait_device() {
+    local node=${1:-alpha} want=${2:-connected}
     for _ in $(seq 600); do
-        DEV=$(status_field alpha ublk_device)
-        if [ -n "$DEV" ] && [ -b "$DEV" ] && [ "$(status_field alpha link_state)" = connected ]; then
+        DEV=$(status_field "$node" ublk_device)
+        if [ -n "$DEV" ] && [ -b "$DEV" ] && { [ "$want" = any ] || [ "$(status_field "$node" link_state)" = "$want" ]; }; then
             return 0
         fi
         sleep 0.1
     done
-    echo "the primary's device did not come up"; return 1
+    echo "the device of $node did not come up"; return 1
 }
 # stop NAME: SIGTERM, and the node must exit 0.
 stop() {
@@ -104,6 +154,17 @@ kill9() {
     kill -KILL "$pid"
     wait "$pid" || true
 }
+# wait_for SECONDS WHAT COMMAND...: polls COMMAND every 0.2 s.
+wait_for() {
+    local secs=$1 what=$2; shift 2
+    for _ in $(seq $(( secs * 5 ))); do
+        if "$@"; then return 0; fi
+        sleep 0.2
+    done
+    echo "timed out after $secs s waiting for $what"; return 1
+}
+field_is() { [ "$(status_field "$1" "$2")" = "$3" ]; }
+now_ms() { date +%s%3N; }
 # COUNT files of SIZE random bytes (one process, quick under TCG): write_files DIR PREFIX COUNT SIZE
 write_files() {
     head -c $(( $3 * $4 )) /dev/urandom | split -b "$4" -a 3 - "$1/$2"
@@ -119,7 +180,7 @@ write_synced() {
 # check_secondary_copy [FSTYPE] [MOUNT_OPTIONS]
 check_secondary_copy() {
     local loop
-    loop=$(losetup --read-only --find --show "$W/beta.img")
+    loop=$(losetup --read-only --find --show "$W/${3:-beta}.img")
     mkdir -p /tmp/mnt2
     mount -t "${1:-ext4}" -o "${2:-ro,noload}" "$loop" /tmp/mnt2
     (cd /tmp/mnt2 && sha256sum --quiet -c "$W/sums")
@@ -129,24 +190,40 @@ check_secondary_copy() {
 }
 "#;
 
-/// How a body runs: the volume size (a `size` value of the config) and extra config lines for
-/// the primary's volume.
+/// How a body runs: the volume size (a `size` value of the config), extra config lines for
+/// the primary's volume, and where the nodes run.
 #[derive(Debug, Clone, Copy)]
 pub struct Opts<'a> {
     pub size: &'a str,
     pub alpha_extra: &'a str,
     pub timeout: Duration,
+    /// Three sites with a witness (see the prelude) instead of loopback.
+    pub sites: bool,
+    /// The witness lease of the sites' volumes.
+    pub lease_ms: u64,
 }
 
 impl Default for Opts<'_> {
     fn default() -> Self {
-        Opts { size: "256MiB", alpha_extra: "", timeout: TIMEOUT }
+        Opts { size: "256MiB", alpha_extra: "", timeout: TIMEOUT, sites: false, lease_ms: 2000 }
     }
 }
 
 /// The whole script: the variables the prelude reads, the prelude, then `body`.
 pub fn script(body: &str, opts: &Opts) -> String {
-    format!("KEY='{TEST_KEY}'\nSIZE='{}'\nALPHA_EXTRA='{}'\n{PRELUDE}\n{body}", opts.size, opts.alpha_extra)
+    format!(
+        "KEY='{TEST_KEY}'\nSIZE='{}'\nALPHA_EXTRA='{}'\nTOPOLOGY='{}'\nLEASE_MS='{}'\nWRITER='{}'\n{PRELUDE}\n{body}",
+        opts.size,
+        opts.alpha_extra,
+        if opts.sites { "sites" } else { "loopback" },
+        opts.lease_ms,
+        writer_bin().display(),
+    )
+}
+
+/// The `blk_writer` binary (tests/src/bin/blk_writer.rs), built beside the metroblk binary.
+pub fn writer_bin() -> std::path::PathBuf {
+    vm::bin_dir().map(|d| d.join("blk_writer")).unwrap_or_default()
 }
 
 /// Fails the test at once when the metroblk binary has not been built.

@@ -8,15 +8,6 @@
 use metroblk_tests::ublk_script::{self, Opts};
 
 const PARTITION: &str = r#"
-wait_for() { # SECONDS WHAT COMMAND...: polls COMMAND every 0.2 s
-    local secs=$1 what=$2; shift 2
-    for _ in $(seq $(( secs * 5 ))); do
-        if "$@"; then return 0; fi
-        sleep 0.2
-    done
-    echo "timed out after $secs s waiting for $what"; return 1
-}
-field_is() { [ "$(status_field "$1" "$2")" = "$3" ]; }
 in_sync() {
     field_is alpha sync_state in-sync && field_is alpha alone false &&
         field_is beta disk_state up-to-date && field_is alpha link_state connected

@@ -158,7 +158,9 @@ sleep 1
 kill -0 "$FIO"   # and it waits: the device is quiesced, not failed
 step "restart the primary: it recovers $DEV"
 start alpha "-restarted"
-wait_device
+# The device, whatever the link shows (a resync of the regions dirty at the kill may be
+# running: the link state then says sync-source).
+wait_device alpha any
 [ "$DEV" = "$FIRST_DEV" ]
 grep -q "ublk device is live.*recovered=true" "$W/alpha-restarted.log"
 # Within seconds, not the kernel's default 30 s request timeout.
