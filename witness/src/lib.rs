@@ -7,3 +7,4 @@
 //! (never on the daemon or ublk), so a witness host needs no ublk.
 
 pub mod registry;
+pub mod state;
