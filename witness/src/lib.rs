@@ -6,5 +6,9 @@
 //! [`cli`] is the operator's `metroblk witness ...`. The crate depends on the protocol crate only
 //! (never on the daemon or ublk), so a witness host needs no ublk.
 
+pub mod client;
+pub mod config;
+mod io;
 pub mod registry;
+pub mod server;
 pub mod state;
