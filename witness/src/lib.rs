@@ -6,6 +6,7 @@
 //! [`cli`] is the operator's `metroblk witness ...`. The crate depends on the protocol crate only
 //! (never on the daemon or ublk), so a witness host needs no ublk.
 
+pub mod cli;
 pub mod client;
 pub mod config;
 mod io;
