@@ -253,7 +253,11 @@ fn log_decision(node: &str, req: &Request, reply: &Reply) {
     let volume = req.volume().map(|v| v.name.as_str()).unwrap_or("-");
     let kind = req.kind();
     match (req, reply) {
-        (Request::Lease { .. } | Request::Query { .. } | Request::Status, Reply::Refused { reason, .. }) => {
+        // A refused renewal tells a node to stop serving: worth the operator's attention.
+        (Request::Lease { .. }, Reply::Refused { reason, .. }) => {
+            info!("volume {volume}: refused {kind} from {node}: {reason}")
+        }
+        (Request::Query { .. } | Request::Status, Reply::Refused { reason, .. }) => {
             debug!("volume {volume}: refused {kind} from {node}: {reason}")
         }
         (Request::Lease { .. } | Request::Query { .. } | Request::Status, _) => {}
