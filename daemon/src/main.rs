@@ -119,6 +119,12 @@ enum Command {
         #[arg(long)]
         vm: bool,
     },
+    /// Run or manage a witness: the third site that decides which node may serve a volume
+    /// when the nodes lose each other.
+    Witness {
+        #[command(subcommand)]
+        cmd: metroblk_witness::cli::WitnessCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -203,6 +209,12 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Demo { dir, scripted, vm } => {
             metroblk::demo::run(metroblk::demo::DemoOptions { dir, scripted, force_vm: vm })
+        }
+        Command::Witness { cmd } => {
+            if matches!(cmd, metroblk_witness::cli::WitnessCommand::Run { .. }) {
+                init_logging();
+            }
+            metroblk_witness::cli::run_command(cmd)
         }
         Command::Status { config, socket, json } => {
             let path = match (config, socket) {

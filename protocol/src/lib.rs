@@ -1,6 +1,7 @@
 //! Wire formats of metroblk's peer link: the data-link frames that carry replicated I/O
 //! ([`frame`]) and the handshake that checks compatibility and authenticates both nodes before
-//! any frame flows ([`handshake`]).
+//! any frame flows ([`handshake`]); and of the witness link ([`witness`]): the requests a node
+//! makes of the witness and the mutual authentication before them.
 //!
 //! This crate does no I/O of its own (apart from the blocking [`run_handshake`] convenience
 //! driver) and depends on no other metroblk crate, so the daemon, the witness and tests can all
@@ -12,6 +13,7 @@
 pub mod frame;
 pub mod handshake;
 pub mod sync;
+pub mod witness;
 
 pub use frame::{
     decode_header, verify_payload, Frame, FrameError, FrameKind, Geometry, FLAG_FUA, FRAME_MAGIC, HASH_LEN, HEADER_LEN,

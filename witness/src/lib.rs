@@ -1,6 +1,15 @@
 //! The witness server (third site). It arbitrates fencing and promotion between the two data
 //! nodes of each volume; see `../shared/design.md`, "Losing the peer — fencing".
 //!
-//! Not built yet: until it exists a primary that loses its peer holds its writes (see the
-//! daemon's `volume::queue`). The crate is in the workspace now so that the dependency
-//! direction (`daemon` -> `witness` -> `protocol`, never `ublk`) is fixed from the start.
+//! [`registry`] decides (pure, sans-I/O); [`state`] keeps the decisions in a checksummed state
+//! file; [`server`] serves nodes over TCP (tokio) and [`client`] is what a data node uses to ask;
+//! [`cli`] is the operator's `metroblk witness ...`. The crate depends on the protocol crate only
+//! (never on the daemon or ublk), so a witness host needs no ublk.
+
+pub mod cli;
+pub mod client;
+pub mod config;
+mod io;
+pub mod registry;
+pub mod server;
+pub mod state;
