@@ -130,8 +130,22 @@ struct RawVolume {
     depth: Option<u16>,
     ublk_id: Option<i32>,
     fencing: Option<Fencing>,
+    #[serde(alias = "on-fence")]
+    on_fence: Option<OnFence>,
+    /// Seconds without the peer before a warning and the status flag (0: never).
+    out_of_sync_alert_s: Option<u64>,
     resync_rate: Option<ByteSize>,
     peer: Option<RawPeer>,
+    witness: Option<RawWitness>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWitness {
+    address: String,
+    authkey_file: PathBuf,
+    lease_ms: Option<u64>,
+    drift_ppm: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -171,6 +185,12 @@ pub struct VolumeConfig {
     pub ublk_id: i32,
     /// What the primary does when it loses the peer.
     pub fencing: Fencing,
+    /// What a fenced primary does with I/O.
+    pub on_fence: OnFence,
+    /// A volume without its peer for longer than this raises the out-of-sync alert.
+    pub out_of_sync_alert: std::time::Duration,
+    /// The witness (`fencing = "witness"`, the default when `[volume.witness]` is set).
+    pub witness: Option<WitnessConfig>,
     /// Resync rate limit in bytes per second (`resync_rate`, e.g. "100MiB"); 0: unlimited.
     pub resync_rate_bps: u64,
     /// None: a standalone volume (no replication; writes complete locally).
@@ -188,6 +208,41 @@ pub enum Fencing {
     /// Go on alone at once: writes complete locally, their regions are resynced later. Like
     /// DRBD's `dont-care`: a partition can then lead to split brain.
     None,
+    /// Ask the witness: go on alone once it recorded the peer outdated; fence when neither
+    /// peer nor witness answers (design: "Losing the peer — fencing").
+    Witness,
+}
+
+/// What a fenced primary does with I/O (`on_fence`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnFence {
+    /// I/O waits (the kernel keeps it queued) until the node may serve again.
+    Suspend,
+    /// I/O fails with EIO at once.
+    IoError,
+}
+
+/// Default witness lease (design: 5 s).
+pub const WITNESS_LEASE_DEFAULT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Shortest lease a config may name: the renewals (a third of it) must fit round trips.
+pub const WITNESS_LEASE_MIN: std::time::Duration = std::time::Duration::from_millis(300);
+pub const WITNESS_LEASE_MAX: std::time::Duration = std::time::Duration::from_secs(600);
+/// Default clock drift bound between a node and the witness (design: 1 %).
+pub const WITNESS_DRIFT_PPM_DEFAULT: u32 = 10_000;
+/// Default out-of-sync alert (Tintri's recommendation: one minute).
+pub const OUT_OF_SYNC_ALERT_DEFAULT: std::time::Duration = std::time::Duration::from_secs(60);
+/// The witness's default port.
+pub const WITNESS_PORT_DEFAULT: u16 = 9095;
+
+#[derive(Debug, Clone)]
+pub struct WitnessConfig {
+    pub address: SocketAddr,
+    pub authkey_file: PathBuf,
+    /// The key read from `authkey_file` (never logged; empty with `Keys::Skip`).
+    pub authkey: Vec<u8>,
+    pub lease: std::time::Duration,
+    pub drift_ppm: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -362,6 +417,53 @@ impl NodeConfig {
                     (Some(PeerConfig { name: p.name, address, authkey_file, allow_from }), authkey)
                 }
             };
+            let witness = match v.witness {
+                None => None,
+                Some(w) => {
+                    let address = parse_witness_address(&w.address).map_err(|m| err(&f("witness.address"), m))?;
+                    let authkey_file = resolve(path, &w.authkey_file);
+                    let authkey = match keys {
+                        Keys::Read => read_authkey(&authkey_file).map_err(|m| err(&f("witness.authkey_file"), m))?,
+                        Keys::Skip => Vec::new(),
+                    };
+                    let lease = std::time::Duration::from_millis(
+                        w.lease_ms.unwrap_or(WITNESS_LEASE_DEFAULT.as_millis() as u64),
+                    );
+                    if !(WITNESS_LEASE_MIN..=WITNESS_LEASE_MAX).contains(&lease) {
+                        return Err(err(
+                            &f("witness.lease_ms"),
+                            format!(
+                                "{} ms is not between {} and {} ms",
+                                lease.as_millis(),
+                                WITNESS_LEASE_MIN.as_millis(),
+                                WITNESS_LEASE_MAX.as_millis()
+                            ),
+                        ));
+                    }
+                    let drift_ppm = w.drift_ppm.unwrap_or(WITNESS_DRIFT_PPM_DEFAULT);
+                    if drift_ppm > crate::fencing::lease::DRIFT_PPM_MAX {
+                        return Err(err(
+                            &f("witness.drift_ppm"),
+                            format!("{drift_ppm} is above {} (10 %)", crate::fencing::lease::DRIFT_PPM_MAX),
+                        ));
+                    }
+                    if peer.is_none() {
+                        return Err(err(
+                            &f("witness"),
+                            "a witness arbitrates between two nodes: add [volume.peer]".into(),
+                        ));
+                    }
+                    Some(WitnessConfig { address, authkey_file, authkey, lease, drift_ppm })
+                }
+            };
+            let fencing = match (v.fencing, &witness) {
+                (Some(Fencing::Witness), None) => {
+                    return Err(err(&f("fencing"), "\"witness\" needs a [volume.witness] section".into()))
+                }
+                (Some(x), _) => x,
+                (None, Some(_)) => Fencing::Witness,
+                (None, None) => Fencing::Hold,
+            };
             let backing_file = resolve(path, &v.backing_file);
             let metadata_file = resolve(path, &v.metadata_file);
             // Two volumes on one file or port would corrupt each other or fail to start.
@@ -396,7 +498,12 @@ impl NodeConfig {
                 queues,
                 depth,
                 ublk_id: v.ublk_id.unwrap_or(-1),
-                fencing: v.fencing.unwrap_or(Fencing::Hold),
+                fencing,
+                on_fence: v.on_fence.unwrap_or(OnFence::Suspend),
+                out_of_sync_alert: v
+                    .out_of_sync_alert_s
+                    .map_or(OUT_OF_SYNC_ALERT_DEFAULT, std::time::Duration::from_secs),
+                witness,
                 resync_rate_bps: v.resync_rate.map_or(0, |r| r.0),
                 peer,
                 authkey,
@@ -409,6 +516,23 @@ impl NodeConfig {
             volumes,
         })
     }
+}
+
+/// `host:port` or `host` (port 9095); a name is resolved once, at start.
+fn parse_witness_address(s: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return Ok(SocketAddr::new(ip, WITNESS_PORT_DEFAULT));
+    }
+    let with_port = if s.contains(':') { s.to_string() } else { format!("{s}:{WITNESS_PORT_DEFAULT}") };
+    with_port
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| format!("'{s}' is not an address like 10.0.0.3:9095 (or a host name that resolves)"))
 }
 
 /// Relative paths in a config are relative to the config file's directory, not the cwd, so a

@@ -85,6 +85,20 @@ pub struct VolumeStatus {
     /// The last online verify (primary): regions compared and found different, and whether
     /// it finished (or failed part way).
     pub verify: Option<crate::resync::VerifyInfo>,
+    /// The witness (null without one): its address, whether the link is up, the last error
+    /// or refusal.
+    pub witness_address: Option<String>,
+    pub witness_connected: bool,
+    pub witness_message: Option<String>,
+    /// Primary: what is left of the lease, in ms.
+    pub lease_left_ms: Option<u64>,
+    /// This node serves no I/O now: no peer and no lease, or another node is primary.
+    pub fenced: bool,
+    /// The witness named another primary: this node serves nothing in its old epoch.
+    pub deposed: bool,
+    /// The peer has been missing for longer than `out_of_sync_alert_s`.
+    pub out_of_sync_alert: bool,
+    pub peer_missing_s: u64,
 }
 
 /// What the control socket reports on, per volume.
@@ -117,6 +131,9 @@ pub fn volume_status(h: &VolumeHandle) -> VolumeStatus {
     } else {
         LinkState::Connecting
     };
+    let now = std::time::Instant::now();
+    let witness = v.fence.witness_info();
+    let missing = v.fence.peer_missing(now);
     let rtts: Vec<u64> = v.queue_stats.iter().map(|q| QueueStats::get(&q.rtt_ns)).filter(|&r| r > 0).collect();
     let link_rtt_us =
         if rtts.is_empty() { None } else { Some(rtts.iter().sum::<u64>() as f64 / rtts.len() as f64 / 1000.0) };
@@ -162,6 +179,16 @@ pub fn volume_status(h: &VolumeHandle) -> VolumeStatus {
         intent_waits: sum(|q| &q.intent_waits),
         completed_alone: sum(|q| &q.completed_alone),
         verify: sync.verify,
+        witness_address: c.witness.as_ref().map(|w| w.address.to_string()),
+        witness_connected: witness.connected,
+        witness_message: witness.last_refusal.or(witness.last_error),
+        lease_left_ms: (c.witness.is_some() && h.role == Role::Primary)
+            .then(|| v.fence.lease_left(now).as_millis() as u64),
+        fenced: h.role == Role::Primary
+            && v.fence.is_fenced(|_| v.queue_stats.iter().all(|q| q.link() == LinkState::Connected)),
+        deposed: v.fence.is_deposed(),
+        out_of_sync_alert: c.peer.is_some() && !c.out_of_sync_alert.is_zero() && missing >= c.out_of_sync_alert,
+        peer_missing_s: missing.as_secs(),
     }
 }
 
@@ -217,6 +244,11 @@ fn volume_command(r: &ControlRequest, volumes: &[VolumeHandle]) -> Result<String
             if h.role != Role::Primary {
                 return Err(format!("volume {name} is secondary here; resume-alone is for the primary"));
             }
+            if v.fence.enabled {
+                return Err(format!(
+                    "volume {name} has a witness (fencing = \"witness\"): it decides when the primary goes on alone"
+                ));
+            }
             v.intent.allow_alone();
             v.intent.may_complete_alone();
             v.conflicts.wake_all_queues();
@@ -256,6 +288,12 @@ fn volume_command(r: &ControlRequest, volumes: &[VolumeHandle]) -> Result<String
                 format!("volume {name}: resync requested (the primary starts it at its next exchange)")
             })
         }
+        "switchover" => {
+            if h.role != Role::Primary {
+                return Err(format!("volume {name} is secondary here; run switchover on the primary"));
+            }
+            crate::fencing::switchover::switchover(v)
+        }
         "verify" => {
             if h.role != Role::Primary {
                 return Err(format!("volume {name} is secondary here; run verify on the primary"));
@@ -271,7 +309,8 @@ fn volume_command(r: &ControlRequest, volumes: &[VolumeHandle]) -> Result<String
 pub fn request(path: &Path, req: &ControlRequest) -> Result<serde_json::Value, String> {
     let conn = UnixStream::connect(path)
         .map_err(|e| format!("cannot reach the node at {}: {e} (is `metroblk node run` running?)", path.display()))?;
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    // A switchover drains I/O and waits for the witness: seconds, bounded by its own limits.
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(15)));
     let mut w = &conn;
     let line = serde_json::to_string(req).map_err(|e| e.to_string())?;
     writeln!(w, "{line}").map_err(|e| e.to_string())?;
@@ -420,6 +459,24 @@ pub fn render(s: &NodeStatus) -> String {
         }
         if let Some(m) = &v.sync_message {
             out += &format!("    sync: {m}\n");
+        }
+        if let Some(w) = &v.witness_address {
+            out += &format!(
+                "    witness {w} {}{}{}{}\n",
+                if v.witness_connected { "connected" } else { "unreachable" },
+                v.lease_left_ms.map_or(String::new(), |l| format!("  lease left {l} ms")),
+                if v.deposed {
+                    "  DEPOSED (another node is primary)"
+                } else if v.fenced {
+                    "  FENCED (no peer, no lease: I/O stopped)"
+                } else {
+                    ""
+                },
+                v.witness_message.as_ref().map_or(String::new(), |m| format!("  ({m})"))
+            );
+        }
+        if v.out_of_sync_alert {
+            out += &format!("    ALERT: out of sync, the peer has been missing for {} s\n", v.peer_missing_s);
         }
     }
     out

@@ -14,6 +14,7 @@ pub mod bitmap;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod fencing;
 pub mod frontend;
 pub mod metadata;
 pub mod node;

@@ -105,6 +105,17 @@ enum Command {
         /// The volume's name in that config.
         volume: String,
     },
+    /// Planned switchover: the primary drains its I/O and hands its role to the peer through
+    /// the witness; the peer then serves the volume and this node becomes secondary. Run on the
+    /// primary, with the peer connected and in sync. Quiesce the application first (its device
+    /// moves to the other node; I/O that arrives during the switch fails).
+    Switchover {
+        /// The node's config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The volume's name in that config.
+        volume: String,
+    },
     /// Start a primary and a secondary on loopback with a mirrored /dev/ublkb0 and show it
     /// working. On a kernel without ublk_drv it runs inside a QEMU VM (from a source checkout).
     Demo {
@@ -202,6 +213,10 @@ fn run(cli: Cli) -> Result<(), String> {
             };
             let args = metroblk::resync::command::ResyncArgs { full, checksum, discard_local, rate, wait };
             metroblk::resync::command::resync(&config, &volume, &args)
+        }
+        Command::Switchover { config, volume } => {
+            println!("{}", metroblk::resync::command::switchover(&config, &volume)?);
+            Ok(())
         }
         Command::ResumeAlone { config, volume } => {
             println!("{}", metroblk::resync::command::resume_alone(&config, &volume)?);

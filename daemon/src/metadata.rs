@@ -57,7 +57,7 @@ use uuid::Uuid;
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use crate::config::{MAX_REGION_SIZE, MIN_REGION_SIZE};
+use crate::config::{Role, MAX_REGION_SIZE, MIN_REGION_SIZE};
 use crate::volume::disk::DiskState;
 
 /// First eight bytes of each superblock slot.
@@ -104,7 +104,9 @@ struct WireSuperblock {
     full_resync: u8,
     node_name_len: u8,
     node_name: [u8; NODE_NAME_MAX],
-    reserved: [u8; 86],
+    /// [`ROLE_UNKNOWN`], or the role the witness last gave this node (0 primary, 1 secondary).
+    role: u8,
+    reserved: [u8; 85],
     crc: U32,
 }
 
@@ -113,6 +115,10 @@ const _: () = assert!(core::mem::size_of::<WireSuperblock>() == SB_LEN);
 const _: () = assert!(SB_LEN <= BLOCK_BYTES);
 const _: () = assert!(BLOCK_BYTES % 512 == 0);
 const PEER_UNKNOWN: u8 = 0xFF;
+/// Written by versions before the witness, and by `create-md`: the config's role applies.
+const ROLE_UNKNOWN: u8 = 0;
+const ROLE_PRIMARY: u8 = 1;
+const ROLE_SECONDARY: u8 = 2;
 
 fn state_to_u8(s: DiskState) -> u8 {
     match s {
@@ -153,6 +159,9 @@ pub struct Superblock {
     /// The next resync to this node copies every region: its disk was replaced or repaired
     /// after failing (`metroblk attach`). Cleared when that resync completes.
     pub full_resync: bool,
+    /// The role the witness last gave this node (a promotion, a deposition); None: the
+    /// config's preferred role applies.
+    pub role: Option<Role>,
 }
 
 impl Superblock {
@@ -172,6 +181,7 @@ impl Superblock {
             peer_disk_state: None,
             clean_shutdown: true,
             full_resync: false,
+            role: None,
         }
     }
 
@@ -338,7 +348,12 @@ fn encode(sb: &Superblock, seq: u64) -> [u8; BLOCK_BYTES] {
         full_resync: sb.full_resync as u8,
         node_name_len: sb.node_name.len() as u8,
         node_name,
-        reserved: [0; 86],
+        role: match sb.role {
+            None => ROLE_UNKNOWN,
+            Some(Role::Primary) => ROLE_PRIMARY,
+            Some(Role::Secondary) => ROLE_SECONDARY,
+        },
+        reserved: [0; 85],
         crc: U32::new(0),
     };
     w.crc = U32::new(crc32c::crc32c(&w.as_bytes()[..SB_LEN - 4]));
@@ -405,6 +420,12 @@ fn decode(buf: &[u8; BLOCK_BYTES]) -> Slot {
     if w.full_resync > 1 {
         return Slot::Invalid(format!("full-resync flag {}", w.full_resync));
     }
+    let role = match w.role {
+        ROLE_UNKNOWN => None,
+        ROLE_PRIMARY => Some(Role::Primary),
+        ROLE_SECONDARY => Some(Role::Secondary),
+        v => return Slot::Invalid(format!("unknown role {v}")),
+    };
     let name_len = w.node_name_len as usize;
     let node_name = match w.node_name.get(..name_len).map(std::str::from_utf8) {
         Some(Ok(n)) => n.to_string(),
@@ -424,6 +445,7 @@ fn decode(buf: &[u8; BLOCK_BYTES]) -> Slot {
             peer_disk_state,
             clean_shutdown: w.clean_shutdown == 1,
             full_resync: w.full_resync == 1,
+            role,
         },
     )
 }

@@ -18,7 +18,7 @@
 //!   attached read-only to a loop device and mounted, holds exactly the files listed in
 //!   `$W/sums` (`sha256sum` lines relative to the mount point); default `ext4 ro,noload`.
 //! - with `Opts::sites`: three network namespaces (sa: alpha, sb: beta, sw: the witness)
-//!   joined pairwise by veth links (`cut sa ab`, `heal sa ab`; ab, aw, bw), `start_witness`,
+//!   joined pairwise by veth links (`cut_link sa ab`, `heal_link sa ab`; ab, aw, bw), `start_witness`,
 //!   `in_site NODE COMMAND...`; `$WRITER` is the `blk_writer` binary.
 
 use std::path::Path;
@@ -84,7 +84,7 @@ EOF
 }
 if [ "$TOPOLOGY" = sites ]; then
     # Three sites in network namespaces: sa (alpha), sb (beta), sw (the witness), a veth
-    # link between each pair. `cut NS DEV` / `heal NS DEV`: ab (alpha-beta), aw (alpha-witness),
+    # link between each pair. `cut_link NS DEV` / `heal_link NS DEV`: ab (alpha-beta), aw (alpha-witness),
     # bw (beta-witness), all from the first site's end.
     for ns in sa sb sw; do ip netns del $ns 2>/dev/null || true; ip netns add $ns; ip -n $ns link set lo up; done
     veth() { # NS1 DEV1 ADDR1 NS2 DEV2 ADDR2
@@ -95,8 +95,8 @@ if [ "$TOPOLOGY" = sites ]; then
     veth sa ab 10.88.1.1 sb ba 10.88.1.2
     veth sa aw 10.88.2.1 sw wa 10.88.2.2
     veth sb bw 10.88.3.1 sw wb 10.88.3.2
-    cut() { ip -n "$1" link set "$2" down; }
-    heal() { ip -n "$1" link set "$2" up; }
+    cut_link() { ip -n "$1" link set "$2" down; }
+    heal_link() { ip -n "$1" link set "$2" up; }
     printf '%s\n' "witness-$KEY" > "$W/witness.key"
     chmod 600 "$W/witness.key"
     cat > "$W/witness.toml" <<EOF
@@ -113,7 +113,7 @@ ${ALPHA_EXTRA:-}" "$(wsec 10.88.2.2:9095)"
     config beta alpha secondary 10.88.1.2:7802 10.88.1.1:7801 "ublk_id = 1
 ${ALPHA_EXTRA:-}" "$(wsec 10.88.3.2:9095)"
     start_witness() {
-        in_site witness "$BIN" witness run --config "$W/witness.toml" 2>> "$W/witness.log" &
+        (exec ip netns exec sw "$BIN" witness run --config "$W/witness.toml" 2>> "$W/witness.log") &
         PID_witness=$!
     }
 else
@@ -122,8 +122,14 @@ else
 fi
 
 # start NAME LOGSUFFIX: runs the node in the background; its pid is in PID_<NAME>.
+# (`exec` in the background subshell: $! is the node's own pid, which `stop` signals.)
 start() {
-    in_site "$1" "$BIN" node run --config "$W/$1.toml" 2>> "$W/$1$2.log" &
+    local ns; ns=$(ns_of "$1")
+    if [ -n "$ns" ]; then
+        (exec ip netns exec "$ns" "$BIN" node run --config "$W/$1.toml" 2>> "$W/$1$2.log") &
+    else
+        (exec "$BIN" node run --config "$W/$1.toml" 2>> "$W/$1$2.log") &
+    fi
     eval "PID_$1=$!"
 }
 status_field() { # NODE FIELD

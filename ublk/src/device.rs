@@ -508,6 +508,31 @@ impl Device {
     }
 }
 
+/// Deletes the device `params.dev_id` if it exists, is ours (`owner_tag`) and has no live
+/// server: what a killed primary left behind, on a node that is no longer primary. Its
+/// queued I/O fails (a node that lost its role must never resume it: the data moved on at
+/// the other site). Returns whether a device was deleted.
+pub fn delete_orphan(params: &DeviceParams) -> Result<bool, Error> {
+    let id = params.dev_id;
+    if id < 0 || check_driver().is_err() || !device_exists(id) {
+        return Ok(false);
+    }
+    ensure_ctrl_ring()?;
+    let ctrl = UblkCtrl::new_simple(id).map_err(|e| Error::command(id, "GET_DEV_INFO", e))?;
+    let info = ctrl.dev_info();
+    if info.ublksrv_flags != params.owner_tag {
+        return Err(Error::NotOurs { dev_id: id });
+    }
+    if info.state as u32 == sys::UBLK_S_DEV_LIVE {
+        wait_for_exit(id, info.ublksrv_pid)?;
+    }
+    // Best effort: a device that was never started has nothing to stop.
+    let _ = ctrl.kill_dev();
+    ctrl.del_dev().map_err(|e| Error::command(id, "DEL_DEV", e))?;
+    tracing::warn!(dev_id = id, "deleted the ublk device a previous primary incarnation left (its queued I/O fails)");
+    Ok(true)
+}
+
 impl Drop for Device {
     fn drop(&mut self) {
         // A device we added and then failed to hand out is removed again (libublk deletes an

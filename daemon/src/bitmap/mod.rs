@@ -354,6 +354,12 @@ impl WriteIntent {
         self.alone_allowed.store(true, Ordering::Release);
     }
 
+    /// With a witness: the next loss of the peer must be granted again (the peer is up to
+    /// date; the witness is told after this, so it never records up to date first).
+    pub fn revoke_alone(&self) {
+        self.alone_allowed.store(false, Ordering::Release);
+    }
+
     /// Whether unreplicated writes may complete now. If going alone is allowed but not yet
     /// recorded, asks the writer to record it (the queues are woken when it is).
     pub fn may_complete_alone(&self) -> bool {

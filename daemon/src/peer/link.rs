@@ -55,6 +55,11 @@ impl LinkMachine {
         self.phase == LinkPhase::Up
     }
 
+    /// Up, and the peer was heard from within `within` (a ping goes out every tick).
+    pub fn is_fresh(&self, now: Instant, within: Duration) -> bool {
+        self.is_up() && now.saturating_duration_since(self.last_heard) < within
+    }
+
     /// Identifies the current socket's operations (wraps; only one socket is live at a time).
     pub fn generation(&self) -> u16 {
         self.generation

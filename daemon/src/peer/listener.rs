@@ -244,15 +244,16 @@ fn accept_one(
         }
     };
     let stats = &v.queue_stats[0];
-    if links.fetch_add(1, Ordering::Relaxed) >= MAX_LINKS {
+    let open_before = links.fetch_add(1, Ordering::Relaxed);
+    if open_before >= MAX_LINKS {
         links.fetch_sub(1, Ordering::Relaxed);
         sessions.finish(&control);
         tracing::warn!(volume = %v.config.name, "refusing a link from {from}: {MAX_LINKS} already open");
         return;
     }
-    if links.load(Ordering::Relaxed) == 1 {
-        stats.set_link(LinkState::Connected);
-    }
+    // Any link up: connected. Decided on the counter's own transition, so two links accepted
+    // at once cannot both miss it.
+    stats.set_link(LinkState::Connected);
     tracing::info!(volume = %v.config.name, peer = %peer.node_name, queue = peer.queue, session = peer.session, "link from primary up");
     // Each queue's link has its own counters: one link per queue serves at a time
     // (`sessions.rs`), and the queue number was checked above.

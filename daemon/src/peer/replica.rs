@@ -229,7 +229,9 @@ impl Conn {
             self.close(why);
             return;
         }
-        self.core.on_heard(Instant::now());
+        let now = Instant::now();
+        self.core.on_heard(now);
+        self.v.fence.on_peer_heard(now);
         self.got += res as usize;
         match self.core.recv_next() {
             RecvNext::Header if self.got == HEADER_LEN => {
@@ -237,8 +239,11 @@ impl Conn {
                 let decoded = decode_header(&self.hdr, &self.v.geometry).map_err(|e| e.to_string());
                 let (out, adopt) = self.core.on_header(decoded, self.v.epoch(), self.v.disk.is_failed());
                 if let Some(e) = adopt {
-                    // A newer primary: remember its epoch so an older one is refused from now.
-                    self.v.epoch.fetch_max(e, Ordering::Relaxed);
+                    // A newer primary: remember its epoch so an older one is refused from now,
+                    // after restarts too (rare: once per promotion, so a metadata write here).
+                    if self.v.epoch.fetch_max(e, Ordering::Relaxed) < e {
+                        crate::fencing::persist_epoch(&self.v, e);
+                    }
                 }
                 self.act(out);
             }

@@ -36,6 +36,14 @@ pub fn resume_alone(config: &Path, volume: &str) -> Result<String, String> {
     Ok(answer.get("ok").and_then(|v| v.as_str()).unwrap_or("done").to_string())
 }
 
+/// `metroblk switchover`: asks the primary to hand its role to the peer.
+pub fn switchover(config: &Path, volume: &str) -> Result<String, String> {
+    let socket = socket_of(config)?;
+    let req = ControlRequest { command: "switchover".into(), volume: Some(volume.into()), ..Default::default() };
+    let answer = control::request(&socket, &req)?;
+    Ok(answer.get("ok").and_then(|v| v.as_str()).unwrap_or("done").to_string())
+}
+
 pub fn resync(config: &Path, volume: &str, args: &ResyncArgs) -> Result<(), String> {
     let socket = socket_of(config)?;
     let req = ControlRequest {

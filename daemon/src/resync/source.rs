@@ -244,6 +244,10 @@ impl<'a> SyncLink<'a> {
                 .map_err(|e| e.to_string())?;
         }
         v.intent.on_peer_up_to_date();
+        if v.fence.enabled {
+            v.intent.revoke_alone();
+            v.fence.peer_in_sync.store(true, std::sync::atomic::Ordering::Release);
+        }
         v.sync.set_state(SyncState::InSync, None);
         v.sync.set_admitted(true);
         Ok(())

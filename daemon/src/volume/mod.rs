@@ -22,7 +22,7 @@ use std::sync::Arc;
 use metroblk_protocol::{Geometry, MAX_PAYLOAD};
 
 use crate::bitmap::{writer, WriteIntent};
-use crate::config::{Fencing, IoMode, Role, VolumeConfig};
+use crate::config::{Fencing, IoMode, VolumeConfig};
 use crate::metadata;
 use crate::peer::connector::{self, LinkHandoff};
 use stats::QueueStats;
@@ -51,6 +51,8 @@ pub struct VolumeShared {
     /// The sync link's state and the operator's resync requests (`resync/`).
     pub sync: crate::resync::SyncShared,
     pub queue_stats: Vec<Arc<QueueStats>>,
+    /// The lease and the fence, from the witness client (`fencing/`).
+    pub fence: crate::fencing::shared::FenceShared,
 }
 
 impl VolumeShared {
@@ -177,7 +179,8 @@ impl Volume {
             config: cfg.clone(),
             node_name: node_name.to_string(),
             geometry: geometry(cfg),
-            epoch: AtomicU64::new(1),
+            epoch: AtomicU64::new(intent.superblock().epoch.max(1)),
+            fence: crate::fencing::shared::FenceShared::new(cfg),
             file,
             conflicts: conflict::ConflictTable::new(cfg.size),
             disk: disk::DiskHealth::new(intent.superblock().disk_state),
@@ -187,7 +190,6 @@ impl Volume {
         });
         let writer = Some(start_writer(&shared));
         let sync_source = cfg.peer.is_some().then(|| crate::resync::source::spawn(shared.clone()));
-        debug_assert_eq!(cfg.role, Role::Primary);
         let mut handoffs = Vec::new();
         let mut connectors = Vec::new();
         for q in 0..queues {

@@ -26,6 +26,7 @@ use super::ring::{self, op, OwnRing, Submitter};
 use super::stats::{LinkState, QueueStats};
 use super::VolumeShared;
 use crate::bitmap::Mark;
+use crate::fencing::shared::PEER_FRESH;
 use crate::peer::connector::LinkHandoff;
 use crate::peer::link::{LinkMachine, LinkPhase, TickAction};
 use crate::peer::receiver::FrameReceiver;
@@ -67,6 +68,8 @@ struct Slot {
     header: [u8; HEADER_LEN],
     /// The granules this request holds in the volume's conflict table (until it completes).
     range: Option<GranuleRange>,
+    /// Fenced under `on_fence = "io-error"` while its peer half was held: completes with EIO.
+    fail_fenced: bool,
 }
 
 /// The link's I/O state; its phases and keepalive decisions are the pure [`LinkMachine`].
@@ -91,6 +94,8 @@ pub struct Queue {
     waiting: Vec<u16>,
     /// Tags waiting for their regions' write-intent bits to be durable (`bitmap/`).
     intent_waiting: Vec<u16>,
+    /// Tags that arrived while the volume was fenced (`on_fence = "suspend"`), in order.
+    fenced_waiting: Vec<u16>,
     link: Link,
     handoff: Arc<LinkHandoff>,
     eventfd_buf: Box<u64>,
@@ -121,12 +126,14 @@ pub enum RequestError {
     BadLength { len: u32 },
     #[error("the local disk has failed; no write is accepted until it is re-attached")]
     DiskFailed,
+    #[error("the volume is fenced: this node has lost its peer and the witness (on_fence = io-error)")]
+    Fenced,
 }
 
 impl RequestError {
     pub fn errno(&self) -> i32 {
         match self {
-            RequestError::DiskFailed => -libc::EIO,
+            RequestError::DiskFailed | RequestError::Fenced => -libc::EIO,
             _ => -libc::EINVAL,
         }
     }
@@ -145,6 +152,7 @@ impl Queue {
                 local_res: 0,
                 header: [0; HEADER_LEN],
                 range: None,
+                fail_fenced: false,
             })
             .collect();
         shared.conflicts.register_queue(qid, handoff.eventfd());
@@ -159,6 +167,7 @@ impl Queue {
             slots,
             waiting: Vec::with_capacity(depth as usize),
             intent_waiting: Vec::with_capacity(depth as usize),
+            fenced_waiting: Vec::with_capacity(depth as usize),
             link: Link {
                 machine: LinkMachine::new(Instant::now(), PEER_TIMEOUT),
                 sock: None,
@@ -252,10 +261,16 @@ impl Queue {
         if req.kind != ReqKind::Read && self.shared.disk.is_failed() {
             return Err(RequestError::DiskFailed);
         }
+        // Fenced (design: "Losing the peer"): neither peer nor lease; serve nothing.
+        let fenced = self.shared.fence.is_fenced(|now| self.link.machine.is_fresh(now, PEER_FRESH));
+        if fenced && self.shared.fence.fails_fenced_io() {
+            return Err(RequestError::Fenced);
+        }
         let slot = &mut self.slots[tag as usize];
         assert!(!slot.busy, "tag {tag} submitted twice");
         assert!(slot.range.is_none());
         slot.busy = true;
+        slot.fail_fenced = false;
         slot.req = req;
         slot.seq = (self.next_seq << 16) | tag as u64;
         self.next_seq += 1;
@@ -265,12 +280,25 @@ impl Queue {
         slot.state = RequestState { local: Half::None, peer: Half::None };
         self.inflight += 1;
         QueueStats::add(&self.stats.inflight, 1);
+        if fenced || !self.fenced_waiting.is_empty() {
+            // In order behind those already waiting.
+            self.fenced_waiting.push(tag);
+            QueueStats::add(&self.stats.parked, 1);
+            return Ok(());
+        }
+        self.dispatch(s, tag);
+        Ok(())
+    }
+
+    /// Takes request `tag`'s range in the conflict table (or waits for it) and starts it.
+    fn dispatch(&mut self, s: &mut impl Submitter, tag: u16) {
+        let req = self.slots[tag as usize].req;
         let ordered = self.order_conflicts
             && self.replicate
             && matches!(req.kind, ReqKind::Write | ReqKind::Discard | ReqKind::WriteZeroes);
         if !ordered {
             self.start_request(s, tag);
-            return Ok(());
+            return;
         }
         let range = self.shared.conflicts.range(req.offset, req.len as u64);
         if self.shared.conflicts.try_acquire(range, self.qid) {
@@ -284,7 +312,48 @@ impl Queue {
             self.shared.conflicts.set_waiting(self.qid, true);
             self.retry_waiting(s);
         }
-        Ok(())
+    }
+
+    /// Requests that arrived while fenced: started once the fence is lifted (a lease again,
+    /// or the peer back); failed with EIO under `io-error`, with every held request.
+    fn retry_fenced(&mut self, s: &mut impl Submitter, done: &mut impl FnMut(u16, i32)) {
+        if !self.shared.fence.enabled {
+            return;
+        }
+        if !self.shared.fence.is_fenced(|now| self.link.machine.is_fresh(now, PEER_FRESH)) {
+            let waiting = std::mem::take(&mut self.fenced_waiting);
+            QueueStats::sub(&self.stats.parked, waiting.len() as u64);
+            for &tag in &waiting {
+                self.dispatch(s, tag);
+            }
+            // Hand the capacity back: no allocation on the next fence.
+            self.fenced_waiting = waiting;
+            self.fenced_waiting.clear();
+            return;
+        }
+        if !self.shared.fence.fails_fenced_io() {
+            return; // suspend: everything waits
+        }
+        QueueStats::sub(&self.stats.parked, self.fenced_waiting.len() as u64);
+        while let Some(tag) = self.fenced_waiting.pop() {
+            let slot = &mut self.slots[tag as usize];
+            slot.local_res = -libc::EIO;
+            slot.state = RequestState { local: Half::Done, peer: Half::None };
+            self.maybe_complete(s, tag, done);
+        }
+        let mut failed = 0;
+        for tag in 0..self.slots.len() {
+            let slot = &mut self.slots[tag];
+            if slot.busy && slot.state.waive_peer() {
+                slot.fail_fenced = true;
+                failed += 1;
+                self.maybe_complete(s, tag as u16, done);
+            }
+        }
+        if failed > 0 {
+            QueueStats::sub(&self.stats.held, failed);
+            tracing::warn!(volume = %self.shared.config.name, qid = self.qid, failed, "fenced: held writes failed with EIO (on_fence = io-error)");
+        }
     }
 
     /// Starts the waiting requests whose range is now free, in submission order.
@@ -355,6 +424,10 @@ impl Queue {
     /// regions stay dirty for the resync.
     fn maybe_complete_alone(&mut self, s: &mut impl Submitter, done: &mut impl FnMut(u16, i32)) {
         if self.link.machine.is_up() || QueueStats::get(&self.stats.held) == 0 || !self.shared.intent.alone_allowed() {
+            return;
+        }
+        // With a witness: only while the lease runs (the witness may promote the peer after).
+        if !self.shared.fence.may_serve_without_peer(Instant::now()) {
             return;
         }
         if !self.shared.intent.may_complete_alone() {
@@ -504,6 +577,11 @@ impl Queue {
         if self.replicate && !self.link.machine.is_up() {
             self.maybe_complete_alone(s, done);
         }
+        if self.shared.fence.enabled
+            && (matches!(ring::ud_op(ud), op::TICK | op::LINK_READY) || !self.fenced_waiting.is_empty())
+        {
+            self.retry_fenced(s, done);
+        }
     }
 
     fn local_done(&mut self, s: &mut impl Submitter, tag: u16, res: i32, done: &mut impl FnMut(u16, i32)) {
@@ -561,7 +639,7 @@ impl Queue {
         let range = slot.range.take();
         self.inflight -= 1;
         QueueStats::sub(&self.stats.inflight, 1);
-        done(tag, slot.local_res);
+        done(tag, if slot.fail_fenced { -libc::EIO } else { slot.local_res });
         // Released after `done`, so whoever waited for this range is issued, and completes,
         // strictly after this request has been reported complete.
         if let Some(range) = range {

@@ -55,6 +55,8 @@ pub struct QueueStats {
     pub inflight: AtomicU64,
     /// Requests held because the peer is unreachable.
     pub held: AtomicU64,
+    /// Requests parked, not started, while the volume is fenced or switching over.
+    pub parked: AtomicU64,
     /// Requests that waited for a write-intent bit to become durable.
     pub intent_waits: AtomicU64,
     /// Replicated requests completed without the peer (the volume went on alone).

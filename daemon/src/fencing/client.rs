@@ -1,0 +1,363 @@
+//! The I/O around [`Fence`]: one thread per replicated volume, with a small tokio runtime
+//! for the witness link (control plane). Every tick it feeds the machine what the engine
+//! sees (peer links, disk, resyncs), sends what the machine asks, feeds back the answer and
+//! publishes the outcome to the queues through [`FenceShared`](super::shared::FenceShared).
+//! It also raises the out-of-sync alert, with or without a witness.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use metroblk_protocol::witness::{self as wire, Reply, Request, VolumeId};
+use metroblk_witness::client::Client;
+
+use super::lease::LeaseClock;
+use super::{Answer, Ask, Fence, NodeRole};
+use crate::volume::disk::DiskState;
+use crate::volume::stats::{LinkState, QueueStats};
+use crate::volume::VolumeShared;
+
+/// How often the machine is fed and polled.
+pub const TICK: Duration = Duration::from_millis(50);
+/// Connecting to the witness gives up after this long.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// A request the witness has not answered in this long is lost (never longer than a third
+/// of the lease: renewals must not queue up behind a dead connection).
+pub const REQUEST_TIMEOUT_MAX: Duration = Duration::from_secs(1);
+
+/// What the node must do about its role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoleChange {
+    /// The witness made this secondary the primary in `epoch` (recorded in the metadata).
+    Promoted { volume: String, epoch: u64 },
+    /// Another node is primary in `epoch`: this primary serves nothing more.
+    Deposed { volume: String, epoch: u64 },
+    /// This primary resigned (its disk failed).
+    Resigned { volume: String },
+    /// A planned switchover: the peer is primary in `epoch`; this node's copy is up to date.
+    HandedOver { volume: String, epoch: u64 },
+}
+
+pub struct FenceClient {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for FenceClient {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts the client of a replicated volume opened in `role`.
+pub fn spawn(
+    v: Arc<VolumeShared>,
+    role: NodeRole,
+    on_change: impl Fn(RoleChange) + Send + 'static,
+) -> Result<FenceClient, String> {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("fence-{}", v.config.name))
+        .spawn(move || run(v, role, &on_change, stop2))
+        .map_err(|e| format!("cannot start the witness client thread: {e}"))?;
+    Ok(FenceClient { stop, thread: Some(thread) })
+}
+
+fn volume_id(v: &VolumeShared) -> VolumeId {
+    let peer = v.config.peer.as_ref().map_or(String::new(), |p| p.name.clone());
+    VolumeId::new(&v.config.name, &v.config.uuid.to_string(), &v.node_name, &peer)
+}
+
+fn wire_state(s: DiskState) -> wire::DiskState {
+    match s {
+        DiskState::UpToDate => wire::DiskState::UpToDate,
+        DiskState::Outdated => wire::DiskState::Outdated,
+        DiskState::Inconsistent => wire::DiskState::Inconsistent,
+        DiskState::Failed => wire::DiskState::Failed,
+    }
+}
+
+/// Is the peer here? Primary: every queue's link is up. Secondary: the primary was heard
+/// from lately (`PRIMARY_SILENCE`; a fresh start counts as heard), and its links, once seen,
+/// are still open (a primary that closed them left: no need to wait for the silence).
+fn peer_present(v: &VolumeShared, role: NodeRole, now: Instant, links_seen: &mut bool) -> bool {
+    match role {
+        NodeRole::Primary => v.queue_stats.iter().all(|q| q.link() == LinkState::Connected),
+        _ => {
+            let link_up = v.queue_stats[0].link() == LinkState::Connected;
+            *links_seen |= link_up;
+            v.fence.primary_heard_recently(now) && (link_up || !*links_seen)
+        }
+    }
+}
+
+struct WitnessLink {
+    addr: SocketAddr,
+    key: Vec<u8>,
+    node: String,
+    client: Option<Client>,
+    request_timeout: Duration,
+}
+
+impl WitnessLink {
+    async fn ask(&mut self, v: &VolumeShared, req: &Request) -> Result<Reply, String> {
+        if self.client.is_none() {
+            let c = Client::connect(self.addr, &self.node, &self.key, CONNECT_TIMEOUT).await?;
+            tracing::info!(volume = %v.config.name, witness = %self.addr, "witness link up");
+            self.client = Some(c);
+            set_info(v, |w| {
+                w.connected = true;
+                w.last_error = None;
+            });
+        }
+        let client = self.client.as_mut().expect("connected above");
+        match client.request(req, self.request_timeout).await {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                self.client = None;
+                Err(e)
+            }
+        }
+    }
+}
+
+fn set_info(v: &VolumeShared, f: impl FnOnce(&mut super::shared::WitnessInfo)) {
+    f(&mut v.fence.witness.lock().unwrap_or_else(|p| p.into_inner()));
+}
+
+fn run(v: Arc<VolumeShared>, role: NodeRole, on_change: &dyn Fn(RoleChange), stop: Arc<std::sync::atomic::AtomicBool>) {
+    let name = v.config.name.clone();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(volume = %name, "cannot start the witness client runtime: {e}");
+            return;
+        }
+    };
+    let sb = v.intent.superblock();
+    let witness = v.config.witness.clone();
+    let (lease, drift_ppm) =
+        witness.as_ref().map_or((crate::config::WITNESS_LEASE_DEFAULT, 0), |w| (w.lease, w.drift_ppm));
+    let mut fence = Fence::new(
+        role,
+        v.epoch(),
+        LeaseClock::new(lease, drift_ppm),
+        v.disk.state() == DiskState::UpToDate,
+        sb.peer_disk_state == Some(DiskState::Outdated),
+    );
+    let mut link = witness.as_ref().map(|w| WitnessLink {
+        addr: w.address,
+        key: w.authkey.clone(),
+        node: v.node_name.clone(),
+        client: None,
+        request_timeout: REQUEST_TIMEOUT_MAX.min(lease / super::lease::RENEWALS_PER_LEASE),
+    });
+    let id = volume_id(&v);
+    let mut alerted = false;
+    let mut links_seen = false;
+    let mut was_present = None;
+    while !stop.load(Ordering::Acquire) {
+        let now = Instant::now();
+        let present = peer_present(&v, fence.role(), now, &mut links_seen);
+        if was_present != Some(present) {
+            fence.handle_peer_link(present);
+            if present {
+                v.fence.on_peer_connected();
+            }
+            was_present = Some(present);
+        }
+        // The out-of-sync alert (with or without a witness).
+        let missing = v.fence.note_peer(present, now);
+        if missing >= v.config.out_of_sync_alert && !v.config.out_of_sync_alert.is_zero() {
+            if !alerted {
+                tracing::warn!(
+                    volume = %name,
+                    missing_s = missing.as_secs(),
+                    "out of sync: the peer has been missing for longer than {} s (out_of_sync_alert_s)",
+                    v.config.out_of_sync_alert.as_secs()
+                );
+                alerted = true;
+            }
+        } else if present {
+            alerted = false;
+        }
+        let Some(link) = link.as_mut() else {
+            std::thread::sleep(TICK);
+            continue;
+        };
+        if v.disk.is_failed() {
+            fence.handle_disk_failed();
+        }
+        fence.handle_up_to_date(v.disk.state() == DiskState::UpToDate);
+        fence.handle_writes_held(v.queue_stats.iter().any(|q| QueueStats::get(&q.held) > 0));
+        fence.observe_epoch(v.epoch());
+        if v.fence.peer_in_sync.swap(false, Ordering::AcqRel) {
+            fence.handle_peer_in_sync();
+        }
+        if v.fence.handover_requested.swap(false, Ordering::AcqRel) {
+            fence.handle_handover_request();
+        }
+        if let Some(ask) = fence.poll_ask(now) {
+            let req = request(&fence, ask, &id, &v);
+            let answer = match rt.block_on(link.ask(&v, &req)) {
+                Ok(reply) => answer_of(&v, &fence, ask, reply),
+                Err(e) => {
+                    if v.fence.witness_info().connected || v.fence.witness_info().last_error.is_none() {
+                        tracing::warn!(volume = %name, witness = %link.addr, "witness unreachable: {e}");
+                    }
+                    set_info(&v, |w| {
+                        w.connected = false;
+                        w.last_error = Some(e);
+                    });
+                    Answer::Unreachable
+                }
+            };
+            let before = fence.role();
+            fence.handle_answer(Instant::now(), answer.clone());
+            publish(&v, &fence);
+            match (before, fence.role(), ask) {
+                (NodeRole::Secondary, NodeRole::Primary, _) => {
+                    let epoch = fence.epoch();
+                    tracing::warn!(volume = %name, epoch, "the witness promoted this node: it becomes the primary");
+                    on_change(RoleChange::Promoted { volume: name.clone(), epoch });
+                }
+                (NodeRole::Primary, NodeRole::Deposed, Ask::Handover) => {
+                    let epoch = fence.epoch();
+                    tracing::warn!(volume = %name, epoch, "switchover: the peer is the primary now; this node becomes secondary");
+                    *v.fence.handover_outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(Ok(epoch));
+                    on_change(RoleChange::HandedOver { volume: name.clone(), epoch });
+                }
+                (NodeRole::Primary, NodeRole::Primary, Ask::Handover) => {
+                    let why = match &answer {
+                        Answer::Unreachable => "the witness did not answer".to_string(),
+                        _ => v.fence.witness_info().last_refusal.unwrap_or_else(|| "refused".into()),
+                    };
+                    *v.fence.handover_outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(Err(why));
+                }
+                (NodeRole::Primary, NodeRole::Deposed, Ask::Resign) => {
+                    tracing::warn!(volume = %name, "resigned as primary (the local disk failed); the peer may take over");
+                    on_change(RoleChange::Resigned { volume: name.clone() });
+                }
+                (NodeRole::Primary, NodeRole::Deposed, _) => {
+                    let epoch = fence.epoch();
+                    tracing::error!(volume = %name, epoch, "deposed: the witness names another primary; this node serves nothing more");
+                    on_change(RoleChange::Deposed { volume: name.clone(), epoch });
+                }
+                _ => {}
+            }
+            if answer == Answer::Refused {
+                // Logged by answer_of.
+            }
+        } else {
+            publish(&v, &fence);
+        }
+        std::thread::sleep(TICK);
+    }
+}
+
+fn request(fence: &Fence, ask: Ask, id: &VolumeId, v: &VolumeShared) -> Request {
+    let (epoch, lease_ms, drift_ppm) =
+        (fence.epoch(), fence.lease().lease().as_millis() as u64, fence.lease().drift_ppm());
+    let volume = id.clone();
+    match ask {
+        Ask::Lease => Request::Lease { volume, epoch, lease_ms, drift_ppm },
+        Ask::Outdate => Request::Outdate { volume, epoch, lease_ms, drift_ppm },
+        Ask::PeerUpToDate => Request::PeerUpToDate { volume, epoch },
+        Ask::Promote => Request::Promote { volume, epoch, disk_state: wire_state(v.disk.state()), lease_ms, drift_ppm },
+        Ask::Resign => Request::Resign { volume, epoch, disk_state: wire_state(v.disk.state()) },
+        Ask::Handover => {
+            Request::Handover { volume, epoch, to: v.config.peer.as_ref().map_or(String::new(), |p| p.name.clone()) }
+        }
+    }
+}
+
+fn answer_of(v: &VolumeShared, fence: &Fence, ask: Ask, reply: Reply) -> Answer {
+    match reply {
+        Reply::Granted { record } => {
+            if matches!(ask, Ask::Outdate | Ask::Promote | Ask::Resign | Ask::PeerUpToDate) {
+                tracing::info!(volume = %v.config.name, ?ask, epoch = record.epoch, "the witness granted");
+            }
+            set_info(v, |w| w.last_refusal = None);
+            Answer::Granted { epoch: record.epoch }
+        }
+        Reply::Refused { reason, record } => {
+            let reason = metroblk_protocol::printable(reason.as_bytes());
+            let newer = record
+                .as_ref()
+                .is_some_and(|r| r.epoch > fence.epoch() || r.primary.as_deref().is_some_and(|p| p != v.node_name));
+            // A refusal repeated every retry (a lease's milliseconds counting down) is logged
+            // once: compare without the numbers.
+            let gist = |s: &str| s.chars().filter(|c| !c.is_ascii_digit()).collect::<String>();
+            let changed = v.fence.witness_info().last_refusal.as_deref().map(gist) != Some(gist(&reason));
+            if changed {
+                tracing::warn!(volume = %v.config.name, ?ask, "the witness refused: {reason}");
+            }
+            set_info(v, |w| w.last_refusal = Some(reason));
+            match record {
+                Some(r) if newer && fence.role() == NodeRole::Primary => Answer::Deposed { epoch: r.epoch },
+                Some(r) if r.epoch > fence.epoch() => Answer::Deposed { epoch: r.epoch },
+                _ => Answer::Refused,
+            }
+        }
+        other => {
+            tracing::warn!(volume = %v.config.name, ?ask, "unexpected answer from the witness: {other:?}");
+            Answer::Refused
+        }
+    }
+}
+
+/// Hands the machine's outcome to the queues.
+fn publish(v: &VolumeShared, fence: &Fence) {
+    match fence.role() {
+        NodeRole::Deposed => {
+            if !v.fence.is_deposed() {
+                v.fence.depose();
+                // The queues fail what they hold or parked (the device goes next).
+                v.conflicts.wake_all_queues();
+            }
+        }
+        NodeRole::Primary => {
+            v.fence.set_lease_until(fence.lease().valid_until());
+            // The witness recorded the peer outdated in this epoch: writes may complete alone
+            // (while the lease runs: the queues check it).
+            if fence.peer_outdated() && !v.intent.alone_allowed() {
+                v.intent.allow_alone();
+                v.intent.may_complete_alone();
+                v.conflicts.wake_all_queues();
+            }
+        }
+        NodeRole::Secondary => {}
+    }
+    if fence.epoch() > v.epoch() {
+        v.epoch.fetch_max(fence.epoch(), Ordering::Relaxed);
+        super::persist_epoch(v, fence.epoch());
+    }
+}
+
+/// Asks the witness for the volume's record at start (None: it has none yet).
+pub fn query_record(
+    cfg: &crate::config::VolumeConfig,
+    node_name: &str,
+    w: &crate::config::WitnessConfig,
+    timeout: Duration,
+) -> Result<Option<wire::Record>, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    let peer = cfg.peer.as_ref().map_or(String::new(), |p| p.name.clone());
+    let volume = VolumeId::new(&cfg.name, &cfg.uuid.to_string(), node_name, &peer);
+    rt.block_on(async {
+        let mut c = Client::connect(w.address, node_name, &w.authkey, timeout).await?;
+        match c.request(&Request::Query { volume }, timeout).await? {
+            Reply::Granted { record } => Ok(Some(record)),
+            Reply::Refused { record, .. } => Ok(record),
+            other => Err(format!("unexpected answer: {other:?}")),
+        }
+    })
+}

@@ -1,0 +1,88 @@
+//! `metroblk switchover`: a planned role swap, on the primary's control thread.
+//!
+//! 1. Check: this node is primary with a witness, the peer is connected and in sync.
+//! 2. Park new I/O (it waits, never fails: `FenceShared::switching`) and wait until nothing
+//!    is in flight: every write the application saw complete is on both nodes.
+//! 3. Ask the witness (through the client thread) to hand the role to the peer: epoch + 1.
+//! 4. Answer the operator; the node then records its new role, deletes its device (I/O that
+//!    arrived during the switch fails: the volume now lives on the peer) and restarts as
+//!    secondary. The peer sees its primary leave, is confirmed primary by the witness (the
+//!    handover already made it so) and starts serving.
+//!
+//! A refusal or a timeout before step 3 un-parks the I/O: nothing changed.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crate::resync::SyncState;
+use crate::volume::stats::{LinkState, QueueStats};
+use crate::volume::VolumeShared;
+
+/// Longest wait for in-flight I/O to drain before the switchover gives up.
+pub const DRAIN_MAX: Duration = Duration::from_secs(3);
+/// Longest wait for the witness's answer.
+pub const HANDOVER_WAIT_MAX: Duration = Duration::from_millis(1500);
+
+/// Runs steps 1–3; returns the operator's answer.
+pub fn switchover(v: &VolumeShared) -> Result<String, String> {
+    let name = &v.config.name;
+    let peer = v.config.peer.as_ref().map_or("-", |p| p.name.as_str());
+    if !v.fence.enabled {
+        return Err(format!("volume {name} has no witness: a switchover needs one to record the new primary"));
+    }
+    if v.fence.is_deposed() {
+        return Err(format!("volume {name}: this node is no longer the primary"));
+    }
+    if !v.queue_stats.iter().all(|q| q.link() == LinkState::Connected) {
+        return Err(format!("volume {name}: the peer {peer} is not connected"));
+    }
+    if v.sync.info().state != SyncState::InSync || v.intent.is_alone() || v.intent.resync_needed() {
+        return Err(format!(
+            "volume {name}: the peer {peer} is not in sync yet (see status); try again after the resync"
+        ));
+    }
+    let start = Instant::now();
+    *v.fence.handover_outcome.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    v.fence.switching.store(true, Ordering::Release);
+    let sum = |f: fn(&QueueStats) -> &std::sync::atomic::AtomicU64| -> u64 {
+        v.queue_stats.iter().map(|q| QueueStats::get(f(q))).sum()
+    };
+    let give_up = |why: String| {
+        v.fence.switching.store(false, Ordering::Release);
+        v.conflicts.wake_all_queues();
+        Err(why)
+    };
+    while sum(|q| &q.inflight) > sum(|q| &q.parked) || sum(|q| &q.held) > 0 {
+        if start.elapsed() > DRAIN_MAX {
+            return give_up(format!(
+                "volume {name}: in-flight I/O did not drain in {} s; nothing changed",
+                DRAIN_MAX.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let drained = start.elapsed();
+    v.fence.handover_requested.store(true, Ordering::Release);
+    let asked = Instant::now();
+    loop {
+        if let Some(outcome) = v.fence.handover_outcome.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return match outcome {
+                Ok(epoch) => Ok(format!(
+                    "volume {name}: handed over to {peer} in epoch {epoch} (drained in {} ms, witness answered in {} ms); \
+                     this node restarts as secondary and deletes its device",
+                    drained.as_millis(),
+                    asked.elapsed().as_millis()
+                )),
+                Err(why) => give_up(format!("volume {name}: the witness refused the switchover: {why}; nothing changed")),
+            };
+        }
+        if asked.elapsed() > HANDOVER_WAIT_MAX {
+            // The request may still be granted later: then the node restarts as secondary.
+            return Err(format!(
+                "volume {name}: no answer from the witness in {} ms; I/O stays parked until it answers (see status)",
+                HANDOVER_WAIT_MAX.as_millis()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}

@@ -1,0 +1,230 @@
+//! Failover through the devices, with a witness: three sites in network namespaces (alpha,
+//! beta, the witness) joined by veth links that the scripts cut, nodes and witness as real
+//! processes, a writer (`blk_writer`) that logs every write `/dev/ublkbN` acknowledged, and a
+//! checker that reads them back from whichever node is primary at the end.
+//!
+//! Needs ublk: natively where the kernel has ublk_drv, else in the QEMU VM of tests/vm; never
+//! skipped. Build the binary first (`cargo build -p metroblk`).
+
+use metroblk_tests::ublk_script::{self, Opts};
+
+/// Shell helpers of these scenarios (after the prelude).
+const HELPERS: &str = r#"
+promoted() { field_is "$1" role primary && [ -b "$(status_field "$1" ublk_device)" ]; }
+leased() { [ "$(status_field "$1" lease_left_ms)" -gt 0 ] 2>/dev/null; }
+acked() { grep -cv '^error' "$1" || true; }
+last_ack_ms() { grep -v '^error' "$1" | tail -n 1 | cut -d' ' -f3; }
+in_sync_as() { # PRIMARY SECONDARY
+    field_is "$1" sync_state in-sync && field_is "$2" disk_state up-to-date && field_is "$1" alone false
+}
+start_all() {
+    start_witness
+    start beta ""
+    start alpha ""
+    wait_device alpha
+    wait_for 30 "alpha's lease" leased alpha
+    DEV_A=$DEV
+}
+# start_writer DEV LOG: the writer in the background ($WPID); waits for its first writes.
+start_writer() {
+    "$WRITER" write "$1" "$2" 4096 &
+    WPID=$!
+    wait_for 30 "the writer's first writes" [ -s "$2" ]
+}
+"#;
+
+fn run(body: &str, alpha_extra: &str, steps: &[&str]) {
+    let body = format!("{HELPERS}\n{body}");
+    ublk_script::run(&body, &Opts { sites: true, alpha_extra, lease_ms: 2000, ..Opts::default() }, steps);
+}
+
+/// Site A (the primary) is cut from B and from the witness: A stops serving within one lease,
+/// B is promoted within two, with every write A acknowledged. Then A returns: it learns it
+/// was replaced, deletes its device (its suspended writer gets EIO, having never succeeded
+/// after the fence), restarts as secondary, and is resynced from B: identical copies.
+const DATA_CENTRE_PARTITION: &str = r#"
+start_all
+start_writer "$DEV_A" "$W/w.log"
+sleep 1
+step "writer on alpha: $(acked "$W/w.log") writes acknowledged"
+T_CUT=$(now_ms)
+cut_link sa ab; cut_link sa aw
+step "site A cut from beta and from the witness"
+wait_for 60 "beta to be promoted" promoted beta
+T_UP=$(now_ms)
+DEV_B=$(status_field beta ublk_device)
+step "beta promoted and serving $DEV_B $(( T_UP - T_CUT )) ms after the cut (lease $LEASE_MS ms)"
+LAST=$(last_ack_ms "$W/w.log")
+step "alpha's last acknowledged write came $(( LAST - T_CUT )) ms after the cut"
+[ $(( LAST - T_CUT )) -le "$LEASE_MS" ]
+[ $(( T_UP - T_CUT )) -le $(( 2 * LEASE_MS + 4000 )) ]
+"$WRITER" check "$DEV_B" "$W/w.log"
+step "beta holds every write alpha acknowledged"
+field_is beta epoch 2
+heal_link sa ab; heal_link sa aw
+wait_for 60 "alpha's writer to fail (its device deleted)" grep -q '^error' "$W/w.log"
+wait "$WPID" || true
+[ "$(last_ack_ms "$W/w.log")" = "$LAST" ]
+step "alpha's writer failed and never succeeded after the fence"
+wait_for 90 "alpha to be resynced as secondary" in_sync_as beta alpha
+field_is alpha role secondary
+field_is alpha epoch 2
+[ "$(status_field alpha ublk_device)" = null ] && [ ! -e "$DEV_A" ]
+cmp "$W/alpha.img" "$W/beta.img"
+step "alpha is secondary in epoch 2, resynced: identical copies"
+stop alpha
+stop beta
+step "all good"
+"#;
+
+#[test]
+fn data_centre_partition_fences_the_primary_and_promotes_the_secondary_with_every_write() {
+    run(
+        DATA_CENTRE_PARTITION,
+        "",
+        &[
+            "site A cut",
+            "beta promoted",
+            "holds every write",
+            "never succeeded after the fence",
+            "identical copies",
+            "all good",
+        ],
+    );
+}
+
+/// The inter-site link is cut while both sites see the witness: the primary goes on alone once
+/// the witness outdated the secondary (its writer keeps going), and the secondary is not
+/// promoted. Heal: resync, identical copies.
+const STORAGE_PARTITION: &str = r#"
+start_all
+start_writer "$DEV_A" "$W/w.log"
+sleep 1
+cut_link sa ab
+step "inter-site link cut"
+wait_for 60 "alpha to go on alone" field_is alpha alone true
+N=$(acked "$W/w.log"); sleep 2
+[ "$(acked "$W/w.log")" -gt "$N" ]
+step "alpha goes on alone: its writer keeps going"
+sleep $(( 2 * LEASE_MS / 1000 + 1 ))
+field_is beta role secondary
+field_is alpha role primary
+field_is beta epoch 1
+step "beta was not promoted"
+heal_link sa ab
+wait_for 90 "the resync" in_sync_as alpha beta
+kill "$WPID"; wait "$WPID" || true
+"$WRITER" check "$DEV_A" "$W/w.log"
+wait_for 30 "the last writes to settle" in_sync_as alpha beta
+sync
+cmp "$W/alpha.img" "$W/beta.img"
+step "healed and resynced: identical copies"
+stop alpha
+stop beta
+step "all good"
+"#;
+
+#[test]
+fn storage_partition_outdates_the_secondary_and_never_promotes_it() {
+    run(STORAGE_PARTITION, "", &["link cut", "goes on alone", "was not promoted", "identical copies", "all good"]);
+}
+
+/// The witness is lost while the nodes are connected: nothing changes. Then the inter-site
+/// link is cut too: the primary fences (its writer stops) and nobody is promoted. The witness
+/// returns: service resumes (alone, the peer outdated).
+const WITNESS_LOST: &str = r#"
+start_all
+start_writer "$DEV_A" "$W/w.log"
+cut_link sa aw; cut_link sb bw
+step "witness cut off from both sites"
+sleep $(( 2 * LEASE_MS / 1000 + 1 ))
+N=$(acked "$W/w.log"); sleep 1
+[ "$(acked "$W/w.log")" -gt "$N" ]
+field_is alpha role primary
+step "nothing changed: the writer keeps going"
+cut_link sa ab
+T_CUT=$(now_ms)
+sleep $(( 2 * LEASE_MS / 1000 + 6 ))
+LAST=$(last_ack_ms "$W/w.log")
+[ $(( LAST - T_CUT )) -le 500 ]
+field_is alpha fenced true
+field_is beta role secondary
+step "inter-site link cut too: alpha fenced, nobody promoted"
+N=$(acked "$W/w.log")
+# The witness returns to alpha first: beta, still cut from alpha, must then not be promoted
+# (the witness holds alpha's renewed lease).
+heal_link sa aw
+wait_for 60 "alpha to go on alone" field_is alpha alone true
+sleep 1
+[ "$(acked "$W/w.log")" -gt "$N" ]
+heal_link sb bw
+sleep $(( 2 * LEASE_MS / 1000 + 1 ))
+field_is beta role secondary
+step "witness back: alpha serves again"
+heal_link sa ab
+wait_for 90 "the resync" in_sync_as alpha beta
+kill "$WPID"; wait "$WPID" || true
+"$WRITER" check "$DEV_A" "$W/w.log"
+step "no acknowledged write lost"
+stop alpha
+stop beta
+step "all good"
+"#;
+
+#[test]
+fn witness_lost_changes_nothing_until_the_link_goes_too_then_the_primary_fences() {
+    run(
+        WITNESS_LOST,
+        "",
+        &["nothing changed", "alpha fenced, nobody promoted", "serves again", "no acknowledged write lost", "all good"],
+    );
+}
+
+/// Loss of site A: the primary is killed with SIGKILL and its links cut at once. B is
+/// promoted within two leases with every write A had acknowledged.
+const SITE_LOSS: &str = r#"
+start_all
+start_writer "$DEV_A" "$W/w.log"
+sleep 1
+T_CUT=$(now_ms)
+kill9 alpha; cut_link sa ab; cut_link sa aw
+step "site A lost"
+wait_for 60 "beta to be promoted" promoted beta
+T_UP=$(now_ms)
+step "beta promoted and serving $(( T_UP - T_CUT )) ms after the loss (lease $LEASE_MS ms)"
+[ $(( T_UP - T_CUT )) -le $(( 2 * LEASE_MS + 4000 )) ]
+"$WRITER" check "$(status_field beta ublk_device)" "$W/w.log"
+step "beta holds every write alpha acknowledged"
+stop beta
+step "all good"
+"#;
+
+#[test]
+fn site_loss_promotes_the_secondary_with_every_acknowledged_write() {
+    run(SITE_LOSS, "", &["site A lost", "beta promoted", "holds every write", "all good"]);
+}
+
+/// Under `on_fence = "io-error"` a fenced primary fails its I/O at once, never completes it.
+const IO_ERROR: &str = r#"
+start_all
+start_writer "$DEV_A" "$W/w.log"
+T_CUT=$(now_ms)
+cut_link sa ab; cut_link sa aw
+step "site A cut"
+wait_for 60 "alpha's writer to see an error" grep -q '^error' "$W/w.log"
+wait "$WPID" || true
+T_ERR=$(grep '^error' "$W/w.log" | cut -d' ' -f4)
+LAST=$(last_ack_ms "$W/w.log")
+step "alpha's writer failed $(( T_ERR - T_CUT )) ms after the cut; last success $(( LAST - T_CUT )) ms after"
+[ $(( LAST - T_CUT )) -le "$LEASE_MS" ]
+wait_for 60 "beta to be promoted" promoted beta
+"$WRITER" check "$(status_field beta ublk_device)" "$W/w.log"
+step "beta holds every write alpha acknowledged"
+stop beta
+step "all good"
+"#;
+
+#[test]
+fn a_fenced_primary_under_io_error_fails_writes_and_never_completes_them() {
+    run(IO_ERROR, "on_fence = \"io-error\"", &["writer failed", "holds every write", "all good"]);
+}
