@@ -13,6 +13,7 @@ const HELPERS: &str = r#"
 promoted() { field_is "$1" role primary && [ -b "$(status_field "$1" ublk_device)" ]; }
 leased() { [ "$(status_field "$1" lease_left_ms)" -gt 0 ] 2>/dev/null; }
 acked() { grep -cv '^error' "$1" || true; }
+not_running() { ! kill -0 "$1" 2>/dev/null; }
 last_ack_ms() { grep -v '^error' "$1" | tail -n 1 | cut -d' ' -f3; }
 in_sync_as() { # PRIMARY SECONDARY
     field_is "$1" sync_state in-sync && field_is "$2" disk_state up-to-date && field_is "$1" alone false
@@ -227,4 +228,109 @@ step "all good"
 #[test]
 fn a_fenced_primary_under_io_error_fails_writes_and_never_completes_them() {
     run(IO_ERROR, "on_fence = \"io-error\"", &["writer failed", "holds every write", "all good"]);
+}
+
+/// Full storage failure at site A: its backing file sits on a small tmpfs that fills up, so
+/// its writes start failing (ENOSPC latches the disk `failed`). A resigns at the witness and
+/// deletes its device; B takes over with every write A acknowledged.
+const STORAGE_FAILURE: &str = r#"
+mkdir -p "$W/small"
+mount -t tmpfs -o size=6m tmpfs "$W/small"
+sed -i "s|$W/alpha.img|$W/small/alpha.img|" "$W/alpha.toml"
+start_all
+"$WRITER" write "$DEV_A" "$W/w.log" 16384 &
+WPID=$!
+wait_for 60 "alpha's disk to fail" field_is alpha disk_state failed
+T_FAIL=$(now_ms)
+step "alpha's disk failed (its backing file's tmpfs is full) after $(acked "$W/w.log") writes"
+wait_for 60 "beta to be promoted" promoted beta
+step "beta promoted $(( $(now_ms) - T_FAIL )) ms after alpha's disk failed"
+wait_for 30 "alpha's writer to end" not_running "$WPID"
+grep -q '^error' "$W/w.log"
+"$WRITER" check "$(status_field beta ublk_device)" "$W/w.log"
+step "beta holds every write alpha acknowledged ($(acked "$W/w.log"))"
+wait_for 30 "alpha to restart as secondary" field_is alpha role secondary
+field_is alpha disk_state failed
+stop alpha
+stop beta
+umount "$W/small"
+step "all good"
+"#;
+
+#[test]
+fn a_failed_disk_at_the_primary_hands_the_volume_to_the_peer() {
+    run(STORAGE_FAILURE, "", &["disk failed", "beta promoted", "holds every write", "all good"]);
+}
+
+/// Planned switchover under load: the writer is quiesced (it finishes its write in flight and
+/// waits), `metroblk switchover` hands the role to beta, the writer goes on on beta's device.
+/// No write lost, no error; the time from the command to beta serving is printed.
+const SWITCHOVER: &str = r#"
+start_all
+wait_for 60 "beta in sync" in_sync_as alpha beta
+mkdir -p "$W/ctl"
+"$WRITER" write "$DEV_A" "$W/w.log" 4096 --control "$W/ctl" &
+WPID=$!
+wait_for 30 "the writer's first writes" [ -s "$W/w.log" ]
+sleep 1
+touch "$W/ctl/pause"
+wait_for 10 "the writer to pause" [ -e "$W/ctl/paused" ]
+N=$(acked "$W/w.log")
+S0=$(now_ms)
+"$BIN" switchover --config "$W/alpha.toml" vol0
+S1=$(now_ms)
+wait_for 60 "beta to serve" promoted beta
+S2=$(now_ms)
+step "switchover: the command took $(( S1 - S0 )) ms, beta served $(( S2 - S0 )) ms after it started"
+status_field beta ublk_device > "$W/ctl/device"
+rm "$W/ctl/pause"
+sleep 2
+kill -0 "$WPID"
+[ "$(acked "$W/w.log")" -gt "$N" ]
+! grep -q '^error' "$W/w.log"
+step "the writer goes on on beta: $(( $(acked "$W/w.log") - N )) more writes, no error"
+wait_for 60 "alpha to be secondary and in sync" in_sync_as beta alpha
+kill "$WPID"; wait "$WPID" || true
+"$WRITER" check "$(status_field beta ublk_device)" "$W/w.log"
+field_is alpha role secondary
+field_is beta epoch 2
+step "no write lost"
+stop alpha
+stop beta
+step "all good"
+"#;
+
+#[test]
+fn switchover_under_load_loses_no_write_and_shows_no_error() {
+    run(SWITCHOVER, "", &["switchover: the command took", "goes on on beta", "no write lost", "all good"]);
+}
+
+/// ext4 on the primary's device, failover (site A lost), the promoted node's device mounted:
+/// every file synced before the loss is there and e2fsck is clean.
+const EXT4_FAILOVER: &str = r#"
+start_all
+mkfs.ext4 -q -F "$DEV_A"
+mount "$DEV_A" /tmp/mnt
+write_files /tmp/mnt synced 30 65536
+sync
+(cd /tmp/mnt && find . -type f ! -path './lost+found/*' -exec sha256sum {} +) > "$W/sums"
+step "ext4 on alpha with 30 synced files"
+kill9 alpha; cut_link sa ab; cut_link sa aw
+step "site A lost"
+wait_for 60 "beta to be promoted" promoted beta
+DEV_B=$(status_field beta ublk_device)
+step "beta promoted: $DEV_B"
+e2fsck -fn "$DEV_B"
+mkdir -p /tmp/mnt2
+mount "$DEV_B" /tmp/mnt2
+(cd /tmp/mnt2 && sha256sum --quiet -c "$W/sums")
+umount /tmp/mnt2
+step "beta's device: e2fsck clean, every file there"
+stop beta
+step "all good"
+"#;
+
+#[test]
+fn ext4_survives_a_failover_to_the_secondary() {
+    run(EXT4_FAILOVER, "", &["30 synced files", "beta promoted", "every file there", "all good"]);
 }

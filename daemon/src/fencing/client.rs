@@ -160,6 +160,7 @@ fn run(v: Arc<VolumeShared>, role: NodeRole, on_change: &dyn Fn(RoleChange), sto
     let id = volume_id(&v);
     let mut alerted = false;
     let mut links_seen = false;
+    let mut last_query = Instant::now();
     let mut was_present = None;
     while !stop.load(Ordering::Acquire) {
         let now = Instant::now();
@@ -250,11 +251,21 @@ fn run(v: Arc<VolumeShared>, role: NodeRole, on_change: &dyn Fn(RoleChange), sto
                 }
                 _ => {}
             }
-            if answer == Answer::Refused {
-                // Logged by answer_of.
-            }
         } else {
             publish(&v, &fence);
+            // A secondary keeps its witness link warm (and its status true): when its primary
+            // goes, the Promote goes out on an open connection.
+            if fence.role() == NodeRole::Secondary && now >= last_query + lease / super::lease::RENEWALS_PER_LEASE {
+                last_query = now;
+                match rt.block_on(link.ask(&v, &Request::Query { volume: id.clone() })) {
+                    Ok(Reply::Granted { record }) => fence.observe_epoch(record.epoch),
+                    Ok(_) => {}
+                    Err(e) => set_info(&v, |w| {
+                        w.connected = false;
+                        w.last_error = Some(e);
+                    }),
+                }
+            }
         }
         std::thread::sleep(TICK);
     }

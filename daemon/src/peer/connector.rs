@@ -293,6 +293,10 @@ pub fn spawn(v: Arc<VolumeShared>, queue: u16, h: Arc<LinkHandoff>) -> std::thre
                         return;
                     }
                 }
+                // A primary the witness replaced dials no more: its peer must see it gone.
+                if v.fence.is_deposed() {
+                    return;
+                }
                 session = next_session(session);
                 match dial(&v, queue, session) {
                     Ok(sock) => {

@@ -320,6 +320,12 @@ impl Queue {
         if !self.shared.fence.enabled {
             return;
         }
+        if self.shared.fence.is_deposed() && self.link.machine.is_up() {
+            // Closed at once, so the peer sees its old primary leave (a switchover is then
+            // as quick as the peer's promotion; nothing is in flight after the drain).
+            self.link_failed(s, "this node is no longer the primary");
+            self.maybe_close_link(s);
+        }
         if !self.shared.fence.is_fenced(|now| self.link.machine.is_fresh(now, PEER_FRESH)) {
             let waiting = std::mem::take(&mut self.fenced_waiting);
             QueueStats::sub(&self.stats.parked, waiting.len() as u64);

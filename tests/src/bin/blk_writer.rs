@@ -6,6 +6,11 @@
 //! appends `seq offset time_ms` to LOG (time: CLOCK_REALTIME, ms), so LOG lists exactly the
 //! acknowledged writes. A failed write appends `error seq errno time_ms` and exits 3.
 //!
+//! With `--control DIR` the writer can be quiesced like an application around a planned
+//! switchover: while `DIR/pause` exists it finishes its write in flight, creates `DIR/paused`
+//! and waits; when `pause` is gone it reopens the device named in `DIR/device` (if any) and
+//! goes on with the next sequence number.
+//!
 //! `blk_writer check DEV LOG`: every block LOG names holds the record of the last
 //! acknowledged write to it, or of a later one (a write can complete on the device and the
 //! writer die before logging it). Prints `checked N blocks, M acknowledged writes` or each
@@ -62,11 +67,33 @@ fn open(dev: &str, write: bool) -> std::fs::File {
         .unwrap_or_else(|e| panic!("open {dev}: {e}"))
 }
 
-fn write(dev: &str, log: &str, blocks: u64) -> ! {
-    let f = open(dev, true);
+fn follow(control: Option<&str>, dev: &mut String, f: &mut std::fs::File) {
+    let Some(dir) = control else { return };
+    let dir = std::path::Path::new(dir);
+    if !dir.join("pause").exists() {
+        return;
+    }
+    std::fs::write(dir.join("paused"), b"").expect("write the paused marker");
+    while dir.join("pause").exists() {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let _ = std::fs::remove_file(dir.join("paused"));
+    if let Ok(next) = std::fs::read_to_string(dir.join("device")) {
+        let next = next.trim().to_string();
+        if !next.is_empty() && next != *dev {
+            *f = open(&next, true);
+            *dev = next;
+        }
+    }
+}
+
+fn write(dev: &str, log: &str, blocks: u64, control: Option<&str>) -> ! {
+    let mut dev = dev.to_string();
+    let mut f = open(&dev, true);
     let mut log = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("open the log");
     let mut buf = Aligned::new();
     for seq in 1.. {
+        follow(control, &mut dev, &mut f);
         let offset = (seq % blocks) * BLOCK as u64;
         record(seq, offset, buf.buf());
         match f.write_at(buf.buf(), offset) {
@@ -119,10 +146,11 @@ fn check(dev: &str, log: &str) -> ! {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
-        [_, "write", dev, log, blocks] => write(dev, log, blocks.parse().expect("BLOCKS")),
+        [_, "write", dev, log, blocks] => write(dev, log, blocks.parse().expect("BLOCKS"), None),
+        [_, "write", dev, log, blocks, "--control", dir] => write(dev, log, blocks.parse().expect("BLOCKS"), Some(dir)),
         [_, "check", dev, log] => check(dev, log),
         _ => {
-            eprintln!("usage: blk_writer write DEV LOG BLOCKS | blk_writer check DEV LOG");
+            eprintln!("usage: blk_writer write DEV LOG BLOCKS [--control DIR] | blk_writer check DEV LOG");
             std::process::exit(2);
         }
     }
