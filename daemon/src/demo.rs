@@ -1,10 +1,13 @@
-//! `metroblk demo`: two nodes on loopback with a mirrored `/dev/ublkb0`.
+//! `metroblk demo`: a witness and two nodes on loopback with a mirrored `/dev/ublkb0`.
 //!
-//! Natively (the kernel has ublk_drv) it starts a primary and a secondary `metroblk node run`
-//! with backing files in a state directory, waits for the device, prints what to do with it,
-//! and tears both down on Ctrl-C. On a kernel without ublk it boots the QEMU VM of the test
-//! harness (tests/vm/run.sh, from the source checkout this binary was built in) and runs the
-//! scripted showcase there: mkfs, mount, write, sync, umount, then both copies compared.
+//! Natively (the kernel has ublk_drv) it starts `metroblk witness run`, a primary and a
+//! secondary `metroblk node run` with backing files in a state directory, waits for the
+//! device, prints what to do with it, and tears everything down on Ctrl-C. On a kernel
+//! without ublk it boots the QEMU VM of the test harness (tests/vm/run.sh, from the source
+//! checkout this binary was built in) and runs the scripted showcase there: mkfs, mount,
+//! write, sync, umount, both copies compared; then a failover: the primary is killed, the
+//! witness promotes the secondary, whose device shows the same files; the old primary
+//! returns as secondary and is resynced.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,6 +17,10 @@ use std::time::{Duration, Instant};
 /// The demo's volume: small enough for the VM's tmpfs and a quick mkfs under TCG.
 pub const DEMO_SIZE: &str = "256MiB";
 const DEMO_KEY: &str = "metroblk-demo-authkey-change-me-0123";
+const DEMO_WITNESS_KEY: &str = "metroblk-demo-witness-key-change-me-0123";
+const DEMO_WITNESS_PORT: u16 = 7809;
+/// A short lease, so the showcase's failover takes seconds.
+const DEMO_LEASE_MS: u64 = 3000;
 
 pub struct DemoOptions {
     pub dir: PathBuf,
@@ -34,11 +41,33 @@ pub fn run(opts: DemoOptions) -> Result<(), String> {
     run_native(&opts)
 }
 
-fn write_configs(dir: &Path) -> Result<(PathBuf, PathBuf), String> {
+struct Configs {
+    primary: PathBuf,
+    secondary: PathBuf,
+    witness: PathBuf,
+}
+
+fn write_key(path: &Path, key: &str) -> Result<(), String> {
+    std::fs::write(path, key).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(|e| e.to_string())
+}
+
+fn write_configs(dir: &Path) -> Result<Configs, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    std::fs::write(dir.join("demo.key"), DEMO_KEY).map_err(|e| e.to_string())?;
-    std::fs::set_permissions(dir.join("demo.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .map_err(|e| e.to_string())?;
+    write_key(&dir.join("demo.key"), DEMO_KEY)?;
+    write_key(&dir.join("witness.key"), DEMO_WITNESS_KEY)?;
+    // A fresh demo: a fresh witness state.
+    let _ = std::fs::remove_file(dir.join("witness.state"));
+    let witness = dir.join("witness.toml");
+    std::fs::write(
+        &witness,
+        format!(
+            "listen = \"127.0.0.1\"\nport = {DEMO_WITNESS_PORT}\nauthkey_file = \"{}\"\nstate_file = \"{}\"\n",
+            dir.join("witness.key").display(),
+            dir.join("witness.state").display()
+        ),
+    )
+    .map_err(|e| e.to_string())?;
     let cfg = |name: &str,
                peer: &str,
                role: &str,
@@ -49,7 +78,9 @@ fn write_configs(dir: &Path) -> Result<(PathBuf, PathBuf), String> {
         let text = format!(
             "[node]\nname = \"{name}\"\ncontrol_socket = \"{name}.sock\"\n\n[[volume]]\nname = \"demo\"\nsize = \"{DEMO_SIZE}\"\n\
              backing_file = \"{name}.img\"\nmetadata_file = \"{name}.meta\"\nlisten = \"127.0.0.1:{listen}\"\nrole = \"{role}\"\n{extra}\
-             [volume.peer]\nname = \"{peer}\"\naddress = \"127.0.0.1:{peer_port}\"\nauthkey_file = \"demo.key\"\n"
+             [volume.peer]\nname = \"{peer}\"\naddress = \"127.0.0.1:{peer_port}\"\nauthkey_file = \"demo.key\"\n\
+             [volume.witness]\naddress = \"127.0.0.1:{DEMO_WITNESS_PORT}\"\nauthkey_file = \"witness.key\"\n\
+             lease_ms = {DEMO_LEASE_MS}\n"
         );
         let p = dir.join(format!("{name}.toml"));
         std::fs::write(&p, text).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
@@ -58,8 +89,8 @@ fn write_configs(dir: &Path) -> Result<(PathBuf, PathBuf), String> {
         Ok(p)
     };
     let primary = cfg("site-a", "site-b", "primary", 7801, 7802, "ublk_id = 0\nqueues = 2\n")?;
-    let secondary = cfg("site-b", "site-a", "secondary", 7802, 7801, "")?;
-    Ok((primary, secondary))
+    let secondary = cfg("site-b", "site-a", "secondary", 7802, 7801, "ublk_id = 1\nqueues = 2\n")?;
+    Ok(Configs { primary, secondary, witness })
 }
 
 struct Node {
@@ -69,10 +100,18 @@ struct Node {
 
 impl Node {
     fn start(name: &'static str, config: &Path, log: &Path) -> Result<Node, String> {
+        Self::start_as(name, &["node", "run", "--config"], config, log)
+    }
+
+    fn start_as(name: &'static str, args: &[&str], config: &Path, log: &Path) -> Result<Node, String> {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        let log = std::fs::File::create(log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|e| format!("cannot open {}: {e}", log.display()))?;
         let child = Command::new(exe)
-            .args(["node", "run", "--config"])
+            .args(args)
             .arg(config)
             .stdout(Stdio::null())
             .stderr(log)
@@ -98,6 +137,14 @@ impl Node {
     }
 }
 
+impl Node {
+    /// SIGKILL: no clean shutdown of any kind (the demo's site loss).
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
@@ -114,8 +161,11 @@ fn sh(cmd: &str) -> Result<String, String> {
 
 fn run_native(opts: &DemoOptions) -> Result<(), String> {
     let dir = &opts.dir;
-    let (pcfg, scfg) = write_configs(dir)?;
+    let cfgs = write_configs(dir)?;
+    let (pcfg, scfg) = (cfgs.primary.clone(), cfgs.secondary.clone());
     println!("metroblk demo: state in {}", dir.display());
+    let mut witness =
+        Node::start_as("witness", &["witness", "run", "--config"], &cfgs.witness, &dir.join("witness.log"))?;
     let mut secondary = Node::start("site-b", &scfg, &dir.join("site-b.log"))?;
     let mut primary = Node::start("site-a", &pcfg, &dir.join("site-a.log"))?;
     let result = (|| {
@@ -131,9 +181,12 @@ fn run_native(opts: &DemoOptions) -> Result<(), String> {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        println!("mirrored device {dev} is up: primary site-a -> secondary site-b over 127.0.0.1");
+        println!(
+            "mirrored device {dev} is up: primary site-a -> secondary site-b over 127.0.0.1, witness on 127.0.0.1:{DEMO_WITNESS_PORT}"
+        );
         if opts.scripted {
-            showcase(dev, dir, &pcfg)
+            let sum = showcase(dev, dir, &pcfg)?;
+            failover(dir, &cfgs, &mut primary, &sum)
         } else {
             println!("\nTry it (in another shell):");
             println!("  mkfs.ext4 {dev} && mount {dev} /mnt && cp -r /etc /mnt/ && sync");
@@ -155,11 +208,75 @@ fn run_native(opts: &DemoOptions) -> Result<(), String> {
     })();
     primary.stop();
     secondary.stop();
+    witness.stop();
+    result
+}
+
+/// The field `name` of the demo volume in a node's `status --json`.
+fn status_field(cfg: &Path, name: &str) -> Option<String> {
+    let exe = std::env::current_exe().ok()?;
+    let out = Command::new(exe).args(["status", "--json", "--config"]).arg(cfg).output().ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let f = &v["volumes"][0][name];
+    Some(f.as_str().map_or_else(|| f.to_string(), str::to_string))
+}
+
+fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        if Instant::now() > deadline {
+            return Err(format!("{what}: not within {} s", timeout.as_secs()));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// The end of the showcase: site A is lost (its daemon killed); the witness promotes site B,
+/// whose own device shows the same files; site A returns as secondary and is resynced.
+fn failover(dir: &Path, cfgs: &Configs, primary: &mut Node, sum: &str) -> Result<(), String> {
+    let m = dir.join("mnt");
+    let m = m.display();
+    println!("\n--- failover: site A is lost (kill -9 of its daemon)");
+    let t0 = Instant::now();
+    primary.kill9();
+    wait_for("site-b promoted by the witness", Duration::from_secs(60), || {
+        status_field(&cfgs.secondary, "role").as_deref() == Some("primary")
+            && status_field(&cfgs.secondary, "ublk_device").is_some_and(|d| Path::new(&d).exists())
+    })?;
+    let dev = status_field(&cfgs.secondary, "ublk_device").unwrap_or_default();
+    println!(
+        "site-b promoted by the witness (epoch {}) and serving {dev} {:.1} s after the loss (lease {} s)",
+        status_field(&cfgs.secondary, "epoch").unwrap_or_default(),
+        t0.elapsed().as_secs_f64(),
+        DEMO_LEASE_MS as f64 / 1000.0
+    );
+    println!("$ mount {dev} {m}; sha256sum the files");
+    sh(&format!("mount {dev} {m}"))?;
+    let r = sh(&format!("cd {m} && sha256sum file* | sha256sum"));
+    let _ = sh(&format!("umount {m}"));
+    let after = r?.split_whitespace().next().unwrap_or("").to_string();
+    println!("  files checksum {after}");
+    if after != sum {
+        return Err(format!("the promoted node's files differ: checksum {after}, was {sum}"));
+    }
+    println!("the promoted node's device shows the same files");
+    println!("\n--- site A returns: it becomes secondary and is resynced from site B");
+    let mut back = Node::start("site-a", &cfgs.primary, &dir.join("site-a.log"))?;
+    let result = wait_for("site-a back as an up-to-date secondary", Duration::from_secs(90), || {
+        status_field(&cfgs.primary, "role").as_deref() == Some("secondary")
+            && status_field(&cfgs.primary, "disk_state").as_deref() == Some("up-to-date")
+            && status_field(&cfgs.secondary, "sync_state").as_deref() == Some("in-sync")
+    });
+    if result.is_ok() {
+        println!("site-a is secondary in epoch {}, in sync", status_field(&cfgs.primary, "epoch").unwrap_or_default());
+    }
+    back.stop();
     result
 }
 
 /// The scripted part: a filesystem on the mirror, and proof that both copies are the same.
-fn showcase(dev: &str, dir: &Path, pcfg: &Path) -> Result<(), String> {
+fn showcase(dev: &str, dir: &Path, pcfg: &Path) -> Result<String, String> {
     let mnt = dir.join("mnt");
     std::fs::create_dir_all(&mnt).map_err(|e| e.to_string())?;
     let m = mnt.display();
@@ -181,7 +298,7 @@ fn showcase(dev: &str, dir: &Path, pcfg: &Path) -> Result<(), String> {
     let b = dir.join("site-b.img");
     sh(&format!("cmp {} {}", a.display(), b.display())).map_err(|e| format!("the two copies differ: {e}"))?;
     println!("both copies identical: {} == {}", a.display(), b.display());
-    Ok(())
+    Ok(sum.split_whitespace().next().unwrap_or("").to_string())
 }
 
 fn run_in_vm(opts: &DemoOptions) -> Result<(), String> {

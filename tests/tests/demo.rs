@@ -14,4 +14,7 @@ fn the_scripted_demo_mirrors_a_filesystem() {
     assert!(run.output.contains("mirrored device /dev/ublkb0 is up"), "{}", run.output);
     assert!(run.output.contains("link connected"), "{}", run.output);
     assert!(run.output.contains("both copies identical"), "{}", run.output);
+    assert!(run.output.contains("site-b promoted by the witness"), "{}", run.output);
+    assert!(run.output.contains("the promoted node's device shows the same files"), "{}", run.output);
+    assert!(run.output.contains("site-a is secondary in epoch 2, in sync"), "{}", run.output);
 }
