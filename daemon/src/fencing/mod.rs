@@ -180,9 +180,12 @@ impl Fence {
         self.writes_held = held;
     }
 
-    /// A resync to the peer finished: it is up to date again; the witness is told.
+    /// A resync to the peer finished (or an exchange found it in sync): it is up to date
+    /// again, and the witness is told — even when this machine does not remember outdating
+    /// it: a primary that restarted between the resync and telling the witness would
+    /// otherwise leave the peer outdated there for good (never promotable).
     pub fn handle_peer_in_sync(&mut self) {
-        if self.role == NodeRole::Primary && self.peer_outdated {
+        if self.role == NodeRole::Primary {
             self.peer_in_sync_untold = true;
         }
     }
