@@ -166,6 +166,9 @@ pub struct WriteIntent {
     link_losses: AtomicU64,
     /// Going on alone is allowed (config `fencing = "none"` or `metroblk resume-alone`).
     alone_allowed: AtomicBool,
+    /// Attempts by a queue to complete writes alone (counted before `alone_allowed` is read:
+    /// see [`WriteIntent::begin_alone`]).
+    alone_attempts: AtomicU64,
     /// A queue asked to go on alone; the writer records the new generation.
     alone_wanted: AtomicBool,
     /// The new generation and the peer's `outdated` are durable: unreplicated writes may
@@ -215,6 +218,7 @@ impl WriteIntent {
             resync_needed: AtomicBool::new(any || outdated_peer),
             link_losses: AtomicU64::new(0),
             alone_allowed: AtomicBool::new(alone_allowed),
+            alone_attempts: AtomicU64::new(0),
             alone_wanted: AtomicBool::new(false),
             alone_ready: AtomicBool::new(outdated_peer),
             failed: AtomicBool::new(false),
@@ -347,17 +351,31 @@ impl WriteIntent {
     }
 
     pub fn alone_allowed(&self) -> bool {
-        self.alone_allowed.load(Ordering::Acquire)
+        self.alone_allowed.load(Ordering::SeqCst)
+    }
+
+    /// A queue is about to complete writes without the peer: counts the attempt, then reads
+    /// the permission (both sequentially consistent). Whoever revokes the permission and then
+    /// reads [`Self::alone_attempts`] either sees this attempt or made it fail: no write
+    /// completes alone unseen after a revoke (the witness is told the peer is up to date only
+    /// when none did).
+    pub fn begin_alone(&self) -> bool {
+        self.alone_attempts.fetch_add(1, Ordering::SeqCst);
+        self.alone_allowed.load(Ordering::SeqCst)
+    }
+
+    pub fn alone_attempts(&self) -> u64 {
+        self.alone_attempts.load(Ordering::SeqCst)
     }
 
     pub fn allow_alone(&self) {
-        self.alone_allowed.store(true, Ordering::Release);
+        self.alone_allowed.store(true, Ordering::SeqCst);
     }
 
     /// With a witness: the next loss of the peer must be granted again (the peer is up to
     /// date; the witness is told after this, so it never records up to date first).
     pub fn revoke_alone(&self) {
-        self.alone_allowed.store(false, Ordering::Release);
+        self.alone_allowed.store(false, Ordering::SeqCst);
     }
 
     /// Whether unreplicated writes may complete now. If going alone is allowed but not yet

@@ -197,8 +197,19 @@ fn run(v: Arc<VolumeShared>, role: NodeRole, on_change: &dyn Fn(RoleChange), sto
         fence.handle_up_to_date(v.disk.state() == DiskState::UpToDate);
         fence.handle_writes_held(v.queue_stats.iter().any(|q| QueueStats::get(&q.held) > 0));
         fence.observe_epoch(v.epoch());
-        if v.fence.peer_in_sync.swap(false, Ordering::AcqRel) {
-            fence.handle_peer_in_sync();
+        if let Some(mark) = v.fence.take_peer_in_sync() {
+            // Going alone ends here (this thread alone grants and revokes it with a witness);
+            // then, Dekker-style with `WriteIntent::begin_alone`: a write that completed alone
+            // since the copy began is not on the peer, so the witness must not hear it is up
+            // to date: resync again instead.
+            v.intent.revoke_alone();
+            if v.intent.alone_attempts() == mark {
+                fence.handle_peer_in_sync();
+            } else {
+                tracing::info!(volume = %name, "a write completed alone during the resync: resyncing again before the witness hears the peer is up to date");
+                v.intent.set_resync_needed(true);
+                v.sync.restart.store(true, Ordering::Release);
+            }
         }
         if v.fence.handover_requested.swap(false, Ordering::AcqRel) {
             fence.handle_handover_request();
@@ -334,12 +345,17 @@ fn publish(v: &VolumeShared, fence: &Fence) {
         }
         NodeRole::Primary => {
             v.fence.set_lease_until(fence.lease().valid_until());
-            // The witness recorded the peer outdated in this epoch: writes may complete alone
-            // (while the lease runs: the queues check it).
-            if fence.peer_outdated() && !v.intent.alone_allowed() {
-                v.intent.allow_alone();
-                v.intent.may_complete_alone();
-                v.conflicts.wake_all_queues();
+            // The witness recorded the peer outdated in this epoch, and no resync since made
+            // it up to date: writes may complete alone (while the lease runs: the queues check
+            // it). This thread alone changes the permission.
+            if fence.alone_allowed() {
+                if !v.intent.alone_allowed() {
+                    v.intent.allow_alone();
+                    v.intent.may_complete_alone();
+                    v.conflicts.wake_all_queues();
+                }
+            } else if v.intent.alone_allowed() {
+                v.intent.revoke_alone();
             }
         }
         NodeRole::Secondary => {}

@@ -164,6 +164,13 @@ impl Fence {
         self.peer_outdated
     }
 
+    /// Writes may complete without the peer: the witness outdated it in this epoch and no
+    /// resync has made it up to date since (one that did ends going alone until the witness
+    /// outdates the peer again).
+    pub fn alone_allowed(&self) -> bool {
+        self.role == NodeRole::Primary && self.peer_outdated && !self.peer_in_sync_untold
+    }
+
     /// The epoch the engine has seen (a secondary adopts the primary's from its frames).
     pub fn observe_epoch(&mut self, epoch: u64) {
         self.epoch = self.epoch.max(epoch);
@@ -213,7 +220,7 @@ impl Fence {
             NodeRole::Deposed => return None,
             NodeRole::Primary if self.disk_failed => Ask::Resign,
             NodeRole::Primary if self.handover_wanted && self.peer_connected => Ask::Handover,
-            NodeRole::Primary if !self.peer_connected && !self.peer_outdated && self.writes_held => Ask::Outdate,
+            NodeRole::Primary if !self.peer_connected && !self.alone_allowed() && self.writes_held => Ask::Outdate,
             NodeRole::Primary if self.peer_connected && self.peer_in_sync_untold => Ask::PeerUpToDate,
             NodeRole::Primary if self.lease.renewal_due(now) => Ask::Lease,
             NodeRole::Primary => return None,
@@ -308,7 +315,7 @@ impl Fence {
             NodeRole::Primary if self.disk_failed => Io::Fenced,
             NodeRole::Primary if self.peer_connected => Io::Replicate,
             NodeRole::Primary if !self.lease.is_valid(now) => Io::Fenced,
-            NodeRole::Primary if self.peer_outdated => Io::Alone,
+            NodeRole::Primary if self.alone_allowed() => Io::Alone,
             NodeRole::Primary => Io::Hold,
         }
     }

@@ -44,9 +44,10 @@ pub struct FenceShared {
     /// Secondary: when a frame from the primary was last received (ns since `base`).
     peer_heard_ns: AtomicU64,
     pub witness: Mutex<WitnessInfo>,
-    /// A resync to the peer finished (or an exchange found it in sync): the witness client
-    /// tells the witness it is up to date again.
-    pub peer_in_sync: AtomicBool,
+    /// A resync to the peer finished (or an exchange found it in sync): 1 + the count of
+    /// attempts to complete writes alone when that copy began (0: nothing to report). The
+    /// witness client revokes going alone and tells the witness, unless an attempt came since.
+    peer_in_sync_mark: AtomicU64,
     /// A planned switchover is under way: new I/O parks (never fails) while in-flight I/O
     /// drains; then `handover_requested` asks the witness client to hand the role over.
     pub switching: AtomicBool,
@@ -68,7 +69,7 @@ impl FenceShared {
             // As if heard at start: a fresh secondary gives its primary PRIMARY_SILENCE to
             // connect before it asks to be promoted.
             peer_heard_ns: AtomicU64::new(1),
-            peer_in_sync: AtomicBool::new(false),
+            peer_in_sync_mark: AtomicU64::new(0),
             switching: AtomicBool::new(false),
             handover_requested: AtomicBool::new(false),
             handover_outcome: Mutex::new(None),
@@ -156,6 +157,19 @@ impl FenceShared {
             || (self.on_fence == OnFence::IoError
                 && self.served.load(Ordering::Acquire)
                 && !self.switching.load(Ordering::Acquire))
+    }
+
+    /// The sync source: the peer is up to date as of `attempts_mark` (see the field).
+    pub fn report_peer_in_sync(&self, attempts_mark: u64) {
+        self.peer_in_sync_mark.store(attempts_mark + 1, Ordering::Release);
+    }
+
+    /// The witness client takes the report, if any.
+    pub fn take_peer_in_sync(&self) -> Option<u64> {
+        match self.peer_in_sync_mark.swap(0, Ordering::AcqRel) {
+            0 => None,
+            m => Some(m - 1),
+        }
     }
 
     /// Records whether the peer is here; returns how long it has been missing.

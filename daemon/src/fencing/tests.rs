@@ -225,3 +225,29 @@ fn every_short_sequence_keeps_the_rule() {
     }
     assert_eq!(checked, 9u64.pow(6) * 6);
 }
+
+/// The model checker's trace (tests/fencing_model.rs): after a resync, a link lost before the
+/// witness heard of it must not let writes complete alone, and must not later tell the witness
+/// the peer is up to date without the writes of that loss.
+#[test]
+fn after_a_resync_going_alone_needs_a_new_outdate() {
+    let t0 = Instant::now();
+    let mut f = primary(t0);
+    f.handle_peer_link(false);
+    f.handle_writes_held(true);
+    assert_eq!(f.poll_ask(t0), Some(Ask::Outdate));
+    f.handle_answer(t0, Answer::Granted { epoch: 7 });
+    assert_eq!(f.io(t0), Io::Alone);
+    // Healed and resynced; the link goes again before the witness was told.
+    f.handle_peer_link(true);
+    f.handle_peer_in_sync();
+    assert!(!f.alone_allowed());
+    f.handle_peer_link(false);
+    assert_eq!(f.io(t0), Io::Hold, "not alone: the peer may be promoted once told");
+    let t1 = t0 + ASK_RETRY;
+    assert_eq!(f.poll_ask(t1), Some(Ask::Outdate), "a new outdate, not PeerUpToDate");
+    f.handle_answer(t1, Answer::Granted { epoch: 7 });
+    assert_eq!(f.io(t1), Io::Alone);
+    f.handle_peer_link(true);
+    assert_ne!(f.poll_ask(t1 + ASK_RETRY), Some(Ask::PeerUpToDate), "the outdate made the old report void");
+}

@@ -199,6 +199,7 @@ impl<'a> SyncLink<'a> {
         let v = self.v;
         let name = &v.config.name;
         let alone_before = self.completed_alone();
+        let attempts_before = v.intent.alone_attempts();
         let (ours, our_bitmap) = local_hello(&v.intent, v.disk.state(), &v.sync, full);
         send_hello(&mut self.s, &ours, &our_bitmap)?;
         let (theirs, their_bitmap) = read_hello(&mut self.r, v.intent.regions())?;
@@ -225,7 +226,7 @@ impl<'a> SyncLink<'a> {
                 if self.completed_alone() == alone_before {
                     v.intent.set_resync_needed(false);
                 }
-                self.finish_in_sync()?;
+                self.finish_in_sync(attempts_before)?;
             }
             Decision::PrimaryToSecondary { full } => {
                 v.sync.set_admitted(true);
@@ -235,8 +236,10 @@ impl<'a> SyncLink<'a> {
         Ok(())
     }
 
-    /// The peer is up to date: record it and let the cleaner work.
-    fn finish_in_sync(&mut self) -> Result<(), Ended> {
+    /// The peer is up to date: record it and let the cleaner work. `attempts_mark`: the
+    /// count of attempts to complete writes alone when the copy that made the peer up to date
+    /// began (with a witness, the client tells the witness only if none came since).
+    fn finish_in_sync(&mut self, attempts_mark: u64) -> Result<(), Ended> {
         let v = self.v;
         if v.intent.superblock().peer_disk_state != Some(DiskState::UpToDate) {
             v.intent
@@ -245,8 +248,8 @@ impl<'a> SyncLink<'a> {
         }
         v.intent.on_peer_up_to_date();
         if v.fence.enabled {
-            v.intent.revoke_alone();
-            v.fence.peer_in_sync.store(true, std::sync::atomic::Ordering::Release);
+            // The witness client revokes going alone and tells the witness (`fencing/client.rs`).
+            v.fence.report_peer_in_sync(attempts_mark);
         }
         v.sync.set_state(SyncState::InSync, None);
         v.sync.set_admitted(true);
@@ -259,7 +262,9 @@ impl<'a> SyncLink<'a> {
         // Writes that complete without the peer while a pass runs (its data links are not up
         // yet) set bits the pass did not see: pass again over our bits until none did.
         let mut pass = 0;
+        let mut attempts_mark;
         let alone_at_end = loop {
+            attempts_mark = v.intent.alone_attempts();
             let alone_before = self.completed_alone();
             let losses_before = v.intent.link_losses();
             // Every region set on either side (the first pass), or all of them.
@@ -371,7 +376,7 @@ impl<'a> SyncLink<'a> {
         }
         v.intent.set_resync_needed(false);
         tracing::info!(volume = %v.config.name, "resync complete: the peer is up to date");
-        self.finish_in_sync()?;
+        self.finish_in_sync(attempts_mark)?;
         // A write that completed alone after the last pass (before going alone ended) is not
         // on the peer: resync again (the idle loop sees it).
         if self.completed_alone() != alone_at_end {

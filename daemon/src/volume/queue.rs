@@ -436,6 +436,10 @@ impl Queue {
         if !self.shared.fence.may_serve_without_peer(Instant::now()) {
             return;
         }
+        // Counted, then the permission read again (see `WriteIntent::begin_alone`).
+        if !self.shared.intent.begin_alone() {
+            return;
+        }
         if !self.shared.intent.may_complete_alone() {
             return; // the writer records it and wakes this queue
         }
