@@ -117,7 +117,7 @@ impl fmt::Display for DiskState {
 /// Which volume a request is about. The witness knows a volume by name and refuses a request
 /// whose uuid or node pair differs from what it recorded, so two clusters that happen to share
 /// a volume name and a witness cannot fence each other.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeId {
     pub name: String,

@@ -70,7 +70,7 @@ pub struct State {
 }
 
 /// One volume's durable record.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeState {
     pub volume: VolumeId,
@@ -81,15 +81,16 @@ pub struct VolumeState {
     pub drift_ppm: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Volume {
     durable: VolumeState,
     /// When the witness considers the primary's lease expired (same clock as `now_ms`).
     lease_expiry_ms: u64,
 }
 
-/// The witness's records of every volume.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The witness's records of every volume. `Hash` lets a model checker keep it in its states
+/// (tests/tests/fencing_model.rs).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Registry {
     volumes: BTreeMap<String, Volume>,
 }
