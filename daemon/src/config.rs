@@ -555,26 +555,11 @@ fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// An authkey is the file's content with surrounding whitespace trimmed; at least 16 bytes so a
-/// placeholder like "secret" is refused.
+/// An authkey: the file's content, trimmed, at least 16 bytes (a placeholder like "secret"
+/// is refused), in a file only its owner can read. One rule for the peer's and the
+/// witness's keys, on nodes and witness alike (`metroblk_witness::config::read_authkey`).
 fn read_authkey(path: &Path) -> Result<Vec<u8>, String> {
-    use std::os::unix::fs::PermissionsExt;
-    // Like ssh with a private key: a key others can read is no longer a secret.
-    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "{} is accessible by group or others (mode {mode:04o}); make it private: chmod 600 {}",
-            path.display(),
-            path.display()
-        ));
-    }
-    let raw = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let key = raw.trim_ascii().to_vec();
-    if key.len() < 16 {
-        return Err(format!("{} holds {} bytes; an authkey needs at least 16", path.display(), key.len()));
-    }
-    Ok(key)
+    metroblk_witness::config::read_authkey(path)
 }
 
 #[cfg(test)]
