@@ -145,7 +145,43 @@ struct RawWitness {
     address: String,
     authkey_file: PathBuf,
     lease_ms: Option<u64>,
+    /// The same as a duration: "5s", "1500ms", "1m", or whole seconds.
+    lease: Option<DurationText>,
     drift_ppm: Option<u32>,
+}
+
+/// A duration written as whole seconds or a string with a unit ("5s", "1500ms", "1m").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurationText(pub std::time::Duration);
+
+impl<'de> Deserialize<'de> for DurationText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(DurationText(std::time::Duration::from_secs(n))),
+            Raw::Str(s) => parse_duration(&s).map(DurationText).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Parses "5s", "1500ms", "2m", "5" (seconds).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a duration (use 5s, 1500ms or 1m)"))?;
+    let ms = match unit.trim() {
+        "" | "s" => n.checked_mul(1000),
+        "ms" => Some(n),
+        "m" | "min" => n.checked_mul(60_000),
+        other => return Err(format!("unknown duration unit '{other}' in '{s}' (use ms, s or m)")),
+    };
+    ms.map(std::time::Duration::from_millis).ok_or_else(|| format!("duration '{s}' is too large"))
 }
 
 #[derive(Debug, Deserialize)]
@@ -426,9 +462,14 @@ impl NodeConfig {
                         Keys::Read => read_authkey(&authkey_file).map_err(|m| err(&f("witness.authkey_file"), m))?,
                         Keys::Skip => Vec::new(),
                     };
-                    let lease = std::time::Duration::from_millis(
-                        w.lease_ms.unwrap_or(WITNESS_LEASE_DEFAULT.as_millis() as u64),
-                    );
+                    let lease = match (w.lease_ms, w.lease) {
+                        (Some(_), Some(_)) => {
+                            return Err(err(&f("witness.lease"), "set lease or lease_ms, not both".into()))
+                        }
+                        (Some(ms), None) => std::time::Duration::from_millis(ms),
+                        (None, Some(d)) => d.0,
+                        (None, None) => WITNESS_LEASE_DEFAULT,
+                    };
                     if !(WITNESS_LEASE_MIN..=WITNESS_LEASE_MAX).contains(&lease) {
                         return Err(err(
                             &f("witness.lease_ms"),
@@ -643,6 +684,46 @@ authkey_file = "key"
         assert!(c.volumes[0].peer.is_none() && c.volumes[0].authkey.is_empty());
         let e = NodeConfig::parse(&path, &solo.replace("\"primary\"", "\"secondary\"")).unwrap_err().to_string();
         assert!(e.contains("volume[0].peer: a secondary needs"), "{e}");
+    }
+
+    #[test]
+    fn a_witness_section_sets_fencing_lease_and_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alpha.toml");
+        let with = |extra: &str, witness: &str| {
+            good(dir.path()).replace("role = \"primary\"", &format!("role = \"primary\"\n{extra}"))
+                + &format!("[volume.witness]\naddress = \"10.0.0.9\"\nauthkey_file = \"key\"\n{witness}")
+        };
+        let c = NodeConfig::parse(&path, &with("", "")).unwrap();
+        let v = &c.volumes[0];
+        let w = v.witness.as_ref().unwrap();
+        assert_eq!((v.fencing, v.on_fence), (Fencing::Witness, OnFence::Suspend));
+        assert_eq!((w.address.port(), w.lease, w.drift_ppm), (9095, WITNESS_LEASE_DEFAULT, 10_000));
+        assert_eq!(v.out_of_sync_alert, OUT_OF_SYNC_ALERT_DEFAULT);
+        let c =
+            NodeConfig::parse(&path, &with("on-fence = \"io-error\"\nout_of_sync_alert_s = 5", "lease = \"1500ms\""))
+                .unwrap();
+        let v = &c.volumes[0];
+        assert_eq!((v.on_fence, v.out_of_sync_alert), (OnFence::IoError, std::time::Duration::from_secs(5)));
+        assert_eq!(v.witness.as_ref().unwrap().lease, std::time::Duration::from_millis(1500));
+        let c = NodeConfig::parse(&path, &with("", "lease = 3")).unwrap();
+        assert_eq!(c.volumes[0].witness.as_ref().unwrap().lease, std::time::Duration::from_secs(3));
+        for (extra, witness, want) in [
+            ("", "lease_ms = 100", "volume[0].witness.lease_ms: 100 ms is not between"),
+            ("", "lease_ms = 5000\nlease = \"5s\"", "volume[0].witness.lease: set lease or lease_ms"),
+            ("", "lease = \"5 parsecs\"", "unknown duration unit"),
+            ("", "drift_ppm = 500000", "volume[0].witness.drift_ppm"),
+        ] {
+            let e = NodeConfig::parse(&path, &with(extra, witness)).unwrap_err().to_string();
+            assert!(e.contains(want) && !e.contains('\n'), "{e:?} should contain {want:?}");
+        }
+        let e = NodeConfig::parse(
+            &path,
+            &good(dir.path()).replace("role = \"primary\"", "role = \"primary\"\nfencing = \"witness\""),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("volume[0].fencing: \"witness\" needs a [volume.witness] section"), "{e}");
     }
 
     #[test]
