@@ -14,4 +14,4 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 # Builds the metroblk binary the multi-process and VM tests run, then every test.
 cargo build --workspace --all-targets
-cargo test --workspace -- --test-threads=2
+cargo test --workspace --no-fail-fast -- --test-threads=2

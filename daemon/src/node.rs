@@ -186,7 +186,8 @@ pub fn start_role(cfg: &VolumeConfig, node_name: &str, config_path: &Path) -> Re
     let Some(w) = cfg.witness.as_ref().filter(|_| cfg.fencing == Fencing::Witness) else {
         return Ok(cfg.role);
     };
-    let sb = volume::open_metadata(cfg, node_name, config_path).map_err(|e| e.to_string())?.superblock();
+    let metadata = volume::open_metadata(cfg, node_name, config_path).map_err(|e| e.to_string())?;
+    let sb = metadata.superblock();
     let local = sb.role.unwrap_or(cfg.role);
     let asked = crate::fencing::client::query_record(cfg, node_name, w, START_QUERY_TIMEOUT);
     let role = match &asked {
@@ -203,6 +204,13 @@ pub fn start_role(cfg: &VolumeConfig, node_name: &str, config_path: &Path) -> Re
     if role == Role::Primary && sb.disk_state != volume::disk::DiskState::UpToDate {
         tracing::warn!(volume = %cfg.name, disk = %sb.disk_state, "this copy is not up to date: starting as secondary");
         return Ok(Role::Secondary);
+    }
+    if let Ok(Some(r)) = &asked {
+        // The witness's epoch is the current one: a node coming back adopts it at once, so it
+        // refuses the deposed primary from the start and shows the epoch it serves in.
+        if role == Role::Secondary && r.epoch > sb.epoch {
+            metadata.update_superblock(|sb| sb.epoch = sb.epoch.max(r.epoch)).map_err(|e| e.to_string())?;
+        }
     }
     tracing::info!(volume = %cfg.name, %role, witness = ?asked.as_ref().ok().map(|r| r.as_ref().map(|r| (r.epoch, r.primary.clone()))), "role at start");
     Ok(role)
