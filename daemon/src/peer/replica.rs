@@ -1,10 +1,15 @@
 //! The secondary's side of the write path: one connection from the primary, applied to the
 //! local backing file.
 //!
-//! Each connection runs on its own thread with its own io_uring. A frame header is received,
-//! then a WRITE's payload straight into a write buffer (no copy), the write is issued, and the
-//! next header is received while it runs, so many writes are in flight. The ack is sent only
-//! after the local write completed (protocol C); for FUA, after it is durable (RWF_DSYNC).
+//! Each connection runs on its own thread with its own io_uring. One RECVMSG at a time reads
+//! whatever the socket holds: the rest of the WRITE payload being received goes straight into
+//! its slot's write buffer, and everything after it (headers, and the start of the next
+//! payloads) into a staging buffer, from which frames are taken until it runs dry. So one ring
+//! round trip brings as many frames as have arrived, not one header or one payload (a large
+//! payload still lands in place; only what shares a receive with other frames is copied, on
+//! this side). The write is issued at once and the next frames are read while it runs, so many
+//! writes are in flight. The ack is sent only after the local write completed (protocol C);
+//! for FUA, after it is durable (RWF_DSYNC); acks queued meanwhile leave in one SENDMSG.
 //! A write from an epoch lower than this node's is refused with an ERROR frame and the link is
 //! dropped: that primary has been replaced (design, "epoch").
 //!
@@ -30,6 +35,9 @@ use crate::volume::VolumeShared;
 /// Writes a connection may have in flight on the secondary; beyond this it stops reading the
 /// socket and TCP pushes back on the primary.
 pub const REPLICA_SLOTS: usize = 64;
+/// The staging buffer of a connection's receives: room for a full window of 4 KiB writes
+/// (one per slot, with their headers) in one receive.
+pub const STAGE_BYTES: usize = REPLICA_SLOTS * (4096 + HEADER_LEN);
 
 const UD_RECV: u64 = 1 << 32;
 const UD_SEND: u64 = 2 << 32;
@@ -50,9 +58,18 @@ struct Conn {
     fd: RawFd,
     ring: IoUring,
     core: ReplicaCore,
-    hdr: Box<[u8; HEADER_LEN]>,
-    /// Bytes of the current header, or of the current payload, received so far.
+    /// Bytes received and not yet taken are `stage[head..tail]`.
+    stage: Box<[u8]>,
+    head: usize,
+    tail: usize,
+    /// Bytes of the current payload received so far.
     got: usize,
+    /// The RECVMSG's iovecs (the payload's rest, the stage) and its header; the kernel reads
+    /// them while the receive is in flight.
+    recv_iov: Box<[libc::iovec; 2]>,
+    recv_msg: Box<libc::msghdr>,
+    /// How much of the in-flight receive goes to the current payload (iovec 0), if any.
+    recv_payload_want: usize,
     recv_in_flight: bool,
     slots: Vec<RSlot>,
     sender: FrameSender,
@@ -89,8 +106,14 @@ pub fn serve(v: Arc<VolumeShared>, peer: String, control: Arc<LinkControl>, stat
         stats,
         ring,
         core: ReplicaCore::new(REPLICA_SLOTS, Instant::now(), crate::volume::queue::PEER_TIMEOUT),
-        hdr: Box::new([0; HEADER_LEN]),
+        stage: vec![0u8; STAGE_BYTES].into_boxed_slice(),
+        head: 0,
+        tail: 0,
         got: 0,
+        recv_iov: Box::new([libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 2]),
+        // SAFETY: msghdr is a plain C struct for which all-zero is a valid value.
+        recv_msg: Box::new(unsafe { std::mem::zeroed() }),
+        recv_payload_want: 0,
         recv_in_flight: false,
         slots: (0..REPLICA_SLOTS).map(|_| RSlot { buf: None, done: 0, ack: [0; HEADER_LEN] }).collect(),
         sender: FrameSender::new(REPLICA_SLOTS + 2),
@@ -110,6 +133,8 @@ impl Conn {
     fn run(&mut self) -> String {
         loop {
             self.check_superseded();
+            // Frames left in the stage while every slot was busy, now that some are free.
+            self.take_frames();
             self.post_recv();
             if let Some(sqe) = self.sender.next_sqe(self.fd, UD_SEND) {
                 self.push(sqe);
@@ -191,24 +216,46 @@ impl Conn {
         }
     }
 
+    /// Posts the next receive: the rest of the current payload in place, then the stage.
+    /// Without MSG_WAITALL it completes with whatever has arrived, however little.
     fn post_recv(&mut self) {
         if self.recv_in_flight {
             return;
         }
-        let (ptr, want) = match self.core.recv_next() {
+        let (payload, want) = match self.core.recv_next() {
             RecvNext::Nothing => return,
-            // SAFETY: got < HEADER_LEN, inside the boxed header.
-            RecvNext::Header => (unsafe { self.hdr.as_mut_ptr().add(self.got) }, HEADER_LEN - self.got),
+            RecvNext::Header => (std::ptr::null_mut(), 0),
             RecvNext::Payload(slot) => {
                 let len = self.core.frame(slot).map_or(0, |f| f.length as usize);
                 let buf = self.slots[slot as usize].buf.as_ref().expect("payload slot has a buffer");
+                assert!(self.got < len && len <= buf.as_slice().len());
                 // SAFETY: got < frame length <= buffer length.
                 (unsafe { buf.as_ptr().add(self.got) }, len - self.got)
             }
         };
+        // `take_frames` ran dry: what is left is less than a header, or nothing when a
+        // payload is wanted (it would have been taken into the payload).
+        assert!(self.tail - self.head < HEADER_LEN && (want == 0 || self.head == self.tail));
+        self.stage.copy_within(self.head..self.tail, 0);
+        self.tail -= self.head;
+        self.head = 0;
+        // SAFETY: tail < HEADER_LEN < stage length: inside the boxed stage.
+        let stage = unsafe { self.stage.as_mut_ptr().add(self.tail) };
+        let stage = libc::iovec { iov_base: stage as *mut _, iov_len: self.stage.len() - self.tail };
+        let iovs = if want > 0 {
+            *self.recv_iov = [libc::iovec { iov_base: payload as *mut _, iov_len: want }, stage];
+            2
+        } else {
+            self.recv_iov[0] = stage;
+            1
+        };
+        self.recv_msg.msg_iov = self.recv_iov.as_mut_ptr();
+        self.recv_msg.msg_iovlen = iovs;
+        self.recv_payload_want = want;
         self.recv_in_flight = true;
-        let sqe =
-            opcode::Recv::new(types::Fd(self.fd), ptr, want as u32).flags(libc::MSG_WAITALL).build().user_data(UD_RECV);
+        let sqe = opcode::RecvMsg::new(types::Fd(self.fd), &mut *self.recv_msg as *mut libc::msghdr)
+            .build()
+            .user_data(UD_RECV);
         self.push(sqe);
     }
 
@@ -232,36 +279,76 @@ impl Conn {
         let now = Instant::now();
         self.core.on_heard(now);
         self.v.fence.on_peer_heard(now);
-        self.got += res as usize;
-        match self.core.recv_next() {
-            RecvNext::Header if self.got == HEADER_LEN => {
-                self.got = 0;
-                let decoded = decode_header(&self.hdr, &self.v.geometry).map_err(|e| e.to_string());
-                let (out, adopt) = self.core.on_header(decoded, self.v.epoch(), self.v.disk.is_failed());
-                if let Some(e) = adopt {
-                    // A newer primary: remember its epoch so an older one is refused from now,
-                    // after restarts too (rare: once per promotion, so a metadata write here).
-                    if self.v.epoch.fetch_max(e, Ordering::Relaxed) < e {
-                        crate::fencing::persist_epoch(&self.v, e);
-                    }
-                }
-                self.act(out);
+        let res = res as usize;
+        let to_payload = res.min(self.recv_payload_want);
+        self.tail += res - to_payload;
+        assert!(self.tail <= self.stage.len());
+        if self.recv_payload_want > 0 {
+            self.got += to_payload;
+            if let RecvNext::Payload(slot) = self.core.recv_next() {
+                self.payload_progress(slot);
             }
-            RecvNext::Payload(slot) => {
-                let Some(f) = self.core.frame(slot) else { return };
-                if self.got < f.length as usize {
-                    return;
-                }
-                self.got = 0;
-                let buf = self.slots[slot as usize].buf.as_ref().expect("payload slot has a buffer");
-                // SAFETY: the buffer holds `length` received bytes.
-                let payload = unsafe { std::slice::from_raw_parts(buf.as_ptr(), f.length as usize) };
-                let crc = verify_payload(&f, payload).map_err(|e| e.to_string());
-                let out = self.core.on_payload(crc, self.v.disk.is_failed());
-                self.act(out);
-            }
-            _ => {}
         }
+        self.take_frames();
+    }
+
+    /// Takes every whole header, and as much payload as there is, from the stage, until it
+    /// runs dry or no slot is free (the rest stays for later: TCP pushes back meanwhile).
+    fn take_frames(&mut self) {
+        loop {
+            match self.core.recv_next() {
+                RecvNext::Nothing => return,
+                RecvNext::Header => {
+                    let Some(hdr) = self.stage.get(self.head..self.head + HEADER_LEN) else { return };
+                    if self.head + HEADER_LEN > self.tail {
+                        return;
+                    }
+                    let hdr: [u8; HEADER_LEN] = hdr.try_into().expect("a header's length");
+                    self.head += HEADER_LEN;
+                    self.got = 0;
+                    self.on_header(&hdr);
+                }
+                RecvNext::Payload(slot) => {
+                    let len = self.core.frame(slot).map_or(0, |f| f.length as usize);
+                    let n = (len - self.got).min(self.tail - self.head);
+                    if n == 0 {
+                        return;
+                    }
+                    let buf = self.slots[slot as usize].buf.as_mut().expect("payload slot has a buffer");
+                    buf.as_mut_slice()[self.got..self.got + n].copy_from_slice(&self.stage[self.head..self.head + n]);
+                    self.head += n;
+                    self.got += n;
+                    self.payload_progress(slot);
+                }
+            }
+        }
+    }
+
+    fn on_header(&mut self, hdr: &[u8; HEADER_LEN]) {
+        let decoded = decode_header(hdr, &self.v.geometry).map_err(|e| e.to_string());
+        let (out, adopt) = self.core.on_header(decoded, self.v.epoch(), self.v.disk.is_failed());
+        if let Some(e) = adopt {
+            // A newer primary: remember its epoch so an older one is refused from now,
+            // after restarts too (rare: once per promotion, so a metadata write here).
+            if self.v.epoch.fetch_max(e, Ordering::Relaxed) < e {
+                crate::fencing::persist_epoch(&self.v, e);
+            }
+        }
+        self.act(out);
+    }
+
+    /// Applies slot's WRITE once its whole payload is in.
+    fn payload_progress(&mut self, slot: u16) {
+        let Some(f) = self.core.frame(slot) else { return };
+        assert!(self.got <= f.length as usize);
+        if self.got < f.length as usize {
+            return;
+        }
+        self.got = 0;
+        let buf = self.slots[slot as usize].buf.as_ref().expect("payload slot has a buffer");
+        let crc = verify_payload(&f, &buf.as_slice()[..f.length as usize]).map_err(|e| e.to_string());
+        let out = self.core.on_payload(crc, self.v.disk.is_failed());
+        self.act(out);
     }
 
     /// Carries out what the core decided.
