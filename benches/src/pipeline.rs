@@ -1,21 +1,24 @@
 //! The pipeline benchmark: what the mirrored write path costs against its two parts.
 //!
-//! For 4 KiB random writes over a 1 GiB volume, at queue depth 1 and 32, on files in /dev/shm
-//! and on disk (O_DIRECT), it measures in one run:
+//! For random writes of 4, 64 and 128 KiB over a 1 GiB volume, at queue depth 1 and 32, on
+//! files in /dev/shm and on disk (O_DIRECT), it measures in one run:
 //!   local  — io_uring writes to the backing file only,
-//!   echo   — a 4 KiB TCP echo over loopback at the same depth,
-//!   mirror — the engine, with a secondary on loopback (real TCP, same process).
-//! One JSON line per case, then one line of ratios against the goals of issue 2: mirrored p50
-//! at depth 1 within 15 µs of local p50 + echo p50, and mirrored IOPS at depth 32 at least 70 %
-//! of the smaller of local and echo.
+//!   echo   — a TCP echo of the same size over loopback at the same depth,
+//!   mirror — the engine, with a secondary on loopback (real TCP; the secondary runs in a
+//!            process of its own, this binary started again with `--secondary CONFIG`).
+//! One JSON line per case, then per size and medium one line of ratios against the goals:
+//! mirrored p50 at depth 1 within 15 µs of local p50 + echo p50, and mirrored IOPS at depth 32
+//! at least 70 % of the smaller of local and echo.
 //!
-//! Usage: `cargo run --release -p metroblk-benches --bin pipeline -- [--secs N] [--disk-dir DIR]`
+//! Usage: `cargo run --release -p metroblk-benches --bin pipeline -- [--secs N] [--disk-dir DIR]
+//! [--sizes 4k,64k,128k]`
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types, IoUring};
@@ -23,11 +26,14 @@ use metroblk::config::NodeConfig;
 use metroblk::volume::{QueueDriver, ReqKind, Request, Volume};
 
 const VOLUME: u64 = 1 << 30;
-const BS: usize = 4096;
+/// Write sizes measured by default: a database page, and the large writes of a filesystem's
+/// writeback and of a VM datastore.
+const SIZES_DEFAULT: [usize; 3] = [4 << 10, 64 << 10, 128 << 10];
 
 struct Result_ {
     case: &'static str,
     medium: &'static str,
+    bs: usize,
     depth: usize,
     iops: f64,
     p50_us: f64,
@@ -38,7 +44,7 @@ impl Result_ {
     fn print(&self) {
         println!(
             "{}",
-            serde_json::json!({"case": self.case, "medium": self.medium, "depth": self.depth,
+            serde_json::json!({"case": self.case, "medium": self.medium, "bs": self.bs, "depth": self.depth,
                 "iops": self.iops.round(), "p50_us": (self.p50_us * 10.0).round() / 10.0,
                 "p99_us": (self.p99_us * 10.0).round() / 10.0})
         );
@@ -59,35 +65,51 @@ impl Lat {
             self.ns.push(d.as_nanos().min(u32::MAX as u128) as u32);
         }
     }
-    fn finish(mut self, case: &'static str, medium: &'static str, depth: usize, ops: u64, el: Duration) -> Result_ {
+    fn finish(
+        mut self,
+        case: &'static str,
+        medium: &'static str,
+        bs: usize,
+        depth: usize,
+        ops: u64,
+        el: Duration,
+    ) -> Result_ {
         self.ns.sort_unstable();
         let pct = |p: f64| {
             self.ns.get(((self.ns.len() as f64 * p) as usize).min(self.ns.len() - 1)).copied().unwrap_or(0) as f64
                 / 1000.0
         };
-        Result_ { case, medium, depth, iops: ops as f64 / el.as_secs_f64(), p50_us: pct(0.50), p99_us: pct(0.99) }
+        Result_ { case, medium, bs, depth, iops: ops as f64 / el.as_secs_f64(), p50_us: pct(0.50), p99_us: pct(0.99) }
     }
 }
 
-/// Random block offsets within the first `span` bytes of the volume.
-struct Rng(u64, u64);
+/// Random `bs`-aligned offsets within the first `span` bytes of the volume.
+struct Rng {
+    state: u64,
+    span: u64,
+    bs: u64,
+}
 impl Rng {
     fn offset(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % (self.1 / BS as u64)) * BS as u64
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        (self.state % (self.span / self.bs)) * self.bs
     }
 }
 
-struct Aligned(Vec<u8>);
+/// One `bs` buffer per tag, 4 KiB aligned (O_DIRECT).
+struct Aligned {
+    mem: Vec<u8>,
+    bs: usize,
+}
 impl Aligned {
-    fn new(depth: usize) -> Aligned {
-        Aligned(vec![0xa5u8; (depth + 1) * BS])
+    fn new(depth: usize, bs: usize) -> Aligned {
+        Aligned { mem: vec![0xa5u8; depth * bs + 4096], bs }
     }
     fn ptr(&mut self, i: usize) -> *mut u8 {
-        let base = (self.0.as_mut_ptr() as usize + BS - 1) & !(BS - 1);
-        (base + i * BS) as *mut u8
+        let base = (self.mem.as_mut_ptr() as usize + 4095) & !4095;
+        (base + i * self.bs) as *mut u8
     }
 }
 
@@ -102,9 +124,9 @@ fn open_file(path: &Path, direct: bool) -> std::fs::File {
     f
 }
 
-/// Something that writes 4 KiB blocks with many in flight: the local baseline or the engine.
+/// Something that writes blocks with many in flight: the local baseline or the engine.
 trait WriteTarget {
-    fn submit(&mut self, tag: usize, buf: *mut u8, offset: u64);
+    fn submit(&mut self, tag: usize, buf: *mut u8, offset: u64, len: usize);
     /// Waits for at least one completion and appends the finished tags to `done`.
     fn reap(&mut self, done: &mut Vec<usize>);
 }
@@ -116,57 +138,60 @@ struct LocalWrites {
 }
 
 impl WriteTarget for LocalWrites {
-    fn submit(&mut self, tag: usize, buf: *mut u8, offset: u64) {
+    fn submit(&mut self, tag: usize, buf: *mut u8, offset: u64, len: usize) {
         let fd = types::Fd(self.file.as_raw_fd());
-        let sqe = opcode::Write::new(fd, buf, BS as u32).offset(offset).build().user_data(tag as u64);
+        let sqe =
+            opcode::Write::new(fd, buf, len as u32).offset(offset).build().user_data(tag as u64 | (len as u64) << 32);
         // SAFETY: the buffer outlives the operation (every write is reaped before the loop ends).
         unsafe { self.ring.submission().push(&sqe).unwrap() };
     }
     fn reap(&mut self, done: &mut Vec<usize>) {
         self.ring.submit_and_wait(1).unwrap();
         for c in self.ring.completion() {
-            assert_eq!(c.result(), BS as i32, "local write failed: {}", c.result());
-            done.push(c.user_data() as usize);
+            assert_eq!(c.result() as u64, c.user_data() >> 32, "local write failed: {}", c.result());
+            done.push(c.user_data() as u32 as usize);
         }
     }
 }
 
 impl WriteTarget for QueueDriver {
-    fn submit(&mut self, tag: usize, buf: *mut u8, offset: u64) {
-        let req = Request { kind: ReqKind::Write, offset, len: BS as u32, fua: false, buf };
+    fn submit(&mut self, tag: usize, buf: *mut u8, offset: u64, len: usize) {
+        let req = Request { kind: ReqKind::Write, offset, len: len as u32, fua: false, buf };
         QueueDriver::submit(self, tag as u16, req).unwrap();
     }
     fn reap(&mut self, done: &mut Vec<usize>) {
         self.poll(None, |tag, res| {
-            assert_eq!(res, BS as i32, "mirrored write failed: {res}");
+            assert!(res > 0, "mirrored write failed: {res}");
             done.push(tag as usize);
         })
         .unwrap();
     }
 }
 
-/// Random 4 KiB writes at `depth` for `secs`: every completion starts the next write on its tag.
+/// Random `bs` writes at `depth` for `secs`: every completion starts the next write on its tag.
 fn closed_loop(
     t: &mut impl WriteTarget,
     case: &'static str,
     medium: &'static str,
+    bs: usize,
     depth: usize,
     secs: Duration,
 ) -> Result_ {
-    closed_loop_over(t, case, medium, depth, secs, VOLUME)
+    closed_loop_over(t, case, medium, bs, depth, secs, VOLUME)
 }
 
-/// The closed loop over random 4 KiB blocks of the first `span` bytes.
+/// The closed loop over random `bs` blocks of the first `span` bytes.
 fn closed_loop_over(
     t: &mut impl WriteTarget,
     case: &'static str,
     medium: &'static str,
+    bs: usize,
     depth: usize,
     secs: Duration,
     span: u64,
 ) -> Result_ {
-    let mut bufs = Aligned::new(depth);
-    let mut rng = Rng(0x9e3779b97f4a7c15, span);
+    let mut bufs = Aligned::new(depth, bs);
+    let mut rng = Rng { state: 0x9e3779b97f4a7c15, span, bs: bs as u64 };
     let mut started = vec![Instant::now(); depth];
     let mut lat = Lat::new();
     let mut done = Vec::with_capacity(depth);
@@ -174,7 +199,7 @@ fn closed_loop_over(
     let mut ops = 0u64;
     for (tag, s) in started.iter_mut().enumerate() {
         *s = Instant::now();
-        t.submit(tag, bufs.ptr(tag), rng.offset());
+        t.submit(tag, bufs.ptr(tag), rng.offset(), bs);
     }
     let mut outstanding = depth;
     while outstanding > 0 {
@@ -185,27 +210,27 @@ fn closed_loop_over(
             ops += 1;
             if t0.elapsed() < secs {
                 started[tag] = Instant::now();
-                t.submit(tag, bufs.ptr(tag), rng.offset());
+                t.submit(tag, bufs.ptr(tag), rng.offset(), bs);
             } else {
                 outstanding -= 1;
             }
         }
     }
-    lat.finish(case, medium, depth, ops, t0.elapsed())
+    lat.finish(case, medium, bs, depth, ops, t0.elapsed())
 }
 
-fn bench_local(path: &Path, direct: bool, medium: &'static str, depth: usize, secs: Duration) -> Result_ {
+fn bench_local(path: &Path, direct: bool, medium: &'static str, bs: usize, depth: usize, secs: Duration) -> Result_ {
     let mut t = LocalWrites { ring: IoUring::new(64).unwrap(), file: open_file(path, direct) };
-    closed_loop(&mut t, "local", medium, depth, secs)
+    closed_loop(&mut t, "local", medium, bs, depth, secs)
 }
 
-fn bench_echo(depth: usize, secs: Duration) -> Result_ {
+fn bench_echo(bs: usize, depth: usize, secs: Duration) -> Result_ {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let server = std::thread::spawn(move || {
         let (mut s, _) = l.accept().unwrap();
         s.set_nodelay(true).unwrap();
-        let mut buf = vec![0u8; 64 << 10];
+        let mut buf = vec![0u8; 256 << 10];
         loop {
             match s.read(&mut buf) {
                 Ok(0) | Err(_) => return,
@@ -220,7 +245,7 @@ fn bench_echo(depth: usize, secs: Duration) -> Result_ {
     let mut c = TcpStream::connect(addr).unwrap();
     c.set_nodelay(true).unwrap();
     let mut reader = c.try_clone().unwrap();
-    let msg = vec![0x5au8; BS];
+    let msg = vec![0x5au8; bs];
     // The receiver thread times each echo against its send time; the sender keeps `depth`
     // messages outstanding (a token per echoed message comes back over a channel).
     let (tok_tx, tok_rx) = std::sync::mpsc::sync_channel::<()>(depth);
@@ -230,7 +255,7 @@ fn bench_echo(depth: usize, secs: Duration) -> Result_ {
     }
     let recv = std::thread::spawn(move || {
         let mut lat = Lat::new();
-        let mut buf = vec![0u8; BS];
+        let mut buf = vec![0u8; bs];
         let mut ops = 0u64;
         while let Ok(t) = ts_rx.recv() {
             if reader.read_exact(&mut buf).is_err() {
@@ -253,7 +278,7 @@ fn bench_echo(depth: usize, secs: Duration) -> Result_ {
     let el = t0.elapsed();
     drop(c);
     let _ = server.join();
-    lat.finish("echo", "loopback", depth, ops, el)
+    lat.finish("echo", "loopback", bs, depth, ops, el)
 }
 
 /// What the mirror runs with: the conflict rule and the write-intent bitmap (both on in
@@ -267,14 +292,44 @@ struct Variant {
 
 const PRODUCTION: Variant = Variant { order_conflicts: true, write_intent: true, span: VOLUME };
 
-fn bench_mirror(dir: &Path, direct: bool, medium: &'static str, depth: usize, secs: Duration) -> Result_ {
-    bench_mirror_with(dir, direct, medium, depth, secs, PRODUCTION)
+fn bench_mirror(dir: &Path, direct: bool, medium: &'static str, bs: usize, depth: usize, secs: Duration) -> Result_ {
+    bench_mirror_with(dir, direct, medium, bs, depth, secs, PRODUCTION)
+}
+
+/// The secondary, in a process of its own (so it does not share the primary's allocator,
+/// scheduler decisions or address space): this binary again with `--secondary CONFIG`. Killed
+/// when dropped.
+struct SecondaryProcess(Child);
+
+impl SecondaryProcess {
+    fn start(config: &Path) -> SecondaryProcess {
+        let exe = std::env::current_exe().expect("the benchmark's own path");
+        let child = Command::new(exe).arg("--secondary").arg(config).spawn().expect("start the secondary process");
+        SecondaryProcess(child)
+    }
+}
+
+impl Drop for SecondaryProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `--secondary CONFIG`: serves the benchmark volume as its secondary until killed.
+fn run_secondary(config: &Path) -> ! {
+    let cfg = NodeConfig::load(config).expect("secondary config");
+    let _sec = metroblk::node::start_secondary(&cfg.volumes[0], &cfg.name, &cfg.path).expect("secondary");
+    loop {
+        std::thread::park();
+    }
 }
 
 fn bench_mirror_with(
     dir: &Path,
     direct: bool,
     medium: &'static str,
+    bs: usize,
     depth: usize,
     secs: Duration,
     variant: Variant,
@@ -300,7 +355,7 @@ fn bench_mirror_with(
         open_file(&dir.join(n), false);
     }
     let secondary = cfg("s", "p", "secondary", pb, pa);
-    let _sec = metroblk::node::start_secondary(&secondary.volumes[0], "s", &secondary.path).expect("secondary");
+    let _sec = SecondaryProcess::start(&secondary.path);
     let primary = cfg("p", "s", "primary", pa, pb);
     let vol = Volume::open_primary(&primary.volumes[0], "p", 1).expect("primary");
     let queue = vol.queue(0, depth as u16);
@@ -317,14 +372,14 @@ fn bench_mirror_with(
         (false, _) => "mirror-no-conflict-check",
         (true, false) => "mirror-no-write-intent",
     };
-    let r = closed_loop_over(&mut drv, case, medium, depth, secs, variant.span);
+    let r = closed_loop_over(&mut drv, case, medium, bs, depth, secs, variant.span);
     let s = &vol.shared.intent.stats;
     let cold = s.marks_cold.load(std::sync::atomic::Ordering::Relaxed);
     let writes = s.metadata_writes.load(std::sync::atomic::Ordering::Relaxed);
     if variant.write_intent {
         println!(
             "{}",
-            serde_json::json!({"case": case, "depth": depth, "cold_writes": cold, "metadata_writes": writes,
+            serde_json::json!({"case": case, "bs": bs, "depth": depth, "cold_writes": cold, "metadata_writes": writes,
                 "cold_writes_per_metadata_write": if writes > 0 { (cold as f64 / writes as f64 * 10.0).round() / 10.0 } else { 0.0 }})
         );
     }
@@ -338,6 +393,7 @@ fn main() {
     let mut disk_dir = PathBuf::from("/var/tmp");
     let mut conflict_ab = 0usize;
     let mut bitmap_ab = 0usize;
+    let mut sizes = SIZES_DEFAULT.to_vec();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -345,63 +401,100 @@ fn main() {
             "--disk-dir" => disk_dir = PathBuf::from(args.next().expect("--disk-dir DIR")),
             "--conflict-ab" => conflict_ab = args.next().and_then(|s| s.parse().ok()).expect("--conflict-ab ROUNDS"),
             "--bitmap-ab" => bitmap_ab = args.next().and_then(|s| s.parse().ok()).expect("--bitmap-ab ROUNDS"),
+            "--sizes" => sizes = parse_sizes(&args.next().expect("--sizes 4k,64k,128k")),
+            "--secondary" => run_secondary(Path::new(&args.next().expect("--secondary CONFIG"))),
             _ => {
-                eprintln!("usage: pipeline [--secs N] [--disk-dir DIR] [--conflict-ab ROUNDS] [--bitmap-ab ROUNDS]");
+                eprintln!(
+                    "usage: pipeline [--secs N] [--disk-dir DIR] [--sizes 4k,64k,128k] [--conflict-ab ROUNDS] [--bitmap-ab ROUNDS]"
+                );
                 std::process::exit(2);
             }
         }
     }
     let shm = tempfile::tempdir_in("/dev/shm").expect("/dev/shm");
     if conflict_ab > 0 {
-        conflict_ab_runs(shm.path(), conflict_ab, secs);
+        for &bs in &sizes {
+            conflict_ab_runs(shm.path(), conflict_ab, secs, bs);
+        }
         return;
     }
     if bitmap_ab > 0 {
-        bitmap_ab_runs(shm.path(), bitmap_ab, secs);
+        for &bs in &sizes {
+            bitmap_ab_runs(shm.path(), bitmap_ab, secs, bs);
+        }
         return;
     }
     let disk = tempfile::tempdir_in(&disk_dir).expect("disk dir");
     let mut results = Vec::new();
-    for depth in [1usize, 32] {
-        let r = bench_echo(depth, secs);
-        r.print();
-        results.push(r);
-    }
-    for (dir, direct, medium) in [(shm.path(), false, "shm"), (disk.path(), true, "disk")] {
+    for &bs in &sizes {
         for depth in [1usize, 32] {
-            let r = bench_local(&dir.join("local.img"), direct, medium, depth, secs);
+            let r = bench_echo(bs, depth, secs);
             r.print();
             results.push(r);
-            let sub = dir.join(format!("mirror{depth}"));
-            std::fs::create_dir_all(&sub).unwrap();
-            let r = bench_mirror(&sub, direct, medium, depth, secs);
-            r.print();
-            results.push(r);
-            let _ = std::fs::remove_dir_all(&sub);
+        }
+        for (dir, direct, medium) in [(shm.path(), false, "shm"), (disk.path(), true, "disk")] {
+            for depth in [1usize, 32] {
+                let r = bench_local(&dir.join("local.img"), direct, medium, bs, depth, secs);
+                r.print();
+                results.push(r);
+                let sub = dir.join(format!("mirror{depth}"));
+                std::fs::create_dir_all(&sub).unwrap();
+                let r = bench_mirror(&sub, direct, medium, bs, depth, secs);
+                r.print();
+                results.push(r);
+                let _ = std::fs::remove_dir_all(&sub);
+            }
         }
     }
-    let find = |case: &str, medium: &str, depth: usize| {
-        results.iter().find(|r| r.case == case && (r.medium == medium || case == "echo") && r.depth == depth).unwrap()
+    let find = |case: &str, medium: &str, bs: usize, depth: usize| {
+        results
+            .iter()
+            .find(|r| r.case == case && (r.medium == medium || case == "echo") && r.bs == bs && r.depth == depth)
+            .unwrap()
     };
-    for medium in ["shm", "disk"] {
-        let (l1, e1, m1) = (find("local", medium, 1), find("echo", medium, 1), find("mirror", medium, 1));
-        let (l32, e32, m32) = (find("local", medium, 32), find("echo", medium, 32), find("mirror", medium, 32));
-        let overhead = m1.p50_us - (l1.p50_us + e1.p50_us);
-        let ratio = m32.iops / l32.iops.min(e32.iops);
-        println!(
-            "{}",
-            serde_json::json!({"summary": medium,
-                "mirror_p50_qd1_minus_local_plus_echo_us": (overhead * 10.0).round() / 10.0,
-                "goal_p50_overhead_us": 15.0, "p50_goal_met": overhead <= 15.0,
-                "mirror_iops_qd32_over_min_local_echo": (ratio * 1000.0).round() / 1000.0,
-                "goal_iops_ratio": 0.7, "iops_goal_met": ratio >= 0.7})
-        );
+    for &bs in &sizes {
+        for medium in ["shm", "disk"] {
+            let (l1, e1, m1) =
+                (find("local", medium, bs, 1), find("echo", medium, bs, 1), find("mirror", medium, bs, 1));
+            let (l32, e32, m32) =
+                (find("local", medium, bs, 32), find("echo", medium, bs, 32), find("mirror", medium, bs, 32));
+            let overhead = m1.p50_us - (l1.p50_us + e1.p50_us);
+            let ratio = m32.iops / l32.iops.min(e32.iops);
+            println!(
+                "{}",
+                serde_json::json!({"summary": medium, "bs": bs,
+                    "mirror_p50_qd1_minus_local_plus_echo_us": (overhead * 10.0).round() / 10.0,
+                    "goal_p50_overhead_us": 15.0, "p50_goal_met": overhead <= 15.0,
+                    "mirror_iops_qd32_over_min_local_echo": (ratio * 1000.0).round() / 1000.0,
+                    "goal_iops_ratio": 0.7, "iops_goal_met": ratio >= 0.7})
+            );
+        }
     }
+}
+
+/// "4k,64k,128k" (k = KiB; a plain number is bytes) into sizes, each a multiple of 4 KiB.
+fn parse_sizes(text: &str) -> Vec<usize> {
+    text.split(',')
+        .map(|t| {
+            let t = t.trim().to_ascii_lowercase();
+            let n = match t.strip_suffix('k') {
+                Some(k) => k.parse::<usize>().map(|k| k << 10),
+                None => t.parse::<usize>(),
+            };
+            match n {
+                Ok(n) if n > 0 && n % 4096 == 0 && n <= 512 << 10 => n,
+                _ => {
+                    eprintln!("--sizes: {t:?} is not a multiple of 4 KiB up to 512 KiB");
+                    std::process::exit(2);
+                }
+            }
+        })
+        .collect()
 }
 
 /// The mirror on /dev/shm with a feature on and off (`with` and `without`), alternating (and
 /// alternating which goes first), `rounds` times per depth; prints each run and the on/off IOPS ratios (median, min, max).
-fn ab_runs(dir: &Path, rounds: usize, secs: Duration, label: &str, with: Variant, without: Variant) {
+fn ab_runs(dir: &Path, rounds: usize, secs: Duration, bs: usize, label: &str, with: Variant, without: Variant) {
     for depth in [1usize, 32] {
         let mut ratios = Vec::new();
         for round in 0..rounds {
@@ -412,7 +505,7 @@ fn ab_runs(dir: &Path, rounds: usize, secs: Duration, label: &str, with: Variant
                 let variant = [with, without][i];
                 let sub = dir.join(format!("{label}{depth}-{round}-{i}"));
                 std::fs::create_dir_all(&sub).unwrap();
-                let r = bench_mirror_with(&sub, false, "shm", depth, secs, variant);
+                let r = bench_mirror_with(&sub, false, "shm", bs, depth, secs, variant);
                 r.print();
                 iops[i] = r.iops;
                 let _ = std::fs::remove_dir_all(&sub);
@@ -423,7 +516,7 @@ fn ab_runs(dir: &Path, rounds: usize, secs: Duration, label: &str, with: Variant
         let r3 = |x: f64| (x * 1000.0).round() / 1000.0;
         println!(
             "{}",
-            serde_json::json!({"summary": label, "depth": depth, "rounds": rounds, "span_bytes": with.span,
+            serde_json::json!({"summary": label, "bs": bs, "depth": depth, "rounds": rounds, "span_bytes": with.span,
                 "iops_with_over_without_median": r3(ratios[ratios.len() / 2]),
                 "min": r3(ratios[0]), "max": r3(ratios[ratios.len() - 1])})
         );
@@ -431,20 +524,22 @@ fn ab_runs(dir: &Path, rounds: usize, secs: Duration, label: &str, with: Variant
 }
 
 /// What the conflict rule costs (random writes over the whole volume).
-fn conflict_ab_runs(dir: &Path, rounds: usize, secs: Duration) {
-    ab_runs(dir, rounds, secs, "conflict-ab", PRODUCTION, Variant { order_conflicts: false, ..PRODUCTION });
+fn conflict_ab_runs(dir: &Path, rounds: usize, secs: Duration, bs: usize) {
+    ab_runs(dir, rounds, secs, bs, "conflict-ab", PRODUCTION, Variant { order_conflicts: false, ..PRODUCTION });
 }
 
 /// What the write-intent bitmap costs over a hot working set (64 MiB: 1024 regions, each
 /// written many times a second, as a filesystem's journal and hot files are; goal: under 3 %
 /// at depth 32). A final run over the whole 1 GiB (16384 regions, most writes to a region
 /// not yet marked) shows the group commit: cold writes per metadata write.
-fn bitmap_ab_runs(dir: &Path, rounds: usize, secs: Duration) {
+fn bitmap_ab_runs(dir: &Path, rounds: usize, secs: Duration, bs: usize) {
     let hot = Variant { span: 64 << 20, ..PRODUCTION };
-    ab_runs(dir, rounds, secs, "bitmap-ab", hot, Variant { write_intent: false, ..hot });
+    ab_runs(dir, rounds, secs, bs, "bitmap-ab", hot, Variant { write_intent: false, ..hot });
+    // Over the whole volume, most writes cold: with the bitmap and without.
+    ab_runs(dir, rounds, secs, bs, "bitmap-ab-cold", PRODUCTION, Variant { write_intent: false, ..PRODUCTION });
     let sub = dir.join("bm-cold");
     std::fs::create_dir_all(&sub).unwrap();
-    let r = bench_mirror_with(&sub, false, "shm", 32, secs, PRODUCTION);
+    let r = bench_mirror_with(&sub, false, "shm", bs, 32, secs, PRODUCTION);
     r.print();
     let _ = std::fs::remove_dir_all(&sub);
 }
