@@ -35,9 +35,12 @@ use crate::volume::VolumeShared;
 /// Writes a connection may have in flight on the secondary; beyond this it stops reading the
 /// socket and TCP pushes back on the primary.
 pub const REPLICA_SLOTS: usize = 64;
-/// The staging buffer of a connection's receives: room for a full window of 4 KiB writes
-/// (one per slot, with their headers) in one receive.
-pub const STAGE_BYTES: usize = REPLICA_SLOTS * (4096 + HEADER_LEN);
+/// Most bytes one receive puts into the staging buffer: about eight 4 KiB writes with their
+/// headers. What lands there is copied into write buffers, so this also bounds the copy per
+/// receive (a 128 KiB payload that starts in the stage is mostly received in place).
+pub const STAGE_RECV_BYTES: usize = 32 << 10;
+/// The staging buffer: what a receive may add, after at most a partial header left over.
+const STAGE_BYTES: usize = STAGE_RECV_BYTES + HEADER_LEN;
 
 const UD_RECV: u64 = 1 << 32;
 const UD_SEND: u64 = 2 << 32;
@@ -241,7 +244,8 @@ impl Conn {
         self.head = 0;
         // SAFETY: tail < HEADER_LEN < stage length: inside the boxed stage.
         let stage = unsafe { self.stage.as_mut_ptr().add(self.tail) };
-        let stage = libc::iovec { iov_base: stage as *mut _, iov_len: self.stage.len() - self.tail };
+        let stage = libc::iovec { iov_base: stage as *mut _, iov_len: STAGE_RECV_BYTES };
+        assert!(self.tail + STAGE_RECV_BYTES <= self.stage.len());
         let iovs = if want > 0 {
             *self.recv_iov = [libc::iovec { iov_base: payload as *mut _, iov_len: want }, stage];
             2
