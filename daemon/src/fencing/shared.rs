@@ -39,6 +39,8 @@ pub struct FenceShared {
     /// This node once served (held a lease or had its peer) since it started: from then on a
     /// fence fails I/O under `io-error`; before, I/O waits for the first answer.
     served: AtomicBool,
+    /// Fenced since the lease and the peer were both lost; cleared only by a new lease.
+    fenced_latched: AtomicBool,
     /// Since when the peer has been missing (ns since `base`; 0: it is here).
     peer_missing_since_ns: AtomicU64,
     /// Secondary: when a frame from the primary was last received (ns since `base`).
@@ -65,6 +67,7 @@ impl FenceShared {
             lease_until_ns: AtomicU64::new(0),
             deposed: AtomicBool::new(false),
             served: AtomicBool::new(false),
+            fenced_latched: AtomicBool::new(false),
             peer_missing_since_ns: AtomicU64::new(0),
             // As if heard at start: a fresh secondary gives its primary PRIMARY_SILENCE to
             // connect before it asks to be promoted.
@@ -125,7 +128,8 @@ impl FenceShared {
     /// Is a queue fenced now? `link_fresh(now)`: its own link to the peer is up and the peer
     /// was heard from within [`PEER_FRESH`]. Without a lease a primary serves only while it
     /// hears its peer: the peer asks to be promoted only after [`PRIMARY_SILENCE`] without
-    /// hearing it (longer), and the witness grants that only once the lease ran out.
+    /// hearing it (longer), and the witness grants that only once the lease ran out. Once a
+    /// node that served is fenced, only a new lease lifts the fence (the latch).
     #[inline]
     pub fn is_fenced(&self, link_fresh: impl FnOnce(Instant) -> bool) -> bool {
         if !self.enabled {
@@ -135,7 +139,26 @@ impl FenceShared {
             return true;
         }
         let now = Instant::now();
-        !self.lease_valid(now) && !link_fresh(now)
+        if self.lease_valid(now) {
+            if self.fenced_latched.load(Ordering::Relaxed) {
+                self.fenced_latched.store(false, Ordering::Release);
+            }
+            return false;
+        }
+        // Once fallen, only a new lease lifts the fence: the peer heard again proves nothing
+        // (its old connection can deliver bytes sent before it was promoted).
+        if self.fenced_latched.load(Ordering::Acquire) {
+            return true;
+        }
+        if link_fresh(now) {
+            return false;
+        }
+        // Armed only once this node has served: a primary starting without a lease waits
+        // for its peer or the witness, whichever comes first.
+        if self.served.load(Ordering::Acquire) {
+            self.fenced_latched.store(true, Ordering::Release);
+        }
+        true
     }
 
     /// Secondary: a frame from the primary arrived (one relaxed store per receive).
@@ -197,5 +220,40 @@ impl FenceShared {
 
     pub fn witness_info(&self) -> WitnessInfo {
         self.witness.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Keys, NodeConfig};
+
+    fn witness_volume() -> FenceShared {
+        let text = "[node]\nname = \"alpha\"\ncontrol_socket = \"a.sock\"\n[[volume]]\nname = \"v\"\nsize = \"16MiB\"\n\
+                    backing_file = \"a.img\"\nmetadata_file = \"a.meta\"\nlisten = \"127.0.0.1:7801\"\nrole = \"primary\"\n\
+                    [volume.peer]\nname = \"beta\"\naddress = \"127.0.0.2:7802\"\nauthkey_file = \"key\"\n\
+                    [volume.witness]\naddress = \"127.0.0.3\"\nauthkey_file = \"key\"\n";
+        let cfg = NodeConfig::parse_with(std::path::Path::new("/nonexistent/alpha.toml"), text, Keys::Skip).unwrap();
+        FenceShared::new(&cfg.volumes[0])
+    }
+
+    #[test]
+    fn once_fenced_only_a_new_lease_lifts_the_fence_not_the_peer_heard_again() {
+        let f = witness_volume();
+        let now = Instant::now();
+        // Before it ever served, a primary without a lease serves while it hears its peer.
+        assert!(f.is_fenced(|_| false));
+        assert!(!f.is_fenced(|_| true), "not served yet: no latch");
+        f.set_lease_until(Some(now + Duration::from_secs(5)));
+        assert!(!f.is_fenced(|_| false), "a lease: not fenced");
+        // The lease runs out while the peer is silent: fenced, and it stays so when bytes
+        // from the peer arrive again (they may be an ack its old connection sent late).
+        f.set_lease_until(Some(now));
+        assert!(!f.is_fenced(|_| true), "the peer alone keeps it serving before the fence falls");
+        assert!(f.is_fenced(|_| false));
+        assert!(f.is_fenced(|_| true), "latched: the peer heard again does not lift it");
+        f.set_lease_until(Some(Instant::now() + Duration::from_secs(5)));
+        assert!(!f.is_fenced(|_| false), "a new lease lifts it");
+        assert!(!f.is_fenced(|_| true));
     }
 }

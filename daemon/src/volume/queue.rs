@@ -96,6 +96,9 @@ pub struct Queue {
     intent_waiting: Vec<u16>,
     /// Tags that arrived while the volume was fenced (`on_fence = "suspend"`), in order.
     fenced_waiting: Vec<u16>,
+    /// Tags done on both nodes whose completion came after the fence fell (`suspend`): they
+    /// complete once it is lifted by a new lease (see `hold_completion_while_fenced`).
+    fenced_done: Vec<u16>,
     link: Link,
     handoff: Arc<LinkHandoff>,
     eventfd_buf: Box<u64>,
@@ -168,6 +171,7 @@ impl Queue {
             waiting: Vec::with_capacity(depth as usize),
             intent_waiting: Vec::with_capacity(depth as usize),
             fenced_waiting: Vec::with_capacity(depth as usize),
+            fenced_done: Vec::with_capacity(depth as usize),
             link: Link {
                 machine: LinkMachine::new(Instant::now(), PEER_TIMEOUT),
                 sock: None,
@@ -335,10 +339,22 @@ impl Queue {
             // Hand the capacity back: no allocation on the next fence.
             self.fenced_waiting = waiting;
             self.fenced_waiting.clear();
+            let finished = std::mem::take(&mut self.fenced_done);
+            QueueStats::sub(&self.stats.parked, finished.len() as u64);
+            for &tag in &finished {
+                self.finish(s, tag, done);
+            }
+            self.fenced_done = finished;
+            self.fenced_done.clear();
             return;
         }
         if !self.shared.fence.fails_fenced_io() {
             return; // suspend: everything waits
+        }
+        QueueStats::sub(&self.stats.parked, self.fenced_done.len() as u64);
+        while let Some(tag) = self.fenced_done.pop() {
+            self.slots[tag as usize].fail_fenced = true;
+            self.finish(s, tag, done);
         }
         QueueStats::sub(&self.stats.parked, self.fenced_waiting.len() as u64);
         while let Some(tag) = self.fenced_waiting.pop() {
@@ -588,7 +604,9 @@ impl Queue {
             self.maybe_complete_alone(s, done);
         }
         if self.shared.fence.enabled
-            && (matches!(ring::ud_op(ud), op::TICK | op::LINK_READY) || !self.fenced_waiting.is_empty())
+            && (matches!(ring::ud_op(ud), op::TICK | op::LINK_READY)
+                || !self.fenced_waiting.is_empty()
+                || !self.fenced_done.is_empty())
         {
             self.retry_fenced(s, done);
         }
@@ -641,10 +659,40 @@ impl Queue {
     }
 
     fn maybe_complete(&mut self, s: &mut impl Submitter, tag: u16, done: &mut impl FnMut(u16, i32)) {
-        let slot = &mut self.slots[tag as usize];
-        if !slot.state.is_complete() {
+        if !self.slots[tag as usize].state.is_complete() || self.hold_completion_while_fenced(tag) {
             return;
         }
+        self.finish(s, tag, done);
+    }
+
+    /// A fenced primary never completes another write (design, "Losing the peer"), not even
+    /// one its peer acknowledged late: after a partition heals, the peer's old connection can
+    /// still deliver an ack it sent before it was promoted, and the application must not see
+    /// its old primary succeed after the failover. Under `suspend` the request waits until a
+    /// new lease lifts the fence; under `io-error` (or once deposed) it fails with EIO.
+    fn hold_completion_while_fenced(&mut self, tag: u16) -> bool {
+        let slot = &self.slots[tag as usize];
+        if !self.shared.fence.enabled || slot.req.kind == ReqKind::Read || slot.fail_fenced || slot.local_res < 0 {
+            return false;
+        }
+        let link = &self.link.machine;
+        if !self.shared.fence.is_fenced(|now| link.is_fresh(now, PEER_FRESH)) {
+            return false;
+        }
+        if self.shared.fence.fails_fenced_io() {
+            self.slots[tag as usize].fail_fenced = true;
+            return false;
+        }
+        assert!(self.fenced_done.len() < self.slots.len());
+        self.fenced_done.push(tag);
+        QueueStats::add(&self.stats.parked, 1);
+        true
+    }
+
+    /// Reports request `tag` done and frees its slot and its granules.
+    fn finish(&mut self, s: &mut impl Submitter, tag: u16, done: &mut impl FnMut(u16, i32)) {
+        let slot = &mut self.slots[tag as usize];
+        assert!(slot.busy && slot.state.is_complete());
         slot.busy = false;
         let range = slot.range.take();
         self.inflight -= 1;
