@@ -318,3 +318,49 @@ pub fn admit_fake_primary(port: u16, cfg: &metroblk::config::VolumeConfig) {
     assert_eq!(theirs.generation, ours.generation, "the secondary is not a fresh copy");
     keep_sync_link(s, cfg, true);
 }
+
+/// A real secondary (`metroblk node run`, node "beta") that a test speaks to as its primary
+/// "alpha" would: started, admitted through the sync exchange as a fresh in-sync copy, ready
+/// for data links on `port`.
+pub struct FakePrimaryTarget {
+    pub secondary: NodeProcess,
+    pub cfg: metroblk::config::VolumeConfig,
+    pub geo: metroblk_protocol::Geometry,
+    pub port: u16,
+}
+
+impl FakePrimaryTarget {
+    pub fn start(dir: &Path, size: u64) -> FakePrimaryTarget {
+        let (pa, pb) = (free_port(), free_port());
+        let beta = write_config(
+            dir,
+            &NodeSpec {
+                name: "beta",
+                peer: "alpha",
+                role: "secondary",
+                size,
+                listen_port: pb,
+                peer_port: pa,
+                key: TEST_KEY,
+                extra: "",
+            },
+        );
+        let mut secondary = NodeProcess::start(&beta);
+        secondary.wait_ready(Duration::from_secs(10));
+        let cfg = metroblk::config::NodeConfig::load(&beta).unwrap().volumes[0].clone();
+        let geo =
+            metroblk_protocol::Geometry { volume_size: cfg.size, block_size: cfg.block_size, max_payload: 1 << 20 };
+        admit_fake_primary(pb, &cfg);
+        FakePrimaryTarget { secondary, cfg, geo, port: pb }
+    }
+
+    /// A data link for queue 0 with this session number, through the real handshake.
+    pub fn dial(&self, session: u64) -> std::net::TcpStream {
+        use metroblk_protocol::{run_handshake, Handshake, Role};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let hello = hello_for("alpha", &self.cfg, session, session as u8);
+        run_handshake(&mut s, Handshake::new(Role::Dialer, hello, TEST_KEY.as_bytes(), "beta")).unwrap();
+        s
+    }
+}

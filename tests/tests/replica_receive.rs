@@ -9,11 +9,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use metroblk::config::NodeConfig;
-use metroblk_protocol::{decode_header, run_handshake, Frame, FrameKind, Geometry, Handshake, Role, HEADER_LEN};
-use metroblk_tests::cluster::{
-    admit_fake_primary, free_port, hello_for, write_config, NodeProcess, NodeSpec, TEST_KEY,
-};
+use metroblk_protocol::{decode_header, Frame, FrameKind, Geometry, HEADER_LEN};
+use metroblk_tests::cluster::FakePrimaryTarget;
 
 const VOLUME: u64 = 16 << 20;
 
@@ -43,30 +40,10 @@ fn expect_acks(s: &mut TcpStream, geo: &Geometry, seqs: &[u64]) {
 #[test]
 fn frames_are_taken_however_tcp_cuts_them() {
     let dir = tempfile::tempdir().unwrap();
-    let (pa, pb) = (free_port(), free_port());
-    let beta = write_config(
-        dir.path(),
-        &NodeSpec {
-            name: "beta",
-            peer: "alpha",
-            role: "secondary",
-            size: VOLUME,
-            listen_port: pb,
-            peer_port: pa,
-            key: TEST_KEY,
-            extra: "",
-        },
-    );
-    let mut secondary = NodeProcess::start(&beta);
-    secondary.wait_ready(Duration::from_secs(10));
-    let cfg = NodeConfig::load(&beta).unwrap().volumes[0].clone();
-    let geo = Geometry { volume_size: cfg.size, block_size: cfg.block_size, max_payload: 1 << 20 };
-    admit_fake_primary(pb, &cfg);
-    let mut s = TcpStream::connect(("127.0.0.1", pb)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let t = FakePrimaryTarget::start(dir.path(), VOLUME);
+    let geo = t.geo;
+    let mut s = t.dial(1);
     s.set_nodelay(true).unwrap();
-    run_handshake(&mut s, Handshake::new(Role::Dialer, hello_for("alpha", &cfg, 1, 1), TEST_KEY.as_bytes(), "beta"))
-        .unwrap();
 
     let mut expected = vec![0u8; VOLUME as usize];
     let sizes = [512usize, 4096, 65536, 131072, 4096, 8192, 512, 131072];

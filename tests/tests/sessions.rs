@@ -5,25 +5,13 @@
 //! must get no ack.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use metroblk::config::NodeConfig;
-use metroblk_protocol::{decode_header, run_handshake, Frame, FrameKind, Geometry, Handshake, Role, HEADER_LEN};
-use metroblk_tests::cluster::{
-    admit_fake_primary, free_port, hello_for, wait_until, write_config, NodeProcess, NodeSpec, TEST_KEY,
-};
+use metroblk_protocol::{decode_header, Frame, FrameKind, HEADER_LEN};
+use metroblk_tests::cluster::{wait_until, FakePrimaryTarget};
 
 const VOLUME: u64 = 16 << 20;
 const BLOCK: u64 = 8 << 20;
-
-fn dial(port: u16, cfg: &metroblk::config::VolumeConfig, session: u64) -> TcpStream {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let hello = hello_for("alpha", cfg, session, session as u8);
-    run_handshake(&mut s, Handshake::new(Role::Dialer, hello, TEST_KEY.as_bytes(), "beta")).unwrap();
-    s
-}
 
 fn write_frame(seq: u64, fill: u8) -> ([u8; HEADER_LEN], Vec<u8>) {
     let data = vec![fill; 4096];
@@ -35,36 +23,19 @@ fn write_frame(seq: u64, fill: u8) -> ([u8; HEADER_LEN], Vec<u8>) {
 #[test]
 fn a_write_half_sent_on_a_superseded_link_is_never_applied() {
     let dir = tempfile::tempdir().unwrap();
-    let (pa, pb) = (free_port(), free_port());
-    let beta = write_config(
-        dir.path(),
-        &NodeSpec {
-            name: "beta",
-            peer: "alpha",
-            role: "secondary",
-            size: VOLUME,
-            listen_port: pb,
-            peer_port: pa,
-            key: TEST_KEY,
-            extra: "",
-        },
-    );
-    let mut secondary = NodeProcess::start(&beta);
-    secondary.wait_ready(Duration::from_secs(10));
-    let cfg = NodeConfig::load(&beta).unwrap().volumes[0].clone();
-    let geo = Geometry { volume_size: cfg.size, block_size: cfg.block_size, max_payload: 1 << 20 };
+    // The sync exchange first, as a real primary does, so the secondary lets data links in.
+    let t = FakePrimaryTarget::start(dir.path(), VOLUME);
+    let geo = t.geo;
 
     // Session 1: a WRITE of 0xAA whose payload is only half sent.
-    // The sync exchange first, as a real primary does, so the secondary lets data links in.
-    admit_fake_primary(pb, &cfg);
-    let mut old = dial(pb, &cfg, 1);
+    let mut old = t.dial(1);
     let (h1, d1) = write_frame(1 << 16, 0xAA);
     old.write_all(&h1).unwrap();
     old.write_all(&d1[..2048]).unwrap();
     std::thread::sleep(Duration::from_millis(200));
 
     // Session 2 for the same queue: 0xBB to the same block, acknowledged.
-    let mut new = dial(pb, &cfg, 2);
+    let mut new = t.dial(2);
     let (h2, d2) = write_frame(2 << 16, 0xBB);
     new.write_all(&h2).unwrap();
     new.write_all(&d2).unwrap();
@@ -97,14 +68,14 @@ fn a_write_half_sent_on_a_superseded_link_is_never_applied() {
     let data = std::fs::read(dir.path().join("beta-vol0.img")).unwrap();
     let block = &data[BLOCK as usize..BLOCK as usize + 4096];
     assert!(block.iter().all(|&b| b == 0xBB), "the block holds {:#x}.. : a superseded write landed", block[0]);
-    assert!(secondary.log_text().contains("superseded by a newer link"), "{}", secondary.log_text());
+    assert!(t.secondary.log_text().contains("superseded by a newer link"), "{}", t.secondary.log_text());
 
     // An older session than the live one is refused.
-    let mut stale = dial(pb, &cfg, 1);
+    let mut stale = t.dial(1);
     let mut one = [0u8; 1];
     assert!(matches!(stale.read(&mut one), Ok(0) | Err(_)), "an older session was served");
     // The refusal is logged just after the socket closed.
     wait_until(Duration::from_secs(5), "the refusal of the older session in the log", || {
-        secondary.log_text().contains("is not newer than session 2, which is still open")
+        t.secondary.log_text().contains("is not newer than session 2, which is still open")
     });
 }
