@@ -303,11 +303,11 @@ impl Conn {
             match self.core.recv_next() {
                 RecvNext::Nothing => return,
                 RecvNext::Header => {
-                    let Some(hdr) = self.stage.get(self.head..self.head + HEADER_LEN) else { return };
-                    if self.head + HEADER_LEN > self.tail {
+                    if self.tail - self.head < HEADER_LEN {
                         return;
                     }
-                    let hdr: [u8; HEADER_LEN] = hdr.try_into().expect("a header's length");
+                    let hdr: [u8; HEADER_LEN] =
+                        self.stage[self.head..self.head + HEADER_LEN].try_into().expect("a header's length");
                     self.head += HEADER_LEN;
                     self.got = 0;
                     self.on_header(&hdr);
