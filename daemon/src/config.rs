@@ -62,21 +62,23 @@ pub enum IoMode {
     Direct,
 }
 
+/// A config value written as a plain integer or as text with a unit ("64KiB", "5s").
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum IntOrText {
+    Int(u64),
+    Text(String),
+}
+
 /// A byte size written as an integer (bytes) or a string with a binary suffix ("64KiB", "1GiB").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ByteSize(pub u64);
 
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Str(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(ByteSize(n)),
-            Raw::Str(s) => parse_size(&s).map(ByteSize).map_err(serde::de::Error::custom),
+        match IntOrText::deserialize(d)? {
+            IntOrText::Int(n) => Ok(ByteSize(n)),
+            IntOrText::Text(s) => parse_size(&s).map(ByteSize).map_err(serde::de::Error::custom),
         }
     }
 }
@@ -156,15 +158,9 @@ pub struct DurationText(pub std::time::Duration);
 
 impl<'de> Deserialize<'de> for DurationText {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Str(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(DurationText(std::time::Duration::from_secs(n))),
-            Raw::Str(s) => parse_duration(&s).map(DurationText).map_err(serde::de::Error::custom),
+        match IntOrText::deserialize(d)? {
+            IntOrText::Int(n) => Ok(DurationText(std::time::Duration::from_secs(n))),
+            IntOrText::Text(s) => parse_duration(&s).map(DurationText).map_err(serde::de::Error::custom),
         }
     }
 }
