@@ -118,9 +118,9 @@ fn a_partition_healed_resyncs_only_the_regions_written_while_apart() {
     a.flush(LONG);
     wait_in_sync(&mut a, &beta, LONG);
     // Cold and on both nodes: the cleaner clears the bits of those writes (lazily, within a
-    // couple of its periods) and writes the cleared blocks.
+    // couple of its 5 s periods) and writes the cleared blocks.
     assert!(a.vol.shared.intent.dirty_regions() > 300);
-    wait_until(Duration::from_secs(15), "the cleaner to clear the bits of cold regions", || {
+    wait_until(Duration::from_secs(30), "the cleaner to clear the bits of cold regions", || {
         a.poll();
         a.vol.shared.intent.dirty_regions() == 0
     });
@@ -132,7 +132,10 @@ fn a_partition_healed_resyncs_only_the_regions_written_while_apart() {
     a.flush(LONG);
     assert!(a.vol.shared.intent.is_alone(), "the primary did not go on alone");
     let dirty = a.vol.shared.intent.dirty_regions();
-    assert!(dirty > 0 && dirty <= 128, "{dirty} dirty regions for writes to 128 regions");
+    // A write that starts a region right after a written one also sets the next few
+    // (readahead for sequential writers): at most that many past the written ones.
+    let dirty_max = 128 + metroblk::bitmap::READAHEAD_REGIONS;
+    assert!(dirty > 0 && dirty <= dirty_max, "{dirty} dirty regions for writes to 128 regions");
     let before = resynced_bytes(&a);
 
     sites.heal();
@@ -320,7 +323,7 @@ fn in_sync_then_tamper(p: &Pair, a: &mut TestPrimary, beta: &mut NodeProcess, re
     a.write_random(300, 0, VOLUME, LONG);
     a.flush(LONG);
     wait_in_sync(a, beta, LONG);
-    wait_until(Duration::from_secs(20), "the cleaner to clear every bit", || {
+    wait_until(Duration::from_secs(30), "the cleaner to clear every bit", || {
         a.poll();
         a.vol.shared.intent.dirty_regions() == 0
     });

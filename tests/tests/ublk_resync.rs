@@ -23,9 +23,9 @@ write_files /tmp/mnt before 20 65536
 sync
 wait_for 30 "the first sync" in_sync
 # mkfs discarded the whole device: every bit is set until the cleaner clears the cold regions
-# (within a few seconds); a cut before that would rightly resync them all.
+# (5 to 10 s after mkfs, longer under emulation); a cut before that would rightly resync them all.
 dirty_below() { [ "$(status_field alpha dirty_regions)" -lt "$1" ]; }
-wait_for 30 "the cleaner to clear the bits of mkfs" dirty_below 256
+wait_for 60 "the cleaner to clear the bits of mkfs" dirty_below 256
 
 step "cut the link (netem loss 100% on lo)"
 tc qdisc add dev lo root netem loss 100%

@@ -52,6 +52,45 @@ fn a_cold_write_waits_for_one_durable_write_shared_by_its_group_and_hot_writes_c
 }
 
 #[test]
+fn a_sequential_writer_costs_one_metadata_write_per_readahead_span_and_a_random_one_no_more_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (w, _) = open(dir.path());
+    let mut image = Image::new(&w);
+    // 128 KiB writes (two regions each) from region 100 on, 8 MiB in all.
+    let span = READAHEAD_REGIONS + 1;
+    let mut cold = 0;
+    for i in 0..64u64 {
+        let first = 100 + 2 * i;
+        if w.mark_write(first * REGION, 2 * REGION) == Mark::Wait {
+            cold += 1;
+            w.write_round(&mut image).unwrap();
+            assert!(w.is_durable(first, first + 1));
+        }
+    }
+    // The first write is cold without readahead (nothing before it was written); after it,
+    // each cold write brings READAHEAD_REGIONS more.
+    let regions = 128;
+    let expected = 1 + (regions - 2u64).div_ceil(span + 1);
+    assert!(cold <= expected && cold < 16, "{cold} cold writes for {regions} sequential regions");
+    assert_eq!(w.stats.metadata_writes.load(Ordering::Relaxed), cold);
+    assert!(w.dirty_regions() <= regions + READAHEAD_REGIONS, "readahead stays within its span");
+    // A write after an untouched region, or inside a region after a touched one, sets only
+    // its own bits.
+    let before = w.dirty_regions();
+    assert_eq!(w.mark_write(20_000 * REGION, 4096), Mark::Wait);
+    w.write_round(&mut image).unwrap();
+    assert_eq!(w.mark_write(20_001 * REGION + 4096, 4096), Mark::Wait);
+    w.write_round(&mut image).unwrap();
+    assert_eq!(w.dirty_regions(), before + 2);
+    // Readahead stops at the end of the volume.
+    w.mark_write((REGIONS - 3) * REGION, 4096);
+    w.write_round(&mut image).unwrap();
+    assert_eq!(w.mark_write((REGIONS - 2) * REGION, 4096), Mark::Wait);
+    w.write_round(&mut image).unwrap();
+    assert!(w.is_durable(REGIONS - 1, REGIONS - 1), "the last region was read ahead");
+}
+
+#[test]
 fn bits_survive_a_restart_and_mark_the_volume_for_resync() {
     let dir = tempfile::tempdir().unwrap();
     {

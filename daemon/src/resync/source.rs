@@ -31,10 +31,14 @@ pub const SYNC_LINK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often an idle sync link is pinged, and the operator's requests looked at.
 pub const IDLE_TICK: Duration = Duration::from_millis(500);
 /// How often the cleaner looks for bits to clear: a region written at least this often is
-/// hot and never costs a metadata write. Short, because every bit still set when the link is
-/// lost is resynced: after `mkfs` (a discard of the whole device) the bits should be gone
-/// within a couple of seconds, not copied in full at the next partition.
-pub const CLEAN_INTERVAL: Duration = Duration::from_secs(1);
+/// hot and never costs a metadata write, so a bit lives 5 to 10 s after its region's last
+/// write (md's write-intent bitmap clears after its 5 s daemon period too). Longer keeps more
+/// regions hot: random 4 KiB writes over a few hundred MiB come back to a region every few
+/// seconds, and each return to a cleared one costs a metadata write and an fdatasync (on a
+/// disk, as much as the write itself). Shorter resyncs less after a loss: every bit still set
+/// then is copied, so a partition within 10 s of `mkfs` (a discard of the whole device) copies
+/// the whole device.
+pub const CLEAN_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a copy waits for an application write to its region before the pass gives up
 /// (the writes may be held while the data links are down).
 pub const RANGE_WAIT_MAX: Duration = Duration::from_secs(30);

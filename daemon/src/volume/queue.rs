@@ -406,13 +406,11 @@ impl Queue {
         if self.replicate
             && self.mark_intent
             && matches!(r.kind, ReqKind::Write | ReqKind::Discard | ReqKind::WriteZeroes)
+            && self.shared.intent.mark_write(r.offset, r.len as u64) == Mark::Wait
         {
-            let (first, last) = self.shared.intent.regions_of(r.offset, r.len as u64);
-            if self.shared.intent.mark(first, last) == Mark::Wait {
-                QueueStats::add(&self.stats.intent_waits, 1);
-                self.intent_waiting.push(tag);
-                return;
-            }
+            QueueStats::add(&self.stats.intent_waits, 1);
+            self.intent_waiting.push(tag);
+            return;
         }
         self.issue_request(s, tag);
     }
