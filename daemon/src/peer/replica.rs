@@ -420,34 +420,12 @@ impl Conn {
         let Some(f) = self.core.frame(slot) else { return -libc::EIO };
         let s = &self.slots[slot as usize];
         let buf = &s.buf.as_ref().expect("write slot has a buffer").as_slice()[..f.length as usize];
-        let fd = self.v.file.as_raw_fd();
-        let start = s.done as usize;
-        let mut done = start;
-        while done < buf.len() {
-            let rest = &buf[done..];
-            // SAFETY: `rest` is a live, initialised slice of the slot's buffer; the kernel only
-            // reads `rest.len()` bytes from it during the call.
-            let n = unsafe {
-                libc::pwrite(
-                    fd,
-                    rest.as_ptr() as *const libc::c_void,
-                    rest.len(),
-                    (f.offset + done as u64) as libc::off_t,
-                )
-            };
-            match n {
-                n if n > 0 => done += n as usize,
-                0 => return -libc::EIO,
-                _ => {
-                    let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
-                    if errno != libc::EINTR {
-                        return -errno;
-                    }
-                }
-            }
+        let rest = &buf[s.done as usize..];
+        // std resumes short writes and retries EINTR; a write of nothing is an I/O error.
+        match std::os::unix::fs::FileExt::write_all_at(&self.v.file, rest, f.offset + s.done as u64) {
+            Ok(()) => rest.len() as i32,
+            Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
         }
-        // The whole frame, as one completion of the io_uring path would report it.
-        (done - start) as i32
     }
 
     /// Queues the ack (or error ack) of `slot`; the slot is freed once the ack is sent.
