@@ -166,7 +166,7 @@ fn main() {
     let mut t_full_min = f64::MAX;
     for round in 0..rounds {
         let before = vol.shared.sync.bytes_resynced.load(Ordering::Relaxed);
-        vol.shared.sync.full_requested.store(true, Ordering::Release);
+        vol.shared.sync.request(metroblk::resync::Requested { full: true, checksum: false });
         let t0 = Instant::now();
         vol.shared.sync.restart.store(true, Ordering::Release);
         let t_full = wait_resynced(&vol, &mut drv, before, size, t0).as_secs_f64();

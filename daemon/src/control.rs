@@ -258,21 +258,16 @@ fn volume_command(r: &ControlRequest, volumes: &[VolumeHandle]) -> Result<String
             ))
         }
         "resync" => {
+            if r.checksum && h.role != Role::Primary {
+                return Err(format!("volume {name} is secondary here; run resync --checksum on the primary"));
+            }
             if let Some(rate) = r.rate {
                 v.sync.rate_bps.store(rate, Ordering::Relaxed);
             }
             if r.discard_local {
                 v.sync.discard_local.store(true, Ordering::Release);
             }
-            if r.full {
-                v.sync.full_requested.store(true, Ordering::Release);
-            }
-            if r.checksum {
-                if h.role != Role::Primary {
-                    return Err(format!("volume {name} is secondary here; run resync --checksum on the primary"));
-                }
-                v.sync.checksum_requested.store(true, Ordering::Release);
-            }
+            v.sync.request(crate::resync::Requested { full: r.full, checksum: r.checksum });
             // The primary's sync link takes the request up at its next tick; a secondary's
             // flags travel in its next sync hello.
             if h.role == Role::Primary {

@@ -57,7 +57,7 @@ pub fn start_secondary(cfg: &VolumeConfig, node_name: &str, config_path: &Path) 
     });
     if shared.intent.superblock().full_resync {
         // `metroblk attach` after a disk failure: the next resync copies every region.
-        shared.sync.full_requested.store(true, std::sync::atomic::Ordering::Release);
+        shared.sync.request(crate::resync::Requested { full: true, checksum: false });
     }
     if shared.fence.enabled {
         delete_orphan_device(cfg, node_name)?;

@@ -372,15 +372,21 @@ fn a_checksum_resync_sends_only_the_regions_whose_hashes_differ() {
     wait_in_sync(&mut a, &beta, LONG);
     let before = resynced_bytes(&a);
     let sync = &a.vol.shared.sync;
-    sync.full_requested.store(true, std::sync::atomic::Ordering::Release);
-    sync.checksum_requested.store(true, std::sync::atomic::Ordering::Release);
+    sync.request(metroblk::resync::Requested { full: true, checksum: true });
     sync.restart.store(true, std::sync::atomic::Ordering::Release);
-    wait_until(LONG, "the checksum resync to start", || {
+    // Until the 2 regions are resent (the state may read in-sync before the exchange starts).
+    wait_until(LONG, "the checksum resync to resend the changed regions", || {
         a.poll();
-        !a.vol.shared.sync.checksum_requested.load(std::sync::atomic::Ordering::Acquire)
+        !a.vol.shared.sync.is_pending() && resynced_bytes(&a) - before >= 2 * REGION
     });
     wait_in_sync(&mut a, &beta, LONG);
-    assert_eq!(resynced_bytes(&a) - before, 2 * REGION, "a full checksum resync sends only the 2 changed regions");
+    assert_eq!(
+        resynced_bytes(&a) - before,
+        2 * REGION,
+        "a full checksum resync sends only the 2 changed regions; primary {:?}, secondary log:\n{}",
+        a.vol.shared.sync.info(),
+        beta.log_text()
+    );
     a.flush(LONG);
     assert_identical(p.dir.path());
 }
@@ -466,6 +472,10 @@ fn an_operator_lets_a_holding_primary_go_on_alone_then_resyncs_and_verifies_from
     a.wait_link(LONG);
     let (ok, text) = cli(&["verify", "vol0"], &p.alpha);
     assert!(ok && text.contains("regions checked, 0 differ"), "{text}");
+    let (ok, text) = cli(&["resync", "vol0", "--full", "--checksum", "--wait"], &p.alpha);
+    assert!(ok && text.contains("in sync"), "{text}");
+    let (ok, text) = cli(&["resync", "vol0", "--checksum"], &p.beta);
+    assert!(!ok && text.contains("run resync --checksum on the primary"), "{text}");
     a.flush(LONG);
     assert_identical(p.dir.path());
 }

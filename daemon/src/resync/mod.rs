@@ -26,7 +26,7 @@ pub mod target;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -89,6 +89,28 @@ pub struct VerifyInfo {
     pub failed: bool,
 }
 
+/// What the operator asked the next resync to be.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Requested {
+    /// `resync --full`: copy every region, not just the dirty ones.
+    pub full: bool,
+    /// `resync --checksum`: send only the regions whose hashes differ.
+    pub checksum: bool,
+}
+
+impl Requested {
+    const FULL: u8 = 1;
+    const CHECKSUM: u8 = 2;
+
+    fn bits(self) -> u8 {
+        (if self.full { Self::FULL } else { 0 }) | (if self.checksum { Self::CHECKSUM } else { 0 })
+    }
+
+    fn from_bits(b: u8) -> Requested {
+        Requested { full: b & Self::FULL != 0, checksum: b & Self::CHECKSUM != 0 }
+    }
+}
+
 /// Per volume: the sync link's state and the operator's requests.
 #[derive(Default)]
 pub struct SyncShared {
@@ -98,10 +120,9 @@ pub struct SyncShared {
     admissions: AtomicU64,
     /// `resync --discard-local`: this node's changes are to be dropped.
     pub discard_local: AtomicBool,
-    /// `resync --full`.
-    pub full_requested: AtomicBool,
-    /// `resync --checksum`: send only the regions whose hashes differ.
-    pub checksum_requested: AtomicBool,
+    /// The operator's `resync --full` / `--checksum`, one word ([`Requested`]) so that an
+    /// exchange takes both flags of one request or neither.
+    requested: AtomicU8,
     /// `verify`: compare every region's hash with the peer's.
     pub verify_requested: AtomicBool,
     /// `resync`: exchange again now (and resync what is dirty).
@@ -142,9 +163,27 @@ impl SyncShared {
 
     /// An operator's request the sync link has not taken up yet.
     pub fn is_pending(&self) -> bool {
-        self.restart.load(Ordering::Acquire)
-            || self.full_requested.load(Ordering::Acquire)
-            || self.checksum_requested.load(Ordering::Acquire)
+        self.restart.load(Ordering::Acquire) || self.requested.load(Ordering::Acquire) != 0
+    }
+
+    /// Asks for the next resync to be full and/or by checksum (adds to what is asked already).
+    pub fn request(&self, r: Requested) {
+        self.requested.fetch_or(r.bits(), Ordering::AcqRel);
+    }
+
+    /// Takes every request made so far, for one exchange.
+    pub fn take_requested(&self) -> Requested {
+        Requested::from_bits(self.requested.swap(0, Ordering::AcqRel))
+    }
+
+    /// A full resync is asked for and not done yet.
+    pub fn full_requested(&self) -> bool {
+        Requested::from_bits(self.requested.load(Ordering::Acquire)).full
+    }
+
+    /// A full resync was done (this node's copy came in whole).
+    pub fn full_done(&self) {
+        self.requested.fetch_and(!Requested::FULL, Ordering::AcqRel);
     }
 
     pub fn admissions(&self) -> u64 {
@@ -270,4 +309,26 @@ pub fn read_frame(s: &mut impl Read, geo: &Geometry, buf: &mut [u8]) -> Result<(
 /// Monotonic nanoseconds since an arbitrary start (for the pure schedules).
 pub fn now_ns(start: Instant) -> u64 {
     start.elapsed().as_nanos() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Requested, SyncShared};
+
+    #[test]
+    fn an_exchange_takes_both_flags_of_a_request_or_neither() {
+        let s = SyncShared::new(0);
+        assert!(!s.is_pending() && !s.full_requested());
+        s.request(Requested { full: true, checksum: true });
+        assert!(s.is_pending() && s.full_requested());
+        assert_eq!(s.take_requested(), Requested { full: true, checksum: true });
+        assert_eq!(s.take_requested(), Requested::default());
+        // Requests add up until taken; a finished full resync leaves the checksum request.
+        s.request(Requested { full: true, checksum: false });
+        s.request(Requested { full: false, checksum: true });
+        s.full_done();
+        assert!(!s.full_requested());
+        assert_eq!(s.take_requested(), Requested { full: false, checksum: true });
+        assert!(!s.is_pending());
+    }
 }

@@ -183,16 +183,10 @@ impl<'a> SyncLink<'a> {
         v.sync.restart.store(false, Ordering::Release);
         // The operator's requests are taken for this exchange; given back if it ends before
         // the resync they asked for is done.
-        let full = v.sync.full_requested.swap(false, Ordering::AcqRel);
-        let checksum = v.sync.checksum_requested.swap(false, Ordering::AcqRel);
-        let result = self.exchange(full, checksum);
+        let requested = v.sync.take_requested();
+        let result = self.exchange(requested.full, requested.checksum);
         if result.is_err() {
-            if full {
-                v.sync.full_requested.store(true, Ordering::Release);
-            }
-            if checksum {
-                v.sync.checksum_requested.store(true, Ordering::Release);
-            }
+            v.sync.request(requested);
         }
         result?;
         self.idle()

@@ -44,7 +44,7 @@ fn serve_inner(v: &VolumeShared, s: &mut TcpStream) -> Result<(), String> {
     let _ = s.set_nodelay(true);
     let name = &v.config.name;
     let (theirs, their_bitmap) = read_hello(s, v.intent.regions())?;
-    let full = v.sync.full_requested.load(Ordering::Acquire);
+    let full = v.sync.full_requested();
     let (ours, our_bitmap) = local_hello(&v.intent, v.disk.state(), &v.sync, full);
     let decision = decide(&facts(&theirs, &their_bitmap), &facts(&ours, &our_bitmap));
     // Decided before answering: by the time the primary knows, data links are let in here.
@@ -182,7 +182,7 @@ fn become_up_to_date(v: &VolumeShared, source: &SyncHello) -> Result<(), String>
         .map_err(|e| e.to_string())?;
     v.disk.set(DiskState::UpToDate);
     v.sync.discard_local.store(false, Ordering::Release);
-    v.sync.full_requested.store(false, Ordering::Release);
+    v.sync.full_done();
     v.sync.set_state(SyncState::InSync, None);
     tracing::info!(volume = %v.config.name, "resync complete: this copy is up to date");
     Ok(())
