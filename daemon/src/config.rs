@@ -62,6 +62,16 @@ pub enum IoMode {
     Direct,
 }
 
+/// Where each ublk queue's thread may run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QueueAffinity {
+    /// On one CPU picked from those the kernel maps to the queue (rublk's default).
+    SingleCpu,
+    /// On any CPU the kernel maps to the queue.
+    QueueCpus,
+}
+
 /// A config value written as a plain integer or as text with a unit ("64KiB", "5s").
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -129,6 +139,7 @@ struct RawVolume {
     role: Role,
     io_mode: Option<IoMode>,
     queues: Option<u16>,
+    queue_affinity: Option<QueueAffinity>,
     depth: Option<u16>,
     ublk_id: Option<i32>,
     fencing: Option<Fencing>,
@@ -212,6 +223,7 @@ pub struct VolumeConfig {
     pub role: Role,
     pub io_mode: IoMode,
     pub queues: u16,
+    pub queue_affinity: QueueAffinity,
     pub depth: u16,
     /// ublk device id; -1 lets the kernel pick.
     pub ublk_id: i32,
@@ -533,6 +545,7 @@ impl NodeConfig {
                 role: v.role,
                 io_mode: v.io_mode.unwrap_or(IoMode::Buffered),
                 queues,
+                queue_affinity: v.queue_affinity.unwrap_or(QueueAffinity::SingleCpu),
                 depth,
                 ublk_id: v.ublk_id.unwrap_or(-1),
                 fencing,
@@ -641,7 +654,11 @@ authkey_file = "key"
         assert_eq!(v.region_size, 64 << 10);
         assert_eq!(v.block_size, 512);
         assert_eq!(v.depth, 128);
+        assert_eq!(v.queue_affinity, QueueAffinity::SingleCpu);
         assert_eq!(v.backing_file, dir.path().join("vol0.img"));
+        let spread =
+            good(dir.path()).replace("role = \"primary\"", "role = \"primary\"\nqueue_affinity = \"queue-cpus\"");
+        assert_eq!(NodeConfig::parse(&path, &spread).unwrap().volumes[0].queue_affinity, QueueAffinity::QueueCpus);
         assert_eq!(v.authkey, b"0123456789abcdef0123");
         // Both nodes derive the same uuid from the name.
         assert_eq!(v.uuid, uuid::Uuid::new_v5(&VOLUME_UUID_NAMESPACE, b"vol0"));
@@ -659,6 +676,7 @@ authkey_file = "key"
             ("authkey_file = \"key\"", "authkey_file = \"nokey\"", "volume[0].peer.authkey_file: cannot read"),
             ("role = \"primary\"", "role = \"primary\"\nregion_size = \"3KiB\"", "volume[0].region_size"),
             ("role = \"primary\"", "role = \"primary\"\ncolour = 1", "unknown field `colour`"),
+            ("role = \"primary\"", "role = \"primary\"\nqueue_affinity = \"cpu0\"", "unknown variant `cpu0`"),
             ("name = \"beta\"", "name = \"alpha\"", "the peer has this node's own name"),
         ];
         for (from, to, want) in cases {

@@ -81,6 +81,7 @@ pub fn device_params(cfg: &VolumeConfig, node_name: &str, dev_id: i32) -> Device
     p.dev_id = dev_id;
     p.logical_block = cfg.block_size;
     p.queues = cfg.queues;
+    p.single_cpu_affinity = cfg.queue_affinity == crate::config::QueueAffinity::SingleCpu;
     p.depth = cfg.depth;
     p.max_io_bytes = MAX_REQUEST_BYTES;
     p.owner_tag = owner_tag(cfg, node_name);

@@ -31,6 +31,15 @@ step "device $DEV is up; mkfs.ext4"
 [ "$(cat /sys/block/${DEV#/dev/}/queue/rotational)" = 0 ]
 [ "$(cat /sys/block/${DEV#/dev/}/queue/discard_max_bytes)" -gt 0 ]
 [ "$(cat /sys/block/${DEV#/dev/}/queue/io_timeout)" = 2000 ]
+# queue_affinity = "single-cpu" (the default): the queue's thread may run on one CPU only.
+QCPUS=none
+for t in /proc/$PID_alpha/task/*; do
+    if grep -q '^Name:.*-q0$' "$t/status"; then
+        QCPUS=$(sed -n 's/^Cpus_allowed_list:[[:space:]]*//p' "$t/status")
+    fi
+done
+step "queue 0's thread runs on CPU $QCPUS"
+case "$QCPUS" in none|*[,-]*) grep -h 'Name\|Cpus_allowed_list' /proc/$PID_alpha/task/*/status; echo "the queue thread is not pinned to one CPU"; false ;; esac
 mkfs.ext4 -q -F "$DEV"
 mount -t ext4 "$DEV" /tmp/mnt
 step "write 300 files"
