@@ -99,7 +99,7 @@ pub struct DeviceParams {
     /// the others: no migrations, fewer wakeups landing on a busy CPU. Measured in the TCG
     /// VM on 2 vCPUs (metroblk standalone, 3 rounds, unpinned -> pinned): 4k QD1 1.8-1.9k ->
     /// 2.9-3.0k IOPS, 4k QD32 10-13k -> 16-17k IOPS (both level with rublk), 128k QD8
-    /// 212-215 -> 176-194 MiB/s (still above rublk); mirrored, within the run-to-run spread.
+    /// 212-225 -> 176-194 MiB/s (rublk 167-177); mirrored, within the run-to-run spread.
     pub single_cpu_affinity: bool,
     /// Requests in flight per queue.
     pub depth: u16,
