@@ -109,16 +109,19 @@ EOF
         printf '[volume.witness]\naddress = "%s"\nauthkey_file = "%s"\nlease_ms = %s\n' "$1" "$W/witness.key" "$LEASE_MS"
     }
     config alpha beta primary 10.88.1.1:7801 10.88.1.2:7802 "ublk_id = 0
-${ALPHA_EXTRA:-}" "$(wsec 10.88.2.2:9095)"
+${ALPHA_EXTRA:-}
+${NODE_EXTRA:-}" "$(wsec 10.88.2.2:9095)"
     config beta alpha secondary 10.88.1.2:7802 10.88.1.1:7801 "ublk_id = 1
-${ALPHA_EXTRA:-}" "$(wsec 10.88.3.2:9095)"
+${ALPHA_EXTRA:-}
+${NODE_EXTRA:-}" "$(wsec 10.88.3.2:9095)"
     start_witness() {
         (exec ip netns exec sw "$BIN" witness run --config "$W/witness.toml" 2>> "$W/witness.log") &
         PID_witness=$!
     }
 else
-    config alpha beta primary 127.0.0.1:7801 127.0.0.1:7802 "${ALPHA_EXTRA:-}"
-    config beta alpha secondary 127.0.0.1:7802 127.0.0.1:7801
+    config alpha beta primary 127.0.0.1:7801 127.0.0.1:7802 "${ALPHA_EXTRA:-}
+${NODE_EXTRA:-}"
+    config beta alpha secondary 127.0.0.1:7802 127.0.0.1:7801 "${NODE_EXTRA:-}"
 fi
 
 # start NAME LOGSUFFIX: runs the node in the background; its pid is in PID_<NAME>.
@@ -197,11 +200,13 @@ check_secondary_copy() {
 "#;
 
 /// How a body runs: the volume size (a `size` value of the config), extra config lines for
-/// the primary's volume, and where the nodes run.
+/// the primary's volume and for both nodes' volumes, and where the nodes run.
 #[derive(Debug, Clone, Copy)]
 pub struct Opts<'a> {
     pub size: &'a str,
     pub alpha_extra: &'a str,
+    /// Config lines for the volume of both nodes (settings the handshake compares).
+    pub node_extra: &'a str,
     pub timeout: Duration,
     /// Three sites with a witness (see the prelude) instead of loopback.
     pub sites: bool,
@@ -211,16 +216,17 @@ pub struct Opts<'a> {
 
 impl Default for Opts<'_> {
     fn default() -> Self {
-        Opts { size: "256MiB", alpha_extra: "", timeout: TIMEOUT, sites: false, lease_ms: 2000 }
+        Opts { size: "256MiB", alpha_extra: "", node_extra: "", timeout: TIMEOUT, sites: false, lease_ms: 2000 }
     }
 }
 
 /// The whole script: the variables the prelude reads, the prelude, then `body`.
 pub fn script(body: &str, opts: &Opts) -> String {
     format!(
-        "KEY='{TEST_KEY}'\nSIZE='{}'\nALPHA_EXTRA='{}'\nTOPOLOGY='{}'\nLEASE_MS='{}'\nWRITER='{}'\n{PRELUDE}\n{body}",
+        "KEY='{TEST_KEY}'\nSIZE='{}'\nALPHA_EXTRA='{}'\nNODE_EXTRA='{}'\nTOPOLOGY='{}'\nLEASE_MS='{}'\nWRITER='{}'\n{PRELUDE}\n{body}",
         opts.size,
         opts.alpha_extra,
+        opts.node_extra,
         if opts.sites { "sites" } else { "loopback" },
         opts.lease_ms,
         writer_bin().display(),

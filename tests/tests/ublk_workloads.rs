@@ -278,9 +278,54 @@ must_differ "$W/beta.img" /dev/zero $(( 2 << 20 ))
 step "all good"
 "#;
 
+/// `block_size = 4096` on both nodes: the device shows 4 KiB logical sectors, the kernel
+/// refuses a 512-byte direct write before it reaches us, and ext4 and fio on top are mirrored.
+const BLOCK_4096: &str = r#"
+step "start the secondary and the primary, both with block_size = 4096"
+start beta ""
+start alpha ""
+wait_device
+step "the device has 4 KiB logical and physical sectors"
+blockdev --getss --getpbsz "$DEV"
+[ "$(blockdev --getss "$DEV")" = 4096 ]
+[ "$(blockdev --getpbsz "$DEV")" = 4096 ]
+step "a 512-byte direct write is refused by the kernel"
+if dd if=/dev/zero of="$DEV" bs=512 count=1 seek=1 oflag=direct status=none 2>"$W/dd512.err"; then
+    echo "a 512-byte O_DIRECT write to a 4096-byte-sector device succeeded"; exit 1
+fi
+cat "$W/dd512.err"
+step "fio: 32 MiB of random writes, 4k-128k, then verify"
+fio_job verify verify $(( 32 << 20 )) --do_verify=1 --offset=$(( 160 << 20 ))
+fio_no_errors "$W/verify.json"
+[ "$(fio_total "$W/verify.json" read io_bytes)" = $(( 32 << 20 )) ]
+step "mkfs.ext4 (4 KiB blocks), 120 files, e2fsck"
+mkfs.ext4 -q -F "$DEV"
+dumpe2fs -h "$DEV" 2>/dev/null | grep -E '^Block size'
+mount -t ext4 "$DEV" /tmp/mnt
+mkdir -p /tmp/mnt/d
+write_files /tmp/mnt/d f 120 20000
+(cd /tmp/mnt && find . -type f -print0 | sort -z | xargs -0 sha256sum) > "$W/sums"
+umount /tmp/mnt
+e2fsck -fn "$DEV"
+no_kernel_io_errors
+step "clean shutdown"
+stop alpha
+[ ! -e "$DEV" ]
+stop beta
+step "primary and secondary backing files are identical"
+cmp "$W/alpha.img" "$W/beta.img"
+step "the secondary's copy mounts read-only and holds the same files"
+check_secondary_copy ext4 ro,noload
+step "all good"
+"#;
+
 fn run(body: &str, size: &str, steps: &[&str]) {
+    run_with(body, &Opts { size, ..Opts::default() }, steps);
+}
+
+fn run_with(body: &str, opts: &Opts, steps: &[&str]) {
     let body = format!("{HELPERS}\n{body}");
-    ublk_script::run(&body, &Opts { size, ..Opts::default() }, steps);
+    ublk_script::run(&body, opts, steps);
 }
 
 #[test]
@@ -313,6 +358,15 @@ fn fio_survives_kill_9_of_the_primary_without_an_error() {
 #[test]
 fn a_flush_reaches_the_secondary_before_the_primary_dies() {
     run(FLUSH, "256MiB", &["through the page cache", "fsync the device", "holds all the flushed data", "all good"]);
+}
+
+#[test]
+fn a_device_with_4096_byte_sectors_carries_ext4_and_fio_on_both_nodes() {
+    run_with(
+        BLOCK_4096,
+        &Opts { node_extra: "block_size = 4096", ..Opts::default() },
+        &["4 KiB logical", "refused by the kernel", "then verify", "e2fsck", "are identical", "same files", "all good"],
+    );
 }
 
 #[test]
