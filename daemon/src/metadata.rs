@@ -120,25 +120,6 @@ const ROLE_UNKNOWN: u8 = 0;
 const ROLE_PRIMARY: u8 = 1;
 const ROLE_SECONDARY: u8 = 2;
 
-fn state_to_u8(s: DiskState) -> u8 {
-    match s {
-        DiskState::UpToDate => 0,
-        DiskState::Outdated => 1,
-        DiskState::Inconsistent => 2,
-        DiskState::Failed => 3,
-    }
-}
-
-fn state_from_u8(v: u8) -> Option<DiskState> {
-    Some(match v {
-        0 => DiskState::UpToDate,
-        1 => DiskState::Outdated,
-        2 => DiskState::Inconsistent,
-        3 => DiskState::Failed,
-        _ => return None,
-    })
-}
-
 /// What the superblock says, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Superblock {
@@ -342,8 +323,8 @@ fn encode(sb: &Superblock, seq: u64) -> [u8; BLOCK_BYTES] {
         generation: sb.generation.into_bytes(),
         history,
         history_len: sb.history.len() as u8,
-        disk_state: state_to_u8(sb.disk_state),
-        peer_disk_state: sb.peer_disk_state.map(state_to_u8).unwrap_or(PEER_UNKNOWN),
+        disk_state: sb.disk_state.code(),
+        peer_disk_state: sb.peer_disk_state.map(DiskState::code).unwrap_or(PEER_UNKNOWN),
         clean_shutdown: sb.clean_shutdown as u8,
         full_resync: sb.full_resync as u8,
         node_name_len: sb.node_name.len() as u8,
@@ -404,12 +385,12 @@ fn decode(buf: &[u8; BLOCK_BYTES]) -> Slot {
     if history_len > HISTORY_MAX {
         return Slot::Invalid(format!("history of {history_len} generations (at most {HISTORY_MAX})"));
     }
-    let Some(disk_state) = state_from_u8(w.disk_state) else {
+    let Some(disk_state) = DiskState::from_code(w.disk_state) else {
         return Slot::Invalid(format!("unknown disk state {}", w.disk_state));
     };
     let peer_disk_state = match w.peer_disk_state {
         PEER_UNKNOWN => None,
-        v => match state_from_u8(v) {
+        v => match DiskState::from_code(v) {
             Some(s) => Some(s),
             None => return Slot::Invalid(format!("unknown peer disk state {v}")),
         },

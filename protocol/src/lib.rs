@@ -10,11 +10,13 @@
 
 #![forbid(unsafe_code)]
 
+pub mod disk_state;
 pub mod frame;
 pub mod handshake;
 pub mod sync;
 pub mod witness;
 
+pub use disk_state::DiskState;
 pub use frame::{
     decode_header, verify_payload, Frame, FrameError, FrameKind, Geometry, FLAG_FUA, FRAME_MAGIC, HASH_LEN, HEADER_LEN,
     MAX_ERROR_TEXT, MAX_HASH_RANGE, MAX_PAYLOAD,

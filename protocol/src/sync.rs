@@ -105,7 +105,7 @@ impl SyncHello {
         if w.history_len as usize > SYNC_HISTORY_MAX {
             return Err(SyncHelloError::History(w.history_len));
         }
-        if w.disk_state > 3 {
+        if crate::DiskState::from_code(w.disk_state).is_none() {
             return Err(SyncHelloError::DiskState(w.disk_state));
         }
         if w.flags & !(FLAG_DISCARD_LOCAL | FLAG_FULL) != 0 {

@@ -29,7 +29,6 @@
 //! cannot write control characters into a log.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use hmac::{Hmac, Mac};
 use serde::de::DeserializeOwned;
@@ -86,33 +85,7 @@ pub enum WitnessError {
     Refused(String),
 }
 
-/// A node's copy of a volume, as the witness records it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DiskState {
-    UpToDate,
-    Outdated,
-    Inconsistent,
-    Failed,
-}
-
-impl DiskState {
-    /// The state's name as it appears on the wire and in status.
-    pub fn name(self) -> &'static str {
-        match self {
-            DiskState::UpToDate => "up-to-date",
-            DiskState::Outdated => "outdated",
-            DiskState::Inconsistent => "inconsistent",
-            DiskState::Failed => "failed",
-        }
-    }
-}
-
-impl fmt::Display for DiskState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+pub use crate::disk_state::DiskState;
 
 /// Which volume a request is about. The witness knows a volume by name and refuses a request
 /// whose uuid or node pair differs from what it recorded, so two clusters that happen to share
@@ -575,7 +548,7 @@ mod tests {
         VolumeId::new("vol0", "6d657472-6f62-6c6b-0000-000000000001", "beta", "alpha")
     }
 
-    fn round_trip<T: Serialize + DeserializeOwned + PartialEq + fmt::Debug>(m: &T) {
+    fn round_trip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(m: &T) {
         let wire = encode_message(m);
         let (back, used) = decode_message::<T>(&wire).unwrap().unwrap();
         assert_eq!(&back, m);

@@ -73,15 +73,6 @@ fn volume_id(v: &VolumeShared) -> VolumeId {
     VolumeId::new(&v.config.name, &v.config.uuid.to_string(), &v.node_name, &peer)
 }
 
-fn wire_state(s: DiskState) -> wire::DiskState {
-    match s {
-        DiskState::UpToDate => wire::DiskState::UpToDate,
-        DiskState::Outdated => wire::DiskState::Outdated,
-        DiskState::Inconsistent => wire::DiskState::Inconsistent,
-        DiskState::Failed => wire::DiskState::Failed,
-    }
-}
-
 /// Is the peer here? Primary: every queue's link is up. Secondary: the primary was heard
 /// from lately (`PRIMARY_SILENCE`; a fresh start counts as heard), and its links, once seen,
 /// are still open (a primary that closed them left: no need to wait for the silence).
@@ -290,8 +281,8 @@ fn request(fence: &Fence, ask: Ask, id: &VolumeId, v: &VolumeShared) -> Request 
         Ask::Lease => Request::Lease { volume, epoch, lease_ms, drift_ppm },
         Ask::Outdate => Request::Outdate { volume, epoch, lease_ms, drift_ppm },
         Ask::PeerUpToDate => Request::PeerUpToDate { volume, epoch },
-        Ask::Promote => Request::Promote { volume, epoch, disk_state: wire_state(v.disk.state()), lease_ms, drift_ppm },
-        Ask::Resign => Request::Resign { volume, epoch, disk_state: wire_state(v.disk.state()) },
+        Ask::Promote => Request::Promote { volume, epoch, disk_state: v.disk.state(), lease_ms, drift_ppm },
+        Ask::Resign => Request::Resign { volume, epoch, disk_state: v.disk.state() },
         Ask::Handover => {
             Request::Handover { volume, epoch, to: v.config.peer.as_ref().map_or(String::new(), |p| p.name.clone()) }
         }

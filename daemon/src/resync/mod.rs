@@ -199,24 +199,6 @@ impl SyncShared {
     }
 }
 
-fn disk_state_to_u8(s: DiskState) -> u8 {
-    match s {
-        DiskState::UpToDate => 0,
-        DiskState::Outdated => 1,
-        DiskState::Inconsistent => 2,
-        DiskState::Failed => 3,
-    }
-}
-
-fn disk_state_from_u8(v: u8) -> DiskState {
-    match v {
-        0 => DiskState::UpToDate,
-        1 => DiskState::Outdated,
-        2 => DiskState::Inconsistent,
-        _ => DiskState::Failed,
-    }
-}
-
 /// This node's sync hello and its dirty bitmap (bytes, LSB first).
 /// `full`: ask for a full resync (an operator's `--full`, or an attached disk).
 pub fn local_hello(intent: &WriteIntent, disk: DiskState, sync: &SyncShared, full: bool) -> (SyncHello, Vec<u8>) {
@@ -229,7 +211,7 @@ pub fn local_hello(intent: &WriteIntent, disk: DiskState, sync: &SyncShared, ful
     let hello = SyncHello {
         generation: sb.generation.into_bytes(),
         history: sb.history.iter().map(|g| g.into_bytes()).collect(),
-        disk_state: disk_state_to_u8(disk),
+        disk_state: disk.code(),
         discard_local: sync.discard_local.load(Ordering::Acquire),
         full,
         regions: intent.regions(),
@@ -243,7 +225,7 @@ pub fn facts(h: &SyncHello, bitmap: &[u8]) -> CopyFacts {
     CopyFacts {
         generation: h.generation,
         history: h.history.clone(),
-        disk_state: disk_state_from_u8(h.disk_state),
+        disk_state: DiskState::from_code(h.disk_state).unwrap_or(DiskState::Failed),
         dirty: bitmap.iter().any(|b| *b != 0),
         discard_local: h.discard_local,
         full: h.full,

@@ -9,44 +9,7 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DiskState {
-    UpToDate,
-    Outdated,
-    Inconsistent,
-    Failed,
-}
-
-impl DiskState {
-    fn from_u8(v: u8) -> DiskState {
-        match v {
-            0 => DiskState::UpToDate,
-            1 => DiskState::Outdated,
-            2 => DiskState::Inconsistent,
-            _ => DiskState::Failed,
-        }
-    }
-    fn to_u8(self) -> u8 {
-        match self {
-            DiskState::UpToDate => 0,
-            DiskState::Outdated => 1,
-            DiskState::Inconsistent => 2,
-            DiskState::Failed => 3,
-        }
-    }
-}
-
-impl std::fmt::Display for DiskState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            DiskState::UpToDate => "up-to-date",
-            DiskState::Outdated => "outdated",
-            DiskState::Inconsistent => "inconsistent",
-            DiskState::Failed => "failed",
-        })
-    }
-}
+pub use metroblk_protocol::DiskState;
 
 /// The disk state of one volume on this node, shared by its queue and replica threads.
 /// The hot path reads it with one relaxed load; the reason is written once, on failure.
@@ -57,11 +20,11 @@ pub struct DiskHealth {
 
 impl DiskHealth {
     pub fn new(state: DiskState) -> DiskHealth {
-        DiskHealth { state: AtomicU8::new(state.to_u8()), reason: Mutex::new(None) }
+        DiskHealth { state: AtomicU8::new(state.code()), reason: Mutex::new(None) }
     }
 
     pub fn state(&self) -> DiskState {
-        DiskState::from_u8(self.state.load(Ordering::Acquire))
+        DiskState::from_code(self.state.load(Ordering::Acquire)).unwrap_or(DiskState::Failed)
     }
 
     #[inline]
@@ -72,8 +35,8 @@ impl DiskHealth {
     /// Latches `failed` with the first reason; later failures only keep the first reason.
     /// Returns true the first time, so the caller logs once.
     pub fn latch_failed(&self, volume: &str, why: &str) -> bool {
-        let prev = self.state.swap(DiskState::Failed.to_u8(), Ordering::AcqRel);
-        if prev == DiskState::Failed.to_u8() {
+        let prev = self.state.swap(DiskState::Failed.code(), Ordering::AcqRel);
+        if prev == DiskState::Failed.code() {
             return false;
         }
         tracing::error!(
@@ -88,8 +51,8 @@ impl DiskHealth {
     /// then `up-to-date`). Returns false, changing nothing, once `failed` latched.
     pub fn set(&self, to: DiskState) -> bool {
         assert_ne!(to, DiskState::Failed, "failure latches through latch_failed");
-        let failed = DiskState::Failed.to_u8();
-        self.state.fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| (s != failed).then_some(to.to_u8())).is_ok()
+        let failed = DiskState::Failed.code();
+        self.state.fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| (s != failed).then_some(to.code())).is_ok()
     }
 
     /// Why the disk failed, if it did.
