@@ -319,6 +319,87 @@ check_secondary_copy ext4 ro,noload
 step "all good"
 "#;
 
+/// Two volumes on each node, each its own device and links: both mirrored at once, one
+/// with DISCARD and WRITE_ZEROES ranges (read back as zeros), both pairs of copies identical.
+const TWO_VOLUMES: &str = r#"
+# two_volumes NAME PEER ROLE PORT0 PEER_PORT0 PORT1 PEER_PORT1
+two_volumes() {
+    cat > "$W/$1.toml" <<EOF
+[node]
+name = "$1"
+control_socket = "$W/$1.sock"
+
+[[volume]]
+name = "vol0"
+size = "64MiB"
+backing_file = "$W/$1.img"
+metadata_file = "$W/$1.meta"
+listen = "127.0.0.1:$4"
+role = "$3"
+[volume.peer]
+name = "$2"
+address = "127.0.0.1:$5"
+authkey_file = "$W/key"
+
+[[volume]]
+name = "vol1"
+size = "96MiB"
+backing_file = "$W/$1-1.img"
+metadata_file = "$W/$1-1.meta"
+listen = "127.0.0.1:$6"
+role = "$3"
+[volume.peer]
+name = "$2"
+address = "127.0.0.1:$7"
+authkey_file = "$W/key"
+EOF
+    "$BIN" create-md --force --config "$W/$1.toml" vol0 >/dev/null
+    "$BIN" create-md --force --config "$W/$1.toml" vol1 >/dev/null
+}
+two_volumes alpha beta primary 7801 7802 7811 7812
+two_volumes beta alpha secondary 7802 7801 7812 7811
+step "start both nodes, two volumes each"
+start beta ""
+start alpha ""
+vol_field() { "$BIN" status --json --config "$W/alpha.toml" 2>/dev/null | jq -r ".volumes[$1].$2"; }
+both_up() {
+    for i in 0 1; do
+        local d; d=$(vol_field "$i" ublk_device)
+        [ -n "$d" ] && [ "$d" != null ] && [ -b "$d" ] && [ "$(vol_field "$i" link_state)" = connected ] || return 1
+    done
+}
+wait_for 60 "both devices" both_up
+DEV0=$(vol_field 0 ublk_device)
+DEV1=$(vol_field 1 ublk_device)
+[ "$DEV0" != "$DEV1" ]
+[ "$(blockdev --getsize64 "$DEV0")" = $(( 64 << 20 )) ]
+[ "$(blockdev --getsize64 "$DEV1")" = $(( 96 << 20 )) ]
+"$BIN" status --config "$W/alpha.toml" | tee "$W/status.txt"
+grep -q vol0 "$W/status.txt" && grep -q vol1 "$W/status.txt"
+step "two devices: $DEV0 (64 MiB) and $DEV1 (96 MiB)"
+dd if=/dev/urandom of="$DEV0" bs=1M count=64 oflag=direct status=none &
+D0=$!
+dd if=/dev/urandom of="$DEV1" bs=1M count=96 oflag=direct status=none
+wait "$D0"
+step "both devices written at once"
+blkdiscard -o $(( 8 << 20 )) -l $(( 8 << 20 )) "$DEV1"
+blkdiscard -z -o $(( 40 << 20 )) -l $(( 4 << 20 )) "$DEV1"
+dd if="$DEV1" bs=1M skip=8 count=8 iflag=direct status=none | cmp -n $(( 8 << 20 )) - /dev/zero
+dd if="$DEV1" bs=1M skip=40 count=4 iflag=direct status=none | cmp -n $(( 4 << 20 )) - /dev/zero
+# ... and only those ranges.
+dd if="$DEV1" bs=1M skip=16 count=24 iflag=direct status=none > "$W/mid"
+must_differ "$W/mid" /dev/zero
+step "a discarded and a zeroed range of $DEV1 read back as zeros"
+no_kernel_io_errors
+stop alpha
+stop beta
+cmp "$W/alpha.img" "$W/beta.img"
+cmp "$W/alpha-1.img" "$W/beta-1.img"
+must_differ "$W/beta.img" /dev/zero
+step "both volumes: identical copies"
+step "all good"
+"#;
+
 fn run(body: &str, size: &str, steps: &[&str]) {
     run_with(body, &Opts { size, ..Opts::default() }, steps);
 }
@@ -366,6 +447,15 @@ fn a_device_with_4096_byte_sectors_carries_ext4_and_fio_on_both_nodes() {
         BLOCK_4096,
         &Opts { node_extra: "block_size = 4096", ..Opts::default() },
         &["4 KiB logical", "refused by the kernel", "then verify", "e2fsck", "are identical", "same files", "all good"],
+    );
+}
+
+#[test]
+fn two_volumes_on_one_node_pair_are_mirrored_with_discard_and_write_zeroes() {
+    run(
+        TWO_VOLUMES,
+        "64MiB",
+        &["two devices", "written at once", "read back as zeros", "both volumes: identical copies", "all good"],
     );
 }
 
