@@ -1,7 +1,8 @@
 //! Wire formats of metroblk's peer link: the data-link frames that carry replicated I/O
 //! ([`frame`]) and the handshake that checks compatibility and authenticates both nodes before
 //! any frame flows ([`handshake`]); and of the witness link ([`witness`]): the requests a node
-//! makes of the witness and the mutual authentication before them.
+//! makes of the witness and the mutual authentication before them. [`DiskState`] is the one
+//! disk-state type that all of them, and the daemon's superblock, carry.
 //!
 //! This crate does no I/O of its own (apart from the blocking [`run_handshake`] convenience
 //! driver) and depends on no other metroblk crate, so the daemon, the witness and tests can all
