@@ -457,3 +457,36 @@ fn both_nodes_killed_at_once_come_back_with_every_acknowledged_write() {
         &["both nodes killed -9", "both restarted", "acknowledged writes", "identical copies", "all good"],
     );
 }
+
+/// The secondary's storage fails under load (its backing file's tmpfs fills up: ENOSPC
+/// latches its disk `failed`). The primary treats it as a lost peer: the witness records the
+/// secondary outdated, the primary goes on alone, and fio finishes with its verify pass clean.
+const SECONDARY_DISK_FAILED: &str = r#"
+mkdir -p "$W/small"
+mount -t tmpfs -o size=12m tmpfs "$W/small"
+sed -i "s|$W/beta.img|$W/small/beta.img|" "$W/beta.toml"
+start_all
+step "fio writes 48 MiB with verify; beta's storage holds 12 MiB"
+(cd "$W" && fio --name=sd --filename="$DEV_A" --ioengine=libaio --direct=1 --iodepth=16 \
+    --rw=randwrite --bsrange=4k-64k --randrepeat=1 --size=48M --verify=crc32c --verify_fatal=1 \
+    --do_verify=1 --eta=never --output-format=json --output="$W/sd.json") &
+FIO=$!
+wait_for 120 "beta's disk to fail" field_is beta disk_state failed
+step "beta's disk failed: $(status_field beta disk_error)"
+wait_for 60 "alpha to go on alone" field_is alpha alone true
+step "alpha goes on alone"
+wait "$FIO"
+sed -i -n '/^{/,$p' "$W/sd.json"
+[ "$(jq '.jobs[0].error' "$W/sd.json")" = 0 ]
+[ "$(jq '.jobs[0].read.io_bytes' "$W/sd.json")" = $(( 48 << 20 )) ]
+step "fio wrote and verified 48 MiB without an error"
+stop alpha
+stop beta
+umount "$W/small"
+step "all good"
+"#;
+
+#[test]
+fn a_failed_disk_at_the_secondary_lets_the_primary_go_on_alone() {
+    run(SECONDARY_DISK_FAILED, "", &["beta's disk failed", "goes on alone", "without an error", "all good"]);
+}
