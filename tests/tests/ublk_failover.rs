@@ -26,6 +26,21 @@ start_all() {
     wait_for 30 "alpha's lease" leased alpha
     DEV_A=$DEV
 }
+# fio_verify NAME MIB: random writes of 4k-64k at iodepth 16 over the first MIB MiB of
+# $DEV_A, then a crc32c verify pass; the JSON report goes to $W/NAME.json. Run it with `&`
+# to inject a fault under it.
+fio_verify() {
+    (cd "$W" && fio --name="$1" --filename="$DEV_A" --ioengine=libaio --direct=1 --iodepth=16 \
+        --rw=randwrite --bsrange=4k-64k --randrepeat=1 --size="$2M" --verify=crc32c --verify_fatal=1 \
+        --do_verify=1 --eta=never --output-format=json --output="$W/$1.json")
+}
+# fio_clean NAME MIB: fio reported no error, and wrote and verified all MIB MiB.
+fio_clean() {
+    sed -i -n '/^{/,$p' "$W/$1.json"
+    [ "$(jq '.jobs[0].error' "$W/$1.json")" = 0 ]
+    [ "$(jq '.jobs[0].write.io_bytes' "$W/$1.json")" = $(( $2 << 20 )) ]
+    [ "$(jq '.jobs[0].read.io_bytes' "$W/$1.json")" = $(( $2 << 20 )) ]
+}
 # start_writer DEV LOG: the writer in the background ($WPID); waits for its first writes.
 start_writer() {
     "$WRITER" write "$1" "$2" 4096 &
@@ -344,9 +359,7 @@ fn ext4_survives_a_failover_to_the_secondary() {
 const SECONDARY_KILLED: &str = r#"
 start_all
 step "fio writes 96 MiB with verify; the secondary is killed during the writes"
-(cd "$W" && fio --name=sk --filename="$DEV_A" --ioengine=libaio --direct=1 --iodepth=16 \
-    --rw=randwrite --bsrange=4k-64k --randrepeat=1 --size=96M --verify=crc32c --verify_fatal=1 \
-    --do_verify=1 --eta=never --output-format=json --output="$W/sk.json") &
+fio_verify sk 96 &
 FIO=$!
 beta_wrote_8m() { [ "$(status_field beta local_write_bytes)" -gt $(( 8 << 20 )) ] 2>/dev/null; }
 wait_for 60 "8 MiB on beta" beta_wrote_8m
@@ -355,10 +368,7 @@ kill9 beta
 step "secondary killed -9 under load"
 wait_for 60 "alpha to go on alone" field_is alpha alone true
 wait "$FIO"
-sed -i -n '/^{/,$p' "$W/sk.json"
-[ "$(jq '.jobs[0].error' "$W/sk.json")" = 0 ]
-[ "$(jq '.jobs[0].write.io_bytes' "$W/sk.json")" = $(( 96 << 20 )) ]
-[ "$(jq '.jobs[0].read.io_bytes' "$W/sk.json")" = $(( 96 << 20 )) ]
+fio_clean sk 96
 step "fio wrote and verified 96 MiB without an error"
 start beta "-restarted"
 wait_for 120 "beta to be resynced" in_sync_as alpha beta
@@ -389,12 +399,8 @@ ip netns exec sa tc qdisc add dev ab root netem delay 15ms 5ms loss 1%
 ip netns exec sb tc qdisc add dev ba root netem delay 15ms 5ms loss 1%
 RECONNECTS=$(status_field alpha reconnects)
 step "fio writes 24 MiB with verify over it"
-(cd "$W" && fio --name=wan --filename="$DEV_A" --ioengine=libaio --direct=1 --iodepth=16 \
-    --rw=randwrite --bsrange=4k-64k --randrepeat=1 --size=24M --verify=crc32c --verify_fatal=1 \
-    --do_verify=1 --eta=never --output-format=json --output="$W/wan.json")
-sed -i -n '/^{/,$p' "$W/wan.json"
-[ "$(jq '.jobs[0].error' "$W/wan.json")" = 0 ]
-[ "$(jq '.jobs[0].read.io_bytes' "$W/wan.json")" = $(( 24 << 20 )) ]
+fio_verify wan 24
+fio_clean wan 24
 RTT_US=$(status_field alpha link_rtt_us)
 echo "write latency p50 $(jq '.jobs[0].write.clat_ns.percentile."50.000000"' "$W/wan.json") ns; link rtt $RTT_US us"
 # The delay is real: the round trip is at least the two 10 ms minimum delays.
@@ -467,18 +473,14 @@ mount -t tmpfs -o size=12m tmpfs "$W/small"
 sed -i "s|$W/beta.img|$W/small/beta.img|" "$W/beta.toml"
 start_all
 step "fio writes 48 MiB with verify; beta's storage holds 12 MiB"
-(cd "$W" && fio --name=sd --filename="$DEV_A" --ioengine=libaio --direct=1 --iodepth=16 \
-    --rw=randwrite --bsrange=4k-64k --randrepeat=1 --size=48M --verify=crc32c --verify_fatal=1 \
-    --do_verify=1 --eta=never --output-format=json --output="$W/sd.json") &
+fio_verify sd 48 &
 FIO=$!
 wait_for 120 "beta's disk to fail" field_is beta disk_state failed
 step "beta's disk failed: $(status_field beta disk_error)"
 wait_for 60 "alpha to go on alone" field_is alpha alone true
 step "alpha goes on alone"
 wait "$FIO"
-sed -i -n '/^{/,$p' "$W/sd.json"
-[ "$(jq '.jobs[0].error' "$W/sd.json")" = 0 ]
-[ "$(jq '.jobs[0].read.io_bytes' "$W/sd.json")" = $(( 48 << 20 )) ]
+fio_clean sd 48
 step "fio wrote and verified 48 MiB without an error"
 stop alpha
 stop beta
