@@ -322,42 +322,27 @@ step "all good"
 /// Two volumes on each node, each its own device and links: both mirrored at once, one
 /// with DISCARD and WRITE_ZEROES ranges (read back as zeros), both pairs of copies identical.
 const TWO_VOLUMES: &str = r#"
-# two_volumes NAME PEER ROLE PORT0 PEER_PORT0 PORT1 PEER_PORT1
-two_volumes() {
-    cat > "$W/$1.toml" <<EOF
-[node]
-name = "$1"
-control_socket = "$W/$1.sock"
-
-[[volume]]
-name = "vol0"
-size = "64MiB"
-backing_file = "$W/$1.img"
-metadata_file = "$W/$1.meta"
-listen = "127.0.0.1:$4"
-role = "$3"
-[volume.peer]
-name = "$2"
-address = "127.0.0.1:$5"
-authkey_file = "$W/key"
+# add_volume NAME PEER ROLE PORT PEER_PORT: a second volume, vol1 (96 MiB), in NAME's config
+# (the prelude's has vol0).
+add_volume() {
+    cat >> "$W/$1.toml" <<EOF
 
 [[volume]]
 name = "vol1"
 size = "96MiB"
 backing_file = "$W/$1-1.img"
 metadata_file = "$W/$1-1.meta"
-listen = "127.0.0.1:$6"
+listen = "127.0.0.1:$4"
 role = "$3"
 [volume.peer]
 name = "$2"
-address = "127.0.0.1:$7"
+address = "127.0.0.1:$5"
 authkey_file = "$W/key"
 EOF
-    "$BIN" create-md --force --config "$W/$1.toml" vol0 >/dev/null
     "$BIN" create-md --force --config "$W/$1.toml" vol1 >/dev/null
 }
-two_volumes alpha beta primary 7801 7802 7811 7812
-two_volumes beta alpha secondary 7802 7801 7812 7811
+add_volume alpha beta primary 7811 7812
+add_volume beta alpha secondary 7812 7811
 step "start both nodes, two volumes each"
 start beta ""
 start alpha ""
