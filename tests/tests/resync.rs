@@ -81,6 +81,7 @@ fn wait_in_sync(p: &mut TestPrimary, beta: &NodeProcess, timeout: Duration) {
             && v["disk_state"] == "up-to-date"
             && v["sync_state"] == "in-sync"
             && !p.vol.shared.intent.resync_needed()
+            && !p.vol.shared.intent.is_alone()
         {
             return;
         }
