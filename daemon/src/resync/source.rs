@@ -220,12 +220,11 @@ impl<'a> SyncLink<'a> {
             Decision::InSync => {
                 tracing::info!(volume = %name, "copies in sync: nothing to resync");
                 // Same generation, no region marked on either node: nothing is due, unless a
-                // write completed alone since our hello was made. Cleared last (see `resync`).
-                let none_alone = self.completed_alone() == alone_before;
-                self.finish_in_sync(attempts_before)?;
-                if none_alone {
+                // write completed alone since our hello was made.
+                if self.completed_alone() == alone_before {
                     v.intent.set_resync_needed(false);
                 }
+                self.finish_in_sync(attempts_before)?;
             }
             Decision::PrimaryToSecondary { full } => {
                 v.sync.set_admitted(true);
@@ -373,13 +372,14 @@ impl<'a> SyncLink<'a> {
                 }
             }
         }
+        v.intent.set_resync_needed(false);
         tracing::info!(volume = %v.config.name, "resync complete: the peer is up to date");
         self.finish_in_sync(attempts_mark)?;
-        // Last, so that whoever reads "no resync needed" also reads "not alone" and "in sync"
-        // (the sync state may have read in-sync all along, from before a short partition). A
-        // write that completed alone after the last pass (before going alone ended) is not on
-        // the peer: resync again (the idle loop sees it).
-        v.intent.set_resync_needed(self.completed_alone() != alone_at_end);
+        // A write that completed alone after the last pass (before going alone ended) is not
+        // on the peer: resync again (the idle loop sees it).
+        if self.completed_alone() != alone_at_end {
+            v.intent.set_resync_needed(true);
+        }
         Ok(())
     }
 
