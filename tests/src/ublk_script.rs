@@ -9,7 +9,8 @@
 //!   `$W/alpha.img` and `$W/beta.img`, logs), `/tmp/mnt` (an empty mount point);
 //! - `step TEXT`: prints `--- [ms] TEXT` (tests assert on these lines);
 //! - `start NODE LOGSUFFIX` (pid in `$PID_<NODE>`), `stop NODE` (SIGTERM, must exit 0),
-//!   `kill9 NODE` (SIGKILL, no clean shutdown);
+//!   `kill9 NODE` (SIGKILL, no clean shutdown); `stop_both_and_compare` (both stopped, the
+//!   primary's device gone, the two backing files identical);
 //! - `wait_device`: the primary reports its device, it exists, the link is up; sets `$DEV`;
 //! - `status_field NODE FIELD`: one field of `metroblk status --json`; `field_is NODE FIELD
 //!   VALUE`; `wait_for SECONDS WHAT COMMAND...` (polls); `now_ms`;
@@ -156,6 +157,16 @@ stop() {
     local pid; eval "pid=\$PID_$1"
     kill -TERM "$pid"
     wait "$pid"
+}
+# stop_both_and_compare: clean shutdown (the primary's device is gone once it exited), then the
+# two backing files must be identical.
+stop_both_and_compare() {
+    step "clean shutdown"
+    stop alpha
+    [ ! -e "$DEV" ]
+    stop beta
+    step "primary and secondary backing files are identical"
+    cmp "$W/alpha.img" "$W/beta.img"
 }
 # kill9 NAME: SIGKILL (no clean shutdown of any kind), and reap it.
 kill9() {

@@ -110,12 +110,7 @@ umount /tmp/mnt
 step "e2fsck"
 e2fsck -fn "$DEV"
 "$BIN" status --config "$W/alpha.toml"
-step "clean shutdown"
-stop alpha
-[ ! -e "$DEV" ]
-stop beta
-step "primary and secondary backing files are identical"
-cmp "$W/alpha.img" "$W/beta.img"
+stop_both_and_compare
 check_secondary_copy
 step "all good"
 "#;

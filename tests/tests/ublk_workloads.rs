@@ -115,12 +115,7 @@ jq -r '.jobs[] | "\(.jobname): wrote \(.write.io_bytes) B in \(.write.total_ios)
 no_kernel_io_errors
 "$BIN" status --config "$W/alpha.toml"
 [ "$(status_field beta local_write_bytes)" -ge $(( 64 << 20 )) ]
-step "clean shutdown"
-stop alpha
-[ ! -e "$DEV" ]
-stop beta
-step "primary and secondary backing files are identical"
-cmp "$W/alpha.img" "$W/beta.img"
+stop_both_and_compare
 # ... and hold what fio wrote, not just two equal runs of zeroes.
 must_differ "$W/beta.img" /dev/zero $(( 64 << 20 ))
 step "all good"
@@ -181,12 +176,7 @@ fio_no_errors "$W/verify-only.json"
 [ "$(fio_total "$W/verify-only.json" read io_bytes)" = $(( 96 << 20 )) ]
 no_kernel_io_errors
 "$BIN" status --config "$W/alpha.toml"
-step "clean shutdown"
-stop alpha
-[ ! -e "$DEV" ]
-stop beta
-step "primary and secondary backing files are identical"
-cmp "$W/alpha.img" "$W/beta.img"
+stop_both_and_compare
 must_differ "$W/beta.img" /dev/zero $(( 96 << 20 ))
 step "all good"
 "#;
@@ -241,11 +231,7 @@ start alpha "-restarted"
 wait_device
 grep -q "ublk device is live.*recovered=true" "$W/alpha-restarted.log"
 region "$DEV" iflag=direct; cmp "$W/region" "$W/data"
-step "clean shutdown"
-stop alpha
-[ ! -e "$DEV" ]
-stop beta
-cmp "$W/alpha.img" "$W/beta.img"
+stop_both_and_compare
 step "all good"
 "#;
 
@@ -269,11 +255,7 @@ waits=$(status_field alpha conflict_waits)
 echo "writes that waited for an overlapping one: $waits"
 [ "$waits" -gt 0 ]
 no_kernel_io_errors
-step "clean shutdown"
-stop alpha
-stop beta
-step "primary and secondary backing files are identical"
-cmp "$W/alpha.img" "$W/beta.img"
+stop_both_and_compare
 must_differ "$W/beta.img" /dev/zero $(( 2 << 20 ))
 step "all good"
 "#;
@@ -308,12 +290,7 @@ write_files /tmp/mnt/d f 120 20000
 umount /tmp/mnt
 e2fsck -fn "$DEV"
 no_kernel_io_errors
-step "clean shutdown"
-stop alpha
-[ ! -e "$DEV" ]
-stop beta
-step "primary and secondary backing files are identical"
-cmp "$W/alpha.img" "$W/beta.img"
+stop_both_and_compare
 step "the secondary's copy mounts read-only and holds the same files"
 check_secondary_copy ext4 ro,noload
 step "all good"
