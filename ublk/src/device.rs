@@ -95,8 +95,9 @@ pub struct DeviceParams {
     pub queues: u16,
     /// Pins each queue's thread to one CPU of those the kernel maps to its queue (libublk's
     /// `UBLK_DEV_F_SINGLE_CPU_AFFINITY`, rublk's default); otherwise it may run on any of
-    /// them. Pinned, the thread and its io-wq workers keep one CPU and the submitter gets
-    /// the others: no migrations, fewer wakeups landing on a busy CPU. Measured in the TCG
+    /// them. Pinned, the thread keeps one CPU and the submitter settles on the others: no
+    /// migrations, fewer wakeups landing on a busy CPU. (io_uring's io-wq workers are not
+    /// pinned with it: since 6.x they follow the cpuset, not the thread's affinity.) Measured in the TCG
     /// VM on 2 vCPUs (metroblk standalone, 3 rounds, unpinned -> pinned): 4k QD1 1.8-1.9k ->
     /// 2.9-3.0k IOPS, 4k QD32 10-13k -> 16-17k IOPS (both level with rublk), 128k QD8
     /// 212-225 -> 176-194 MiB/s (rublk 167-177); mirrored, within the run-to-run spread.
