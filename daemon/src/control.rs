@@ -76,6 +76,8 @@ pub struct VolumeStatus {
     pub resync_eta_s: Option<f64>,
     /// Since the node started.
     pub resynced_bytes: u64,
+    /// Of `resynced_bytes`, those sent as zero ranges (read as zeros: holes, discarded parts).
+    pub resynced_zero_bytes: u64,
     pub resynced_regions: u64,
     /// Write-intent metadata writes (each shared by a group of cold writes) and the requests
     /// that waited for one.
@@ -174,6 +176,7 @@ pub fn volume_status(h: &VolumeHandle) -> VolumeStatus {
         resync_rate_bps: progress.map(|p| p.2),
         resync_eta_s: progress.and_then(|p| p.3),
         resynced_bytes: v.sync.bytes_resynced.load(std::sync::atomic::Ordering::Relaxed),
+        resynced_zero_bytes: v.sync.bytes_resynced_as_zeros.load(std::sync::atomic::Ordering::Relaxed),
         resynced_regions: v.sync.regions_resynced.load(std::sync::atomic::Ordering::Relaxed),
         metadata_writes: v.intent.stats.metadata_writes.load(std::sync::atomic::Ordering::Relaxed),
         intent_waits: sum(|q| &q.intent_waits),

@@ -421,6 +421,53 @@ fn a_replaced_disk_is_attached_and_resynced_in_full() {
     assert_identical(p.dir.path());
 }
 
+#[test]
+fn a_full_resync_sends_what_reads_as_zeros_as_ranges_and_leaves_the_secondary_sparse() {
+    let p = pair("", "", None);
+    let mut beta = NodeProcess::start(&p.beta);
+    let (cfg, name) = volume_cfg(&p.alpha);
+    let mut a = TestPrimary::open(&cfg, &name, 16, 12);
+    beta.wait_ready(Duration::from_secs(10));
+    a.wait_link(Duration::from_secs(20));
+    // Data in the first 4 MiB only, and 1 MiB of zeros written at 32 MiB (allocated zeros,
+    // not a hole); the rest of the volume was never written (a hole on both nodes).
+    a.write_random(200, 0, 4 << 20, LONG);
+    let deadline = Instant::now() + LONG;
+    for i in 0..16u64 {
+        a.submit_write((32 << 20) + i * (64 << 10), 64 << 10, 0, deadline);
+    }
+    a.flush(LONG);
+    wait_in_sync(&mut a, &beta, LONG);
+    beta.kill9();
+    // The secondary's disk is replaced by one full of old data: every byte must be rewritten,
+    // the zeros included.
+    let img = p.dir.path().join("beta-vol0.img");
+    std::fs::write(&img, vec![0xa5u8; VOLUME as usize]).unwrap();
+    let (ok, text) = cli(&["attach", "vol0"], &p.beta);
+    assert!(ok, "{text}");
+    let mut beta = NodeProcess::start(&p.beta);
+    beta.wait_ready(Duration::from_secs(10));
+    let (before, zeros_before) = (resynced_bytes(&a), resynced_zero_bytes(&a));
+    wait_in_sync(&mut a, &beta, LONG);
+    assert_eq!(resynced_bytes(&a) - before, VOLUME, "an attached disk is resynced in full");
+    let zeros = resynced_zero_bytes(&a) - zeros_before;
+    assert!(
+        (VOLUME - (4 << 20)..VOLUME).contains(&zeros),
+        "{zeros} B went as zero ranges: everything but the written first 4 MiB should"
+    );
+    a.flush(LONG);
+    assert_identical(p.dir.path());
+    let allocated = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&img).unwrap()) * 512;
+    assert!(
+        allocated <= 8 << 20,
+        "the secondary's file has {allocated} B allocated after the resync: the zeros were written, not punched"
+    );
+}
+
+fn resynced_zero_bytes(p: &TestPrimary) -> u64 {
+    p.vol.shared.sync.bytes_resynced_as_zeros.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Serves the control socket of alpha's config for the in-process primary, so the operator
 /// commands (`status`, `resume-alone`, `resync`, `verify`) run as real processes against it.
 fn serve_control(config: &Path, a: &TestPrimary) {

@@ -92,7 +92,10 @@ pub fn resync(config: &Path, volume: &str, args: &ResyncArgs) -> Result<(), Stri
                 if tty {
                     println!();
                 }
-                println!("volume {volume}: in sync ({} B resynced since the node started)", v.resynced_bytes);
+                println!(
+                    "volume {volume}: in sync ({} B resynced since the node started, {} B of them as zero ranges)",
+                    v.resynced_bytes, v.resynced_zero_bytes
+                );
                 return Ok(());
             }
             SyncState::SplitBrain | SyncState::Refused => {

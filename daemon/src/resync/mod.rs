@@ -13,6 +13,7 @@
 //! - [`copy`] — the copy schedule of a pass: disk order, window, flush cadence, rate (pure).
 //! - [`source`] — the primary's side (I/O): the exchange, the copies, the cleaner.
 //! - [`target`] — the secondary's side (I/O): applies the copies, becomes up to date.
+//! - [`zeros`] — what of a copy reads as zeros goes as a range, and is punched on the target.
 //!
 //! Sync links use blocking sockets on their own threads: they are control plane plus a bulk
 //! stream where one thread keeps a TCP connection full; the hot path never touches them.
@@ -23,6 +24,7 @@ pub mod decide;
 pub mod hash;
 pub mod source;
 pub mod target;
+pub mod zeros;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -134,6 +136,8 @@ pub struct SyncShared {
     /// The volume is going away: the sync threads end.
     pub stopping: AtomicBool,
     pub bytes_resynced: AtomicU64,
+    /// Of `bytes_resynced`, those that read as zeros and went as WRITE_ZEROES ranges (source).
+    pub bytes_resynced_as_zeros: AtomicU64,
     pub regions_resynced: AtomicU64,
     pub info: Mutex<SyncInfo>,
 }

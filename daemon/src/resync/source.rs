@@ -18,7 +18,9 @@ use metroblk_protocol::{Frame, FrameKind, HASH_LEN, MAX_PAYLOAD, SYNC_QUEUE};
 
 use super::copy::{CopyPlan, Next};
 use super::decide::{decide, Decision};
-use super::{facts, local_hello, now_ns, read_frame, read_hello, send_hello, write_frame, SyncState, VerifyInfo};
+use super::{
+    facts, local_hello, now_ns, read_frame, read_hello, send_hello, write_frame, zeros, SyncState, VerifyInfo,
+};
 use crate::peer::connector::{self, Backoff};
 use crate::volume::conflict::{GranuleRange, RESYNC_OWNER};
 use crate::volume::disk::DiskState;
@@ -465,7 +467,8 @@ impl<'a> SyncLink<'a> {
     }
 
     /// Reads the run of `count` regions from `r` and sends it in frames of at most
-    /// MAX_PAYLOAD; returns the frames.
+    /// MAX_PAYLOAD, a piece that reads as zeros as a WRITE_ZEROES range (`zeros.rs`); returns
+    /// the frames.
     fn send_run(&mut self, plan: &CopyPlan, r: u64, count: u64) -> Result<u32, Ended> {
         let v = self.v;
         let (offset, len) = (plan.region_offset(r), plan.run_len(r, count));
@@ -473,13 +476,20 @@ impl<'a> SyncLink<'a> {
         let mut frames = 0;
         while done < len {
             let n = (len - done).min(MAX_PAYLOAD as u64) as usize;
-            let buf = &mut self.buf.as_mut_slice()[..n];
-            v.file
-                .read_exact_at(buf, offset + done)
-                .map_err(|e| format!("resync cannot read region {r} from the backing file: {e}"))?;
+            let read_err = |e: std::io::Error| format!("resync cannot read region {r} from the backing file: {e}");
+            let data = zeros::holds_data(&v.file, offset + done, n as u64).map_err(read_err)?;
+            if data {
+                v.file.read_exact_at(&mut self.buf.as_mut_slice()[..n], offset + done).map_err(read_err)?;
+            }
             let seq = self.next_seq();
-            let f = Frame::write(seq, v.epoch(), offset + done, &self.buf.as_slice()[..n], false);
-            write_frame(&mut self.s, &f, &self.buf.as_slice()[..n])?;
+            if !data || zeros::is_zero(&self.buf.as_slice()[..n]) {
+                let f = Frame::write_zeroes(seq, v.epoch(), offset + done, n as u32);
+                write_frame(&mut self.s, &f, &[])?;
+                v.sync.bytes_resynced_as_zeros.fetch_add(n as u64, Ordering::Relaxed);
+            } else {
+                let f = Frame::write(seq, v.epoch(), offset + done, &self.buf.as_slice()[..n], false);
+                write_frame(&mut self.s, &f, &self.buf.as_slice()[..n])?;
+            }
             done += n as u64;
             frames += 1;
         }

@@ -114,6 +114,20 @@ fn apply(v: &VolumeShared, s: &mut TcpStream, source: &SyncHello) -> Result<(), 
                     Frame::write_ack(f.seq, 0)
                 }
             }
+            FrameKind::WriteZeroes => {
+                let len = f.length as u64;
+                if v.disk.is_failed() {
+                    Frame::write_ack(f.seq, -libc::EIO)
+                } else if let Err(e) = super::zeros::zero_range(&v.file, f.offset, len, buf.as_mut_slice()) {
+                    let why = format!("resync zeroing at {} (+{len}) failed: {e}", f.offset);
+                    v.disk.latch_failed(&v.config.name, &why);
+                    Frame::write_ack(f.seq, -e.raw_os_error().unwrap_or(libc::EIO))
+                } else {
+                    v.sync.bytes_resynced.fetch_add(len, Ordering::Relaxed);
+                    v.sync.update(|i| i.bytes_done += len);
+                    Frame::write_ack(f.seq, 0)
+                }
+            }
             FrameKind::Flush => Frame::flush_ack(f.seq, flush(v)),
             FrameKind::Ping => Frame::pong(f.seq),
             FrameKind::HashRequest => {
