@@ -263,6 +263,13 @@ fn writes_are_held_while_the_secondary_is_dead_and_complete_after_it_returns() {
         w.reap(&mut drv, Duration::from_millis(20));
         while w.submit_one(&mut drv) {}
     }
+    // A write the peer acknowledged before it died still completes when its local write
+    // does: wait until every request in flight is one the peer never acknowledged.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while drv.queue().inflight() != drv.queue().held() {
+        assert!(Instant::now() < deadline, "acknowledged writes did not finish locally");
+        w.reap(&mut drv, Duration::from_millis(20));
+    }
     // From now on nothing may complete: the peer has none of it.
     let before = w.completed;
     let down_until = Instant::now() + Duration::from_secs(2);
@@ -273,7 +280,8 @@ fn writes_are_held_while_the_secondary_is_dead_and_complete_after_it_returns() {
     assert_eq!(w.completed, before, "a write completed while the secondary was down");
     let held = w.inflight.iter().flatten().count();
     assert!(held > 0, "writes should be held");
-    assert!(drv.queue().inflight() == held);
+    assert_eq!(drv.queue().inflight(), held);
+    assert_eq!(drv.queue().held(), held);
 
     let mut beta = NodeProcess::start(&p.beta);
     beta.wait_ready(Duration::from_secs(10));

@@ -216,6 +216,11 @@ impl Queue {
         self.inflight
     }
 
+    /// Requests whose peer half is held, waiting for a link.
+    pub fn held(&self) -> usize {
+        QueueStats::get(&self.stats.held) as usize
+    }
+
     pub fn link_is_up(&self) -> bool {
         self.link.machine.is_up()
     }
