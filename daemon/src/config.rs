@@ -235,7 +235,8 @@ pub struct VolumeConfig {
     pub out_of_sync_alert: std::time::Duration,
     /// The witness (`fencing = "witness"`, the default when `[volume.witness]` is set).
     pub witness: Option<WitnessConfig>,
-    /// Resync rate limit in bytes per second (`resync_rate`, e.g. "100MiB"); 0: unlimited.
+    /// Resync rate limit in bytes of data per second (`resync_rate`, e.g. "100MiB"); ranges
+    /// sent as zeros are not counted. 0: unlimited.
     pub resync_rate_bps: u64,
     /// None: a standalone volume (no replication; writes complete locally).
     pub peer: Option<PeerConfig>,

@@ -68,7 +68,8 @@ enum Command {
         /// regions either side changed are copied from the peer.
         #[arg(long)]
         discard_local: bool,
-        /// Limit the resync to this many bytes per second (e.g. 100MiB; 0: unlimited).
+        /// Limit the resync to this many bytes of data per second (e.g. 100MiB; 0: unlimited).
+        /// Ranges that read as zeros go with no payload and are not counted.
         #[arg(long)]
         rate: Option<String>,
         /// Wait until the copies are in sync, showing the progress.

@@ -46,8 +46,10 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// First bytes of a hello.
 pub const PEER_MAGIC: [u8; 8] = *b"MBLKPEER";
-/// Peer protocol version; both sides must speak the same one.
-pub const PEER_PROTOCOL_VERSION: u16 = 2;
+/// Peer protocol version; both sides must speak the same one. v2: the hello carries a link
+/// session number. v3: a resync may send a range that reads as zeros as a WRITE_ZEROES frame,
+/// which a v2 node would answer with "unexpected frame" halfway through a resync.
+pub const PEER_PROTOCOL_VERSION: u16 = 3;
 /// Longest node name a hello can carry, in bytes.
 pub const MAX_NODE_NAME: usize = 64;
 /// Longest verdict reason, in bytes.
@@ -924,7 +926,7 @@ mod tests {
         let mut raw = encode_hello(&info("a", 1)).unwrap();
         raw[8..10].copy_from_slice(&7u16.to_le_bytes());
         let want = HandshakeError::VersionMismatch { local: PEER_PROTOCOL_VERSION, peer: 7 };
-        assert_eq!(want.to_string(), "peer protocol version mismatch: local 2, peer 7");
+        assert_eq!(want.to_string(), "peer protocol version mismatch: local 3, peer 7");
         listener_refuses(&raw, want.clone());
         let mut raw = encode_hello(&info("b", 2)).unwrap();
         raw[8..10].copy_from_slice(&7u16.to_le_bytes());

@@ -104,6 +104,37 @@ fn resynced_bytes(p: &TestPrimary) -> u64 {
 }
 
 #[test]
+fn status_stops_reading_in_sync_on_both_nodes_once_the_other_is_gone() {
+    let p = pair("", "", None);
+    let mut beta = NodeProcess::start(&p.beta);
+    beta.wait_ready(Duration::from_secs(10));
+    let (cfg, name) = volume_cfg(&p.alpha);
+    let mut a = TestPrimary::open(&cfg, &name, 16, 1);
+    a.wait_link(Duration::from_secs(20));
+    a.write_random(50, 0, VOLUME, LONG);
+    wait_in_sync(&mut a, &beta, LONG);
+
+    // The secondary dies: the primary knows nothing of its copy any more.
+    beta.kill9();
+    wait_until(Duration::from_secs(10), "the primary's sync state to leave in-sync", || {
+        a.poll();
+        sync_state(&a) == SyncState::Unknown
+    });
+    let info = a.vol.shared.sync.info();
+    assert!(info.message.as_deref().is_some_and(|m| m.contains("sync link")), "{info:?}");
+
+    // Back, in sync again; then the primary goes away and the secondary says so.
+    let mut beta = NodeProcess::start(&p.beta);
+    beta.wait_ready(Duration::from_secs(10));
+    wait_in_sync(&mut a, &beta, LONG);
+    drop(a);
+    wait_until(Duration::from_secs(10), "the secondary's sync state to leave in-sync", || {
+        beta.status_json()["volumes"][0]["sync_state"] == "unknown"
+    });
+    assert_identical(p.dir.path());
+}
+
+#[test]
 fn a_partition_healed_resyncs_only_the_regions_written_while_apart() {
     let sites = Sites::create(11);
     let p = pair("fencing = \"none\"\n", "", Some((&sites.addr_a, &sites.addr_b)));

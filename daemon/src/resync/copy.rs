@@ -1,7 +1,8 @@
 //! The copy schedule of one resync pass, as pure state (time passed in): which region goes
 //! next (disk order), how many are in flight (a window), when to FLUSH the target, which
 //! regions a completed FLUSH makes durable on both nodes (their bits may be cleared), and the
-//! optional rate limit (a token bucket over bytes).
+//! optional rate limit (a token bucket over the bytes that cross the link: a piece the source
+//! finds to read as zeros goes as a range with no payload, and its bytes are given back).
 //!
 //! The sync link is one TCP connection served in order, so acks arrive in the order the copies
 //! were sent; an ack for anything else is a protocol violation.
@@ -56,6 +57,8 @@ pub struct CopyPlan {
     rate_bps: u64,
     tokens: f64,
     last_refill_ns: u64,
+    /// Bytes of the last copy taken from the bucket and not given back.
+    charged_bytes: u64,
     pub regions_total: u64,
     pub regions_copied: u64,
     pub bytes_copied: u64,
@@ -91,6 +94,7 @@ impl CopyPlan {
             rate_bps,
             tokens: 0.0,
             last_refill_ns: now_ns,
+            charged_bytes: 0,
             regions_total: 0,
             regions_copied: 0,
             bytes_copied: 0,
@@ -196,11 +200,23 @@ impl CopyPlan {
                 return Next::Wait { until_ns: Some(now_ns + wait_ns.max(1)) };
             }
             self.tokens -= need;
+            self.charged_bytes = bytes;
         }
         self.cursor = r + count;
         self.in_flight.push_back((r, count));
         self.in_flight_regions += count as usize;
         Next::Copy { first: r, count }
+    }
+
+    /// `bytes` of the last copy went as a zero range, with no payload: they are given back to
+    /// the rate limit, so that a resync of a mostly empty volume is paced by its data alone.
+    pub fn on_sent_as_zeros(&mut self, bytes: u64) {
+        if self.rate_bps == 0 {
+            return;
+        }
+        assert!(bytes <= self.charged_bytes, "gave back {bytes} B of a copy charged {} B", self.charged_bytes);
+        self.charged_bytes -= bytes;
+        self.tokens += bytes as f64;
     }
 
     /// The target applied the copy of the run starting at `first`.
@@ -325,6 +341,41 @@ mod tests {
         }
         let secs = now as f64 / 1e9;
         assert!((9.0..11.0).contains(&secs), "{secs} s for 400 KiB at 40 KiB/s");
+    }
+
+    #[test]
+    fn zero_ranges_are_given_back_to_the_rate_limit() {
+        // 100 regions of 4 KiB at 40960 B/s, every other one sent as zeros: about 5 s.
+        let mut p = plan(&(0..100).collect::<Vec<_>>(), 100, 40960);
+        p.run_regions_max = 1;
+        let mut now = 0u64;
+        let mut copies = 0;
+        while copies < 100 {
+            match p.poll_next(now) {
+                Next::Copy { first, count } => {
+                    if first % 2 == 0 {
+                        p.on_sent_as_zeros(p.run_len(first, count));
+                    }
+                    p.on_acked(first).unwrap();
+                    copies += count;
+                }
+                Next::Wait { until_ns: Some(t) } => now = t,
+                Next::Flush => {
+                    p.on_flushed().unwrap().count();
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let secs = now as f64 / 1e9;
+        assert!((4.5..5.5).contains(&secs), "{secs} s for 200 KiB of data at 40 KiB/s");
+    }
+
+    #[test]
+    #[should_panic(expected = "gave back")]
+    fn giving_back_more_than_the_copy_took_is_a_bug() {
+        let mut p = plan(&[0], 64, 40960);
+        assert_eq!(p.poll_next(1_000_000_000), Next::Copy { first: 0, count: 1 });
+        p.on_sent_as_zeros(8192);
     }
 
     #[test]

@@ -43,7 +43,8 @@ use decide::CopyFacts;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum SyncState {
-    /// No exchange yet in this run.
+    /// No sync link: none yet in this run, or the last one ended (the peer is gone, or not
+    /// answering). Nothing is known about the peer's copy until the next exchange.
     #[default]
     Unknown,
     InSync,
@@ -155,6 +156,17 @@ impl SyncShared {
         let mut g = self.info.lock().unwrap_or_else(|p| p.into_inner());
         g.state = state;
         g.message = message;
+    }
+
+    /// The sync link ended: what the exchange found no longer holds (the peer may be gone, or
+    /// write alone from now on). A split brain or a refusal stands until the next exchange.
+    pub fn link_ended(&self, why: &str) {
+        self.update(|i| {
+            if !matches!(i.state, SyncState::SplitBrain | SyncState::Refused) {
+                i.state = SyncState::Unknown;
+                i.message = Some(why.to_string());
+            }
+        });
     }
 
     pub fn update(&self, f: impl FnOnce(&mut SyncInfo)) {

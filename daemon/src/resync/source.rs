@@ -9,6 +9,7 @@
 use std::collections::VecDeque;
 use std::io::BufReader;
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -91,6 +92,14 @@ fn sleep_unless_stopping(v: &VolumeShared, d: Duration) -> bool {
     !v.sync.stopping.load(Ordering::Acquire)
 }
 
+/// Waits up to `timeout` for the peer to close (or reset) an idle link; true if it did.
+fn peer_closed_within(s: &TcpStream, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
+    // SAFETY: one pollfd on the stack, valid for the call; the socket outlives it.
+    let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
+    n > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
 fn run(v: Arc<VolumeShared>, slot: Arc<Mutex<Option<TcpStream>>>) {
     let mut backoff = Backoff::default();
     let mut session = 0;
@@ -124,7 +133,7 @@ fn run(v: Arc<VolumeShared>, slot: Arc<Mutex<Option<TcpStream>>>) {
             Err(Ended::Failed(why)) => {
                 if !v.sync.stopping.load(Ordering::Acquire) {
                     tracing::warn!(volume = %v.config.name, "sync link ended: {why}");
-                    v.sync.update(|i| i.message = Some(why));
+                    v.sync.link_ended(&why);
                 }
                 backoff.link_ended(up_at.elapsed(), false)
             }
@@ -419,7 +428,7 @@ impl<'a> SyncLink<'a> {
                             v.intent.reset_touched(r);
                         }
                         in_flight.push_back(InFlight { region: first, range, acks_due: 0 });
-                        let sent = self.send_run(&plan, first, count)?;
+                        let sent = self.send_run(&mut plan, first, count)?;
                         in_flight.back_mut().expect("just pushed").acks_due = sent;
                     }
                     Next::Flush => {
@@ -469,7 +478,7 @@ impl<'a> SyncLink<'a> {
     /// Reads the run of `count` regions from `r` and sends it in frames of at most
     /// MAX_PAYLOAD, a piece that reads as zeros as a WRITE_ZEROES range (`zeros.rs`); returns
     /// the frames.
-    fn send_run(&mut self, plan: &CopyPlan, r: u64, count: u64) -> Result<u32, Ended> {
+    fn send_run(&mut self, plan: &mut CopyPlan, r: u64, count: u64) -> Result<u32, Ended> {
         let v = self.v;
         let (offset, len) = (plan.region_offset(r), plan.run_len(r, count));
         let mut done = 0u64;
@@ -486,6 +495,7 @@ impl<'a> SyncLink<'a> {
                 let f = Frame::write_zeroes(seq, v.epoch(), offset + done, n as u32);
                 write_frame(&mut self.s, &f, &[])?;
                 v.sync.bytes_resynced_as_zeros.fetch_add(n as u64, Ordering::Relaxed);
+                plan.on_sent_as_zeros(n as u64);
             } else {
                 let f = Frame::write(seq, v.epoch(), offset + done, &self.buf.as_slice()[..n], false);
                 write_frame(&mut self.s, &f, &self.buf.as_slice()[..n])?;
@@ -562,7 +572,11 @@ impl<'a> SyncLink<'a> {
                 self.verify()?;
                 continue;
             }
-            std::thread::sleep(IDLE_TICK);
+            // A tick, cut short when the peer closes the link (a killed peer's kernel does), so
+            // that status stops reading in-sync at once rather than at the next ping.
+            if peer_closed_within(&self.s, IDLE_TICK) {
+                return Err("the peer closed the sync link".to_string().into());
+            }
             if last_clean.elapsed() >= CLEAN_INTERVAL {
                 last_clean = Instant::now();
                 self.clean()?;

@@ -33,6 +33,7 @@ pub fn serve(v: Arc<VolumeShared>, mut s: TcpStream, sessions: &SessionTable) ->
         Ok(()) => "closed by the primary".to_string(),
         Err(e) => e,
     };
+    v.sync.link_ended(&format!("sync link ended: {why}"));
     v.sync.target_busy.store(false, Ordering::Release);
     why
 }
