@@ -323,29 +323,20 @@ mod tests {
     #[test]
     fn the_rate_limit_spaces_copies() {
         // 100 regions of 4 KiB at 40960 B/s: about 10 s.
-        let mut p = plan(&(0..100).collect::<Vec<_>>(), 100, 40960);
-        let mut now = 0u64;
-        let mut copies = 0;
-        while copies < 100 {
-            match p.poll_next(now) {
-                Next::Copy { first, count } => {
-                    p.on_acked(first).unwrap();
-                    copies += count;
-                }
-                Next::Wait { until_ns: Some(t) } => now = t,
-                Next::Flush => {
-                    p.on_flushed().unwrap().count();
-                }
-                other => panic!("{other:?}"),
-            }
-        }
-        let secs = now as f64 / 1e9;
+        let secs = rate_limited_secs(|_| false);
         assert!((9.0..11.0).contains(&secs), "{secs} s for 400 KiB at 40 KiB/s");
     }
 
     #[test]
     fn zero_ranges_are_given_back_to_the_rate_limit() {
-        // 100 regions of 4 KiB at 40960 B/s, every other one sent as zeros: about 5 s.
+        // Every other region sent as zeros: about 5 s.
+        let secs = rate_limited_secs(|r| r % 2 == 0);
+        assert!((4.5..5.5).contains(&secs), "{secs} s for 200 KiB of data at 40 KiB/s");
+    }
+
+    /// Copies 100 regions of 4 KiB, one per copy, at 40960 B/s with an instant peer; those
+    /// `as_zeros` picks go as zero ranges. Returns the seconds it took.
+    fn rate_limited_secs(as_zeros: impl Fn(u64) -> bool) -> f64 {
         let mut p = plan(&(0..100).collect::<Vec<_>>(), 100, 40960);
         p.run_regions_max = 1;
         let mut now = 0u64;
@@ -353,7 +344,7 @@ mod tests {
         while copies < 100 {
             match p.poll_next(now) {
                 Next::Copy { first, count } => {
-                    if first % 2 == 0 {
+                    if as_zeros(first) {
                         p.on_sent_as_zeros(p.run_len(first, count));
                     }
                     p.on_acked(first).unwrap();
@@ -366,8 +357,7 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
-        let secs = now as f64 / 1e9;
-        assert!((4.5..5.5).contains(&secs), "{secs} s for 200 KiB of data at 40 KiB/s");
+        now as f64 / 1e9
     }
 
     #[test]
