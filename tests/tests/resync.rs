@@ -103,14 +103,21 @@ fn resynced_bytes(p: &TestPrimary) -> u64 {
     p.vol.shared.sync.bytes_resynced.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-#[test]
-fn status_stops_reading_in_sync_on_both_nodes_once_the_other_is_gone() {
-    let p = pair("", "", None);
+/// Starts beta, opens alpha's engine in this process, and waits until they are in sync.
+fn start_in_sync(p: &Pair) -> (NodeProcess, TestPrimary) {
     let mut beta = NodeProcess::start(&p.beta);
     beta.wait_ready(Duration::from_secs(10));
     let (cfg, name) = volume_cfg(&p.alpha);
     let mut a = TestPrimary::open(&cfg, &name, 16, 1);
     a.wait_link(Duration::from_secs(20));
+    wait_in_sync(&mut a, &beta, LONG);
+    (beta, a)
+}
+
+#[test]
+fn status_stops_reading_in_sync_on_both_nodes_once_the_other_is_gone() {
+    let p = pair("", "", None);
+    let (mut beta, mut a) = start_in_sync(&p);
     a.write_random(50, 0, VOLUME, LONG);
     wait_in_sync(&mut a, &beta, LONG);
 
@@ -131,6 +138,47 @@ fn status_stops_reading_in_sync_on_both_nodes_once_the_other_is_gone() {
     wait_until(Duration::from_secs(10), "the secondary's sync state to leave in-sync", || {
         beta.status_json()["volumes"][0]["sync_state"] == "unknown"
     });
+    assert_identical(p.dir.path());
+}
+
+#[test]
+fn writes_just_before_the_peer_is_lost_resync_their_regions_not_their_extents() {
+    let p = pair("", "", None);
+    let (mut beta, mut a) = start_in_sync(&p);
+    let intent = a.vol.shared.intent.clone();
+    let extent = metroblk::bitmap::INTENT_EXTENT_BYTES;
+    wait_until(LONG, "the cleaner to clear every bit", || {
+        a.poll();
+        intent.on_disk_regions() == 0
+    });
+    // One 4 KiB write into each of 10 extents, linked and in sync: each sets its extent on disk
+    // in one metadata write; a second write into each extent costs none.
+    let deadline = Instant::now() + LONG;
+    let writes_before = intent.stats.metadata_writes.load(std::sync::atomic::Ordering::Relaxed);
+    for i in 0..10 {
+        a.submit_write(i * extent + 8192, 4096, 0x5a, deadline);
+        a.drain(deadline);
+    }
+    for i in 0..10 {
+        a.submit_write(i * extent + extent / 2, 4096, 0xa5, deadline);
+    }
+    a.drain(deadline);
+    let writes = intent.stats.metadata_writes.load(std::sync::atomic::Ordering::Relaxed) - writes_before;
+    assert!(writes <= 10, "{writes} metadata writes for 20 writes into 10 extents");
+    let dirty = intent.dirty_regions();
+    assert!(dirty <= 20, "{dirty} regions out of sync after writes to 20");
+    assert!(intent.on_disk_regions() >= dirty, "the bits on disk cover what is out of sync");
+    assert!(intent.on_disk_regions() >= 640 || dirty < 20, "the extents are on disk");
+
+    // The secondary dies and returns: only the regions written are copied, not the extents.
+    beta.kill9();
+    let before = resynced_bytes(&a);
+    let mut beta = NodeProcess::start(&p.beta);
+    beta.wait_ready(Duration::from_secs(10));
+    wait_in_sync(&mut a, &beta, LONG);
+    let copied = resynced_bytes(&a) - before;
+    assert!(copied <= dirty * REGION, "{copied} B copied for {dirty} regions out of sync");
+    a.flush(LONG);
     assert_identical(p.dir.path());
 }
 

@@ -10,7 +10,9 @@
 //! - **cold**: the bit goes into `pending`, the writer thread (`writer.rs`) is woken, and the
 //!   queue parks the request. The writer takes *every* pending bit, writes the changed bitmap
 //!   blocks, fdatasyncs once, then sets `durable` and wakes the queues: all the cold writes
-//!   that arrived meanwhile share one metadata write (group commit).
+//!   that arrived meanwhile share one metadata write (group commit). While the peer is in
+//!   sync, the other regions of the cold region's 4 MiB extent go into the same write
+//!   ([`INTENT_EXTENT_BYTES`]), and the cleaner clears an extent only when all of it is cold.
 //!
 //! Clearing races with marking. The writer thread alone decides a clear (asked for with
 //! [`WriteIntent::request_clear`]), with a Dekker-style pair of sequentially consistent
@@ -20,7 +22,13 @@
 //! sees the region touched and restores `durable` (the bit never left the disk). `touched` is
 //! reset only by the writer, after it judged the clears asked before the reset.
 //!
-//! # Out of sync
+//! # Out of sync, and on disk
+//! Two sets, as DRBD keeps an activity log beside its bitmap. `dirty` (memory) holds exactly
+//! the regions written and not yet known durable on both nodes: what status counts and a
+//! resync copies after a partition. The bits on disk (`durable`) hold those and the rest of
+//! their hot extents: what a restart after a crash must resync. The cleaner clears a cold
+//! region from `dirty` at once, and from the disk when its whole extent is cold.
+//!
 //! Every set bit marks a region that *may* differ between the nodes. Every exchange on a new
 //! sync link (after a peer restart, a partition, an operator's `resync`) copies every set
 //! region of either node, clearing bits as the target makes them durable. After a degraded
@@ -126,6 +134,17 @@ impl AtomicBits {
 /// like that sets at most this many bits more, cleared again by the cleaner once idle.
 pub const READAHEAD_REGIONS: u64 = 15;
 
+/// A write to a cold region while the peer is in sync also sets the other regions of its
+/// aligned *extent* of this many bytes (at most 64 regions: one word of bits), in the same
+/// metadata write. A random writer then pays one metadata write per extent it enters, not one
+/// per region (DRBD's activity log has 4 MiB extents for the same reason; md raid1 picks bitmap
+/// chunks of up to 64 MiB). The cost: a primary's crash resyncs whole active extents.
+pub const INTENT_EXTENT_BYTES: u64 = 4 << 20;
+/// Extents are set only while fewer bytes than this are set on disk: a writer spread over a
+/// whole large volume goes back to one bit per region, which bounds what a primary's crash
+/// resyncs beyond the regions really written.
+pub const INTENT_WIDEN_DIRTY_BYTES_MAX: u64 = 1 << 30;
+
 /// What `mark` tells the queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mark {
@@ -156,14 +175,24 @@ pub struct MetaState {
 pub struct WriteIntent {
     region_shift: u32,
     regions: u64,
-    /// Bits certainly on disk.
+    /// Regions per extent ([`INTENT_EXTENT_BYTES`]): a power of two, 1..=64.
+    extent_regions: u64,
+    /// Widening stops at this many bits on disk ([`INTENT_WIDEN_DIRTY_BYTES_MAX`]).
+    widen_dirty_regions_max: u64,
+    /// Bits set on disk after the writer's last round.
+    on_disk_count: AtomicU64,
+    /// Bits certainly on disk (whole extents, while widening).
     durable: AtomicBits,
-    /// Bits set on disk or about to be: a mirror of the writer's image, for status and resync.
+    /// Out of sync, exactly: the regions written (or found different) and not yet known
+    /// durable on both nodes, plus every bit on disk at start. In memory only; always within
+    /// the bits on disk once a write is issued. What status counts and a resync copies.
     dirty: AtomicBits,
     /// Sets the writer has not taken yet.
     pending: AtomicBits,
-    /// Clears the writer has not taken yet.
+    /// Clears, on disk and of `dirty`, the writer has not taken yet.
     to_clear: AtomicBits,
+    /// Clears of `dirty` only (the region's extent is still hot on disk) not taken yet.
+    to_clear_dirty: AtomicBits,
     /// Regions written since the last reset (by the cleaner, or by resync for one region).
     touched: AtomicBits,
     /// The regions' bits that were on disk when the node started: they may differ between the
@@ -214,13 +243,20 @@ impl WriteIntent {
         let any = dirty.count_ones() > 0;
         // A peer recorded outdated means this node went on alone before: keep doing so.
         let outdated_peer = sb.peer_disk_state == Some(DiskState::Outdated);
+        let on_disk_count = dirty.count_ones();
+        let extent_regions = (INTENT_EXTENT_BYTES / sb.region_size).clamp(1, 64);
+        assert!(extent_regions.is_power_of_two());
         WriteIntent {
             region_shift: sb.region_size.trailing_zeros(),
             regions,
+            extent_regions,
+            widen_dirty_regions_max: INTENT_WIDEN_DIRTY_BYTES_MAX / sb.region_size,
+            on_disk_count: AtomicU64::new(on_disk_count),
             durable,
             dirty,
             pending: AtomicBits::new(regions),
             to_clear: AtomicBits::new(regions),
+            to_clear_dirty: AtomicBits::new(regions),
             touched: AtomicBits::new(regions),
             resync_needed: AtomicBool::new(any || outdated_peer),
             link_losses: AtomicU64::new(0),
@@ -252,12 +288,13 @@ impl WriteIntent {
     }
 
     /// A write of `len > 0` bytes at `offset` is about to be issued: [`Self::mark`] its
-    /// regions, reading ahead of a sequential writer ([`READAHEAD_REGIONS`]).
+    /// regions, reading ahead of a sequential writer ([`READAHEAD_REGIONS`]) and, if the
+    /// queue's link to the peer is up, setting whole extents ([`INTENT_EXTENT_BYTES`]).
     #[inline]
-    pub fn mark_write(&self, offset: u64, len: u64) -> Mark {
+    pub fn mark_write(&self, offset: u64, len: u64, peer_linked: bool) -> Mark {
         let (first, last) = self.regions_of(offset, len);
         let enters = first < last || offset & (self.region_size() - 1) == 0;
-        let mark = self.mark(first, last);
+        let mark = self.mark_regions(first, last, peer_linked);
         if mark == Mark::Wait && enters && first > 0 && self.touched.get(first - 1) {
             // No write to these yet, so they are not touched: the cleaner clears them when
             // the writer does not come.
@@ -270,15 +307,25 @@ impl WriteIntent {
         mark
     }
 
-    /// A write to regions `first..=last` is about to be issued (see the module doc).
+    /// A write to regions `first..=last` is about to be issued (see the module doc); sets one
+    /// bit per region.
     #[inline]
     pub fn mark(&self, first: u64, last: u64) -> Mark {
+        self.mark_regions(first, last, false)
+    }
+
+    /// `widen`: a cold mark sets the regions' extents too, when [`Self::widening_allowed`].
+    #[inline]
+    fn mark_regions(&self, first: u64, last: u64, widen: bool) -> Mark {
         assert!(first <= last && last < self.regions, "regions {first}..={last} past the volume");
         let mut cold = false;
         for r in first..=last {
-            // Touched first, durable second: the order the clearing protocol relies on.
+            // Touched first, dirty and durable second: the order the clearing protocol relies on.
             if !self.touched.get(r) {
                 self.touched.set(r);
+            }
+            if !self.dirty.get(r) {
+                self.dirty.set(r);
             }
             if !self.durable.get(r) {
                 self.pending.set(r);
@@ -288,9 +335,60 @@ impl WriteIntent {
         if !cold {
             return Mark::Ready;
         }
+        if widen && self.widening_allowed() {
+            self.widen(first, last);
+        }
         self.stats.marks_cold.fetch_add(1, Ordering::Relaxed);
         self.wake_writer();
         Mark::Wait
+    }
+
+    /// Extents are set only while the peer is in sync (and linked: the caller knows): alone,
+    /// or with a resync to come, the bits are what the resync copies, and stay exact.
+    fn widening_allowed(&self) -> bool {
+        !self.is_alone()
+            && !self.resync_needed()
+            && self.on_disk_count.load(Ordering::Relaxed) < self.widen_dirty_regions_max
+    }
+
+    /// Sets `pending` for every region not yet durable in the extents of `first..=last`
+    /// (the cold path of [`Self::mark`]; the writer takes them with the request's own).
+    fn widen(&self, first: u64, last: u64) {
+        let n = self.extent_regions;
+        let mut start = first & !(n - 1);
+        while start <= last {
+            let w = (start / 64) as usize;
+            let mut mask = if n == 64 { !0u64 } else { ((1u64 << n) - 1) << (start % 64) };
+            if w == self.pending.words() - 1 && self.regions % 64 != 0 {
+                mask &= (1u64 << (self.regions % 64)) - 1; // padding bits past the volume
+            }
+            let missing = mask & !self.durable.word(w);
+            if missing != 0 {
+                self.pending.or_word(w, missing);
+            }
+            start += n;
+        }
+    }
+
+    /// Whether a region of `r`'s extent was written in this cleaning period: the cleaner
+    /// clears an extent's bits only together, so a hot extent stays hot.
+    pub fn extent_touched(&self, r: u64) -> bool {
+        assert!(r < self.regions);
+        let n = self.extent_regions;
+        let start = r & !(n - 1);
+        let mask = if n == 64 { !0u64 } else { ((1u64 << n) - 1) << (start % 64) };
+        self.touched.word((start / 64) as usize) & mask != 0
+    }
+
+    pub fn extent_regions(&self) -> u64 {
+        self.extent_regions
+    }
+
+    /// One bit per region, never an extent: for the tests of the rest of the rule.
+    #[cfg(test)]
+    pub fn without_extents(mut self) -> WriteIntent {
+        self.extent_regions = 1;
+        self
     }
 
     /// Whether every region's bit is durable (a parked request may go).
@@ -311,6 +409,12 @@ impl WriteIntent {
         self.to_clear.set(r);
     }
 
+    /// As [`Self::request_clear`], for `dirty` only: the bit stays on disk, so that the next
+    /// write to the region's hot extent costs no metadata write.
+    pub fn request_clear_dirty(&self, r: u64) {
+        self.to_clear_dirty.set(r);
+    }
+
     /// Asks the writer thread to reset every `touched` bit once it has handled the clears
     /// asked so far (the cleaner's next period starts then, never before a clear was judged).
     pub fn request_touched_reset(&self) {
@@ -321,12 +425,13 @@ impl WriteIntent {
     /// Whether the writer still has clears or a `touched` reset to handle.
     pub fn clears_pending(&self) -> bool {
         self.touched_reset_wanted.load(Ordering::SeqCst)
-            || (0..self.to_clear.words()).any(|w| self.to_clear.word(w) != 0)
+            || (0..self.to_clear.words()).any(|w| self.to_clear.word(w) != 0 || self.to_clear_dirty.word(w) != 0)
     }
 
     /// Marks region `r` dirty without a write (verify found it different): the writer makes
     /// the bit durable in its next round, and a resync copies the region.
     pub fn mark_out_of_sync(&self, r: u64) {
+        self.dirty.set(r);
         self.pending.set(r);
         self.wake_writer();
     }
@@ -348,13 +453,24 @@ impl WriteIntent {
         self.touched.get(r)
     }
 
-    /// Set regions (dirty: possibly different on the peer, or not yet cleared).
+    /// Out-of-sync regions: possibly different on the peer (see the field).
     pub fn dirty(&self) -> &AtomicBits {
         &self.dirty
     }
 
+    /// Bits certainly on disk: `dirty` and the rest of their hot extents.
+    pub fn on_disk(&self) -> &AtomicBits {
+        &self.durable
+    }
+
     pub fn dirty_regions(&self) -> u64 {
         self.dirty.count_ones()
+    }
+
+    /// Bits on disk after the writer's last round (at least `dirty_regions` once the writes
+    /// of those regions were issued).
+    pub fn on_disk_regions(&self) -> u64 {
+        self.on_disk_count.load(Ordering::Relaxed)
     }
 
     /// A data link was lost. What the peer acked but did not flush may be lost with it if the

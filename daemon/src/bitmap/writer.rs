@@ -56,6 +56,18 @@ impl WriteIntent {
     /// on disk.
     pub fn write_round(&self, image: &mut Image) -> Result<Round, MetadataError> {
         assert!(image.sets.is_empty() && image.changed.iter().all(|c| !c));
+        // Clears of `dirty` alone: no metadata I/O. Dirty off first, then the check (the
+        // Dekker pair of the module doc, with `dirty` in place of `durable`).
+        for w in 0..self.to_clear_dirty.words() {
+            let mut c = self.to_clear_dirty.take_word(w);
+            while c != 0 {
+                let r = w as u64 * 64 + c.trailing_zeros() as u64;
+                c &= c - 1;
+                if self.dirty.clear(r) && (self.touched.get(r) || self.pending.get(r)) {
+                    self.dirty.set(r);
+                }
+            }
+        }
         // Clears first, sets second: a region both cleared and set this round stays set.
         for w in 0..self.to_clear.words() {
             let mut c = self.to_clear.take_word(w);
@@ -63,13 +75,17 @@ impl WriteIntent {
                 let b = c.trailing_zeros() as u64;
                 c &= c - 1;
                 let r = w as u64 * 64 + b;
-                // Durable off first, then the check (the Dekker pair of the module doc).
+                // Durable and dirty off first, then the check (the Dekker pair of the module doc).
                 let was_durable = self.durable.clear(r);
+                let was_dirty = self.dirty.clear(r);
                 if !was_durable || self.touched.get(r) || self.pending.get(r) {
                     // Written since the clear was asked for (or a set is on its way): keep the
                     // bit; if it was durable it still is (the image never lost it).
                     if was_durable {
                         self.durable.set(r);
+                    }
+                    if was_dirty {
+                        self.dirty.set(r);
                     }
                     continue;
                 }
@@ -125,9 +141,8 @@ impl WriteIntent {
             self.stats.metadata_writes.fetch_add(1, Ordering::Relaxed);
             self.stats.blocks_written.fetch_add(round.blocks_written, Ordering::Relaxed);
         }
-        for w in 0..image.words.len() {
-            self.dirty.store_word(w, image.words[w]);
-        }
+        let ones = image.words.iter().map(|w| w.count_ones() as u64).sum();
+        self.on_disk_count.store(ones, Ordering::Relaxed);
         for (w, bits) in image.sets.drain(..) {
             self.durable.or_word(w, bits);
             round.released = true;
@@ -228,6 +243,7 @@ impl WriteIntent {
             self.dirty.store_word(w, 0);
             self.durable.store_word(w, 0);
         }
+        self.on_disk_count.store(0, Ordering::Relaxed);
         Ok(())
     }
 }

@@ -753,29 +753,44 @@ impl<'a> SyncLink<'a> {
         if v.intent.clears_pending() {
             return Ok(()); // the last period's clears are not judged yet
         }
-        if v.intent.resync_needed() || !self.data_links_up() || v.intent.dirty_regions() == 0 {
+        if v.intent.resync_needed() || !self.data_links_up() || v.intent.on_disk_regions() == 0 {
             v.intent.request_touched_reset();
             return Ok(());
         }
         let losses = v.intent.link_losses();
         let region = v.intent.region_size();
-        let candidates: Vec<u64> = v
-            .intent
-            .dirty()
-            .ones()
-            .filter(|&r| {
+        // Regions not written this period: out of sync no more once both nodes flushed. The
+        // bit on disk goes too when the region's whole extent is cold; in a hot extent it
+        // stays, so the next write there costs no metadata write.
+        let (mut clear, mut clear_dirty) = (Vec::new(), Vec::new());
+        let (dirty, on_disk) = (v.intent.dirty(), v.intent.on_disk());
+        for w in 0..dirty.words() {
+            let mut bits = dirty.word(w) | on_disk.word(w);
+            while bits != 0 {
+                let r = w as u64 * 64 + bits.trailing_zeros() as u64;
+                bits &= bits - 1;
                 let len = (v.config.size - r * region).min(region);
-                !v.intent.is_touched(r) && !v.conflicts.is_taken(v.conflicts.range(r * region, len))
-            })
-            .collect();
-        if candidates.is_empty() {
+                if v.intent.is_touched(r) || v.conflicts.is_taken(v.conflicts.range(r * region, len)) {
+                    continue;
+                }
+                if !v.intent.extent_touched(r) {
+                    clear.push(r);
+                } else if dirty.get(r) {
+                    clear_dirty.push(r);
+                }
+            }
+        }
+        if clear.is_empty() && clear_dirty.is_empty() {
             v.intent.request_touched_reset();
             return Ok(());
         }
         self.flush_both()?;
         if v.intent.link_losses() == losses && !v.intent.resync_needed() {
-            for r in candidates {
+            for r in clear {
                 v.intent.request_clear(r);
+            }
+            for r in clear_dirty {
+                v.intent.request_clear_dirty(r);
             }
         }
         v.intent.request_touched_reset();

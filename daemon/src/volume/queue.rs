@@ -411,7 +411,7 @@ impl Queue {
         if self.replicate
             && self.mark_intent
             && matches!(r.kind, ReqKind::Write | ReqKind::Discard | ReqKind::WriteZeroes)
-            && self.shared.intent.mark_write(r.offset, r.len as u64) == Mark::Wait
+            && self.shared.intent.mark_write(r.offset, r.len as u64, self.link.machine.is_up()) == Mark::Wait
         {
             QueueStats::add(&self.stats.intent_waits, 1);
             self.intent_waiting.push(tag);
