@@ -354,11 +354,9 @@ impl WriteIntent {
     /// Sets `pending` for every region not yet durable in the extents of `first..=last`
     /// (the cold path of [`Self::mark`]; the writer takes them with the request's own).
     fn widen(&self, first: u64, last: u64) {
-        let n = self.extent_regions;
-        let mut start = first & !(n - 1);
-        while start <= last {
-            let w = (start / 64) as usize;
-            let mut mask = if n == 64 { !0u64 } else { ((1u64 << n) - 1) << (start % 64) };
+        let mut r = first;
+        while r <= last {
+            let (w, mut mask) = self.extent_bits(r);
             if w == self.pending.words() - 1 && self.regions % 64 != 0 {
                 mask &= (1u64 << (self.regions % 64)) - 1; // padding bits past the volume
             }
@@ -366,18 +364,24 @@ impl WriteIntent {
             if missing != 0 {
                 self.pending.or_word(w, missing);
             }
-            start += n;
+            r = (r & !(self.extent_regions - 1)) + self.extent_regions;
         }
+    }
+
+    /// The word of region `r`'s extent and the extent's bits in it (an extent never spans
+    /// two words: `extent_regions` divides 64).
+    fn extent_bits(&self, r: u64) -> (usize, u64) {
+        let n = self.extent_regions;
+        let start = r & !(n - 1);
+        ((start / 64) as usize, if n == 64 { !0u64 } else { ((1u64 << n) - 1) << (start % 64) })
     }
 
     /// Whether a region of `r`'s extent was written in this cleaning period: the cleaner
     /// clears an extent's bits only together, so a hot extent stays hot.
     pub fn extent_touched(&self, r: u64) -> bool {
         assert!(r < self.regions);
-        let n = self.extent_regions;
-        let start = r & !(n - 1);
-        let mask = if n == 64 { !0u64 } else { ((1u64 << n) - 1) << (start % 64) };
-        self.touched.word((start / 64) as usize) & mask != 0
+        let (w, mask) = self.extent_bits(r);
+        self.touched.word(w) & mask != 0
     }
 
     pub fn extent_regions(&self) -> u64 {
