@@ -32,6 +32,10 @@ impl Submitter for Sink<'_> {
     fn push(&mut self, sqe: io_uring::squeue::Entry) {
         self.0.push(sqe)
     }
+
+    fn submit_now(&mut self) {
+        self.0.submit_now()
+    }
 }
 
 /// One ublk queue's engine.
@@ -71,6 +75,10 @@ impl QueueTarget for EngineQueue {
     fn complete(&mut self, sink: &mut dyn SqeSink, user_data: u64, res: i32, done: &mut dyn FnMut(u16, i32)) {
         debug_assert_ne!(user_data & UD_ENGINE, 0);
         self.queue.handle_completion(&mut Sink(sink), user_data, res, &mut |tag, r| done(tag, r));
+    }
+
+    fn end_batch(&mut self, sink: &mut dyn SqeSink, done: &mut dyn FnMut(u16, i32)) {
+        self.queue.end_batch(&mut Sink(sink), &mut |tag, r| done(tag, r));
     }
 }
 

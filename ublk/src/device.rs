@@ -659,6 +659,12 @@ impl SqeSink for RingSink<'_> {
             tracing::error!(qid = self.queue.get_qid(), "cannot queue a target SQE: {}", describe(&e));
         }
     }
+
+    fn submit_now(&mut self) {
+        if let Err(e) = libublk::with_task_io_ring_mut(|ring| ring.submit()) {
+            tracing::error!(qid = self.queue.get_qid(), "cannot submit the queued SQEs: {e}");
+        }
+    }
 }
 
 /// One queue's state on its thread.
@@ -706,6 +712,14 @@ impl QueueLoop<'_> {
     }
 }
 
+impl QueueLoop<'_> {
+    fn end_batch(&mut self, target: &mut dyn QueueTarget) {
+        let queue = self.queue;
+        let (bufs, cmds) = (self.bufs, &mut self.commands_in_kernel);
+        target.end_batch(&mut RingSink { queue }, &mut |tag, r| commit(queue, bufs, cmds, tag, r));
+    }
+}
+
 /// Completes request `tag` to the kernel (COMMIT_AND_FETCH, which also fetches the tag's next
 /// request). libublk queues nothing once the queue is stopping.
 fn commit(queue: &UblkQueue, bufs: &[IoBuf<u8>], commands_in_kernel: &mut u32, tag: u16, res: i32) {
@@ -741,6 +755,7 @@ fn queue_thread(dev: Arc<UblkDev>, qid: u16, target: Box<dyn QueueTarget>, tx: m
     target.start(&mut RingSink { queue: &queue });
     loop {
         let r = queue.flush_and_wake_io_tasks(|ud, cqe, _last| state.handle(&mut *target, ud, cqe.result()), 1);
+        state.end_batch(&mut *target);
         match r {
             Ok(_) if queue.is_stopping() && state.commands_in_kernel == 0 => break,
             Ok(_) => {}

@@ -37,6 +37,9 @@ pub struct BlockIo {
 /// stay valid until their completion has been delivered to [`QueueTarget::complete`].
 pub trait SqeSink {
     fn push(&mut self, sqe: squeue::Entry);
+    /// Hands what is queued to the kernel now, without waiting for any completion (an
+    /// `io_uring_enter` that only submits).
+    fn submit_now(&mut self);
 }
 
 /// A block target driven by one ublk queue thread. Every method runs on that thread.
@@ -54,4 +57,8 @@ pub trait QueueTarget: Send {
     fn start(&mut self, sink: &mut dyn SqeSink);
     fn submit(&mut self, sink: &mut dyn SqeSink, tag: u16, io: BlockIo) -> Result<(), i32>;
     fn complete(&mut self, sink: &mut dyn SqeSink, user_data: u64, res: i32, done: &mut dyn FnMut(u16, i32));
+    /// Called once after each batch of requests and completions, before the queue thread
+    /// waits for the next: for work the target deferred to do once per batch. Requests may
+    /// be reported done here too.
+    fn end_batch(&mut self, _sink: &mut dyn SqeSink, _done: &mut dyn FnMut(u16, i32)) {}
 }

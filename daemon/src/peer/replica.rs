@@ -29,7 +29,7 @@ use super::replica_state::{OnHeader, RecvNext, ReplicaCore};
 use super::sender::{FrameSender, PongSlot, SendItem};
 use super::sessions::LinkControl;
 use crate::config::IoMode;
-use crate::volume::local_io::{self, errno_text, AlignedBuf, LocalOp};
+use crate::volume::local_io::{self, errno_text, AlignedBuf, InlineWrite, InlineWriter, LocalOp};
 use crate::volume::stats::QueueStats;
 use crate::volume::VolumeShared;
 
@@ -75,6 +75,7 @@ struct Conn {
     /// How much of the in-flight receive goes to the current payload (iovec 0), if any.
     recv_payload_want: usize,
     recv_in_flight: bool,
+    inline_writer: InlineWriter,
     slots: Vec<RSlot>,
     sender: FrameSender,
     /// Slots whose ack is queued, with its frame number: freed once the ack is sent.
@@ -119,6 +120,7 @@ pub fn serve(v: Arc<VolumeShared>, peer: String, control: Arc<LinkControl>, stat
         recv_msg: Box::new(unsafe { std::mem::zeroed() }),
         recv_payload_want: 0,
         recv_in_flight: false,
+        inline_writer: InlineWriter::default(),
         slots: (0..REPLICA_SLOTS).map(|_| RSlot { buf: None, done: 0, ack: [0; HEADER_LEN] }).collect(),
         sender: FrameSender::new(REPLICA_SLOTS + 2),
         ack_fifo: VecDeque::with_capacity(REPLICA_SLOTS),
@@ -393,9 +395,10 @@ impl Conn {
     fn issue_local(&mut self, slot: u16) {
         let Some(f) = self.core.frame(slot) else { return };
         if f.kind == FrameKind::Write && !f.fua() && self.v.config.io_mode == IoMode::Buffered {
-            let res = self.write_inline(slot);
-            self.on_local(slot, res);
-            return;
+            match self.write_inline(slot) {
+                InlineWrite::Done(res) => return self.on_local(slot, res),
+                InlineWrite::WouldBlock { .. } => {} // the rest on the ring
+            }
         }
         let s = &self.slots[slot as usize];
         let (op, buf) = match f.kind {
@@ -409,23 +412,18 @@ impl Conn {
         self.push(sqe.user_data(UD_LOCAL | slot as u64));
     }
 
-    /// Writes slot's payload into the page cache on this thread: the rest of the frame's
-    /// bytes, or the errno. A buffered write is a copy into the page cache; io_uring makes
-    /// the same copy inline on file systems that support non-blocking buffered writes (ext4,
-    /// XFS), and on those that do not (tmpfs) hands each write to a worker thread: two thread
-    /// switches per write, about a tenth of a 4 KiB mirrored write's time in the test VM.
-    /// What may block here (dirty-page throttling) would hold the worker too, since io_uring
-    /// serialises buffered writes to one file; meanwhile TCP pushes back on the primary.
-    fn write_inline(&mut self, slot: u16) -> i32 {
-        let Some(f) = self.core.frame(slot) else { return -libc::EIO };
-        let s = &self.slots[slot as usize];
+    /// Writes the rest of slot's payload on this thread (`InlineWriter`: why): the bytes
+    /// written or the errno, or `WouldBlock` with the progress recorded in the slot.
+    fn write_inline(&mut self, slot: u16) -> InlineWrite {
+        let Some(f) = self.core.frame(slot) else { return InlineWrite::Done(-libc::EIO) };
+        let s = &mut self.slots[slot as usize];
         let buf = &s.buf.as_ref().expect("write slot has a buffer").as_slice()[..f.length as usize];
         let rest = &buf[s.done as usize..];
-        // std resumes short writes and retries EINTR; a write of nothing is an I/O error.
-        match std::os::unix::fs::FileExt::write_all_at(&self.v.file, rest, f.offset + s.done as u64) {
-            Ok(()) => rest.len() as i32,
-            Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+        let res = self.inline_writer.write(self.v.file.as_raw_fd(), rest, f.offset + s.done as u64);
+        if let InlineWrite::WouldBlock { written } = res {
+            s.done += written;
         }
+        res
     }
 
     /// Queues the ack (or error ack) of `slot`; the slot is freed once the ack is sent.

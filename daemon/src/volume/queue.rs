@@ -20,7 +20,7 @@ use io_uring::{opcode, types};
 use metroblk_protocol::{Frame, FrameKind, HEADER_LEN};
 
 use super::conflict::GranuleRange;
-use super::local_io::{self, errno_text, LocalOp};
+use super::local_io::{self, errno_text, InlineWrite, InlineWriter, LocalOp};
 use super::request::{Half, RequestState};
 use super::ring::{self, op, OwnRing, Submitter};
 use super::stats::{LinkState, QueueStats};
@@ -96,6 +96,12 @@ pub struct Queue {
     intent_waiting: Vec<u16>,
     /// Tags that arrived while the volume was fenced (`on_fence = "suspend"`), in order.
     fenced_waiting: Vec<u16>,
+    /// Buffered writes to make on this thread at the end of the batch (`end_batch`), in issue
+    /// order.
+    inline_writes: Vec<u16>,
+    /// Buffered non-FUA writes are made on the queue thread (`end_batch`), not on the ring.
+    write_inline: bool,
+    inline_writer: InlineWriter,
     /// Tags done on both nodes whose completion came after the fence fell (`suspend`): they
     /// complete once it is lifted by a new lease (see `hold_completion_while_fenced`).
     fenced_done: Vec<u16>,
@@ -161,6 +167,7 @@ impl Queue {
         shared.conflicts.register_queue(qid, handoff.eventfd());
         let stats = shared.queue_stats[qid as usize].clone();
         let replicate = shared.config.peer.is_some();
+        let write_inline = shared.config.io_mode == crate::config::IoMode::Buffered;
         stats.set_link(if replicate { LinkState::Connecting } else { LinkState::Standalone });
         Queue {
             qid,
@@ -172,6 +179,9 @@ impl Queue {
             intent_waiting: Vec::with_capacity(depth as usize),
             fenced_waiting: Vec::with_capacity(depth as usize),
             fenced_done: Vec::with_capacity(depth as usize),
+            inline_writes: Vec::with_capacity(depth as usize),
+            write_inline,
+            inline_writer: InlineWriter::default(),
             link: Link {
                 machine: LinkMachine::new(Instant::now(), PEER_TIMEOUT),
                 sock: None,
@@ -219,6 +229,12 @@ impl Queue {
     /// Requests whose peer half is held, waiting for a link.
     pub fn held(&self) -> usize {
         QueueStats::get(&self.stats.held) as usize
+    }
+
+    /// Requests not issued yet: waiting for an overlapping request, for their write-intent
+    /// bits, or for the fence to lift.
+    pub fn not_issued(&self) -> usize {
+        self.waiting.len() + self.intent_waiting.len() + self.fenced_waiting.len()
     }
 
     pub fn link_is_up(&self) -> bool {
@@ -491,7 +507,19 @@ impl Queue {
         }
     }
 
+    /// Issues request `tag`'s local I/O: a buffered write at the end of the batch, on this
+    /// thread (`end_batch`); the rest on the ring.
     fn issue_local(&mut self, s: &mut impl Submitter, tag: u16) {
+        let r = self.slots[tag as usize].req;
+        if self.write_inline && r.kind == ReqKind::Write && !r.fua {
+            assert!(self.inline_writes.len() < self.slots.len());
+            self.inline_writes.push(tag);
+            return;
+        }
+        self.issue_local_on_ring(s, tag);
+    }
+
+    fn issue_local_on_ring(&mut self, s: &mut impl Submitter, tag: u16) {
         let slot = &self.slots[tag as usize];
         let r = slot.req;
         let op = match r.kind {
@@ -552,6 +580,38 @@ impl Queue {
         {
             s.push(sqe);
         }
+    }
+
+    /// Makes the buffered writes issued in this batch on this thread (`InlineWriter`: why),
+    /// after their frames went out, so the peer writes its copy meanwhile. What would block
+    /// goes to the ring.
+    pub fn end_batch(&mut self, s: &mut impl Submitter, done: &mut impl FnMut(u16, i32)) {
+        let mut next = 0;
+        while next < self.inline_writes.len() {
+            if self.replicate {
+                s.submit_now();
+            }
+            let end = self.inline_writes.len();
+            for i in next..end {
+                let tag = self.inline_writes[i];
+                let slot = &self.slots[tag as usize];
+                assert!(slot.busy && slot.state.local == Half::Pending && slot.req.kind == ReqKind::Write);
+                let r = slot.req;
+                // SAFETY: the caller's buffer holds `len` initialised bytes until completion.
+                let data = unsafe { std::slice::from_raw_parts(r.buf, r.len as usize) };
+                let at = slot.local_done;
+                match self.inline_writer.write(self.fd, &data[at as usize..], r.offset + at as u64) {
+                    // May finish requests and start waiting ones, which append here.
+                    InlineWrite::Done(res) => self.local_done(s, tag, res, done),
+                    InlineWrite::WouldBlock { written } => {
+                        self.slots[tag as usize].local_done += written;
+                        self.issue_local_on_ring(s, tag);
+                    }
+                }
+            }
+            next = end;
+        }
+        self.inline_writes.clear();
     }
 
     /// Feeds one completion that carries the engine's mark (see `ring::UD_ENGINE`). Finished
@@ -940,7 +1000,17 @@ impl QueueDriver {
             finished += 1;
             done(tag, res)
         };
+        // The writes of requests submitted since the last poll; what they finished is
+        // reported without waiting.
+        let mut finished_inline = 0;
+        self.queue.end_batch(&mut self.ring, &mut |tag, res| {
+            finished_inline += 1;
+            count(tag, res)
+        });
         match timeout {
+            _ if finished_inline > 0 => {
+                self.ring.ring.submit()?;
+            }
             None => {
                 self.ring.ring.submit_and_wait(1)?;
             }
@@ -961,6 +1031,7 @@ impl QueueDriver {
             };
             self.queue.handle_completion(&mut self.ring, cqe.user_data(), cqe.result(), &mut count);
         }
+        self.queue.end_batch(&mut self.ring, &mut count);
         self.ring.ring.submit()?;
         Ok(finished)
     }

@@ -49,6 +49,8 @@ pub fn ud_aux(ud: u64) -> u16 {
 /// caller's request buffers; the engine keeps that memory alive until the completion arrives.
 pub trait Submitter {
     fn push(&mut self, sqe: squeue::Entry);
+    /// Hands what is queued to the kernel now, without waiting for a completion.
+    fn submit_now(&mut self);
 }
 
 /// A ring of the engine's own, for drivers without ublk (tests, benchmarks).
@@ -67,6 +69,12 @@ impl Submitter for OwnRing {
         // SAFETY: every entry the engine builds points at memory that stays valid and unmoved
         // until its completion is handled (slot buffers, boxed link state).
         unsafe { push_retrying(&mut self.ring, &sqe) }
+    }
+
+    fn submit_now(&mut self) {
+        if let Err(e) = self.ring.submit() {
+            tracing::error!("io_uring submit failed: {e}");
+        }
     }
 }
 
