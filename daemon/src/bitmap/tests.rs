@@ -245,6 +245,22 @@ fn out_of_sync_clears_per_region_and_the_bits_on_disk_with_their_extent() {
     assert_eq!(w.dirty_regions(), 0, "the clears reached {}", path.display());
 }
 
+/// A write marked before the writer's image is taken still gets its bit written: the image
+/// is what is on disk, not what is marked (a queue can mark before the writer thread runs).
+#[test]
+fn a_cold_mark_made_before_the_writer_starts_is_written_before_it_is_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let (w, path) = open(dir.path());
+    assert_eq!(w.mark(5, 5), Mark::Wait);
+    let mut image = Image::new(&w);
+    let round = w.write_round(&mut image).unwrap();
+    assert!(round.released && round.blocks_written == 1, "{round:?}");
+    assert!(w.is_durable(5, 5));
+    let bytes = std::fs::read(&path).unwrap();
+    // Region 5: byte 0 of the bitmap, bit 5.
+    assert_ne!(bytes[metadata::BITMAP_OFFSET as usize] & (1 << 5), 0, "bit 5 released but not on disk");
+}
+
 /// Writers mark random regions on four threads while a clearer resets and clears in cycles
 /// and the writer thread runs rounds: whenever a writer is told Ready (or its wait ends), the
 /// bit must be on disk. The disk is read back from the file after every round.
@@ -290,14 +306,28 @@ fn racing_clears(extents: bool) {
                 }
                 // "Issued" now: the bit must be on disk until this write is done.
                 assert!(on_disk(&path, r), "region {r} released without its bit on disk");
-                assert!(w.dirty().get(r), "region {r} written but not out of sync");
+                // A clear of `dirty` alone is the writer's half of a Dekker pair: it clears the
+                // bit, then restores it if the region was touched meanwhile, so the bit can read
+                // clear for an instant. It must come back within the writer's round.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                while !w.dirty().get(r) {
+                    assert!(std::time::Instant::now() < deadline, "region {r} written but not out of sync");
+                    std::thread::yield_now();
+                }
                 inflight[r as usize].fetch_sub(1, Ordering::SeqCst);
                 checked += 1;
+                // Spread over many of the clearer's cycles (on a fast machine 300 writes in a
+                // row end before its first clear).
+                std::thread::sleep(std::time::Duration::from_micros(x % 400));
             }
         }));
     }
+    // Taken after the writers started, as the writer thread may be: it must not take their
+    // marks for bits on disk.
     let mut image = Image::new(&w);
+    // Paced like the writers, so that clears are judged while they write.
     for cycle in 0..400 {
+        std::thread::sleep(std::time::Duration::from_micros(200));
         w.write_round(&mut image).unwrap();
         if cycle % 3 == 0 {
             w.request_touched_reset();
@@ -312,9 +342,6 @@ fn racing_clears(extents: bool) {
                     }
                 }
             }
-        }
-        if threads.iter().all(|t| t.is_finished()) {
-            break;
         }
     }
     stop.store(true, Ordering::Relaxed);

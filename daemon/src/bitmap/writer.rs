@@ -38,8 +38,11 @@ pub struct Image {
 }
 
 impl Image {
+    /// The image of what is on disk now: `durable`, which only the writer changes (a mark
+    /// sets `dirty` before its bit is on disk, so `dirty` would not do). Taken before the
+    /// writer's first round.
     pub fn new(intent: &WriteIntent) -> Image {
-        let words: Vec<u64> = (0..intent.dirty.words()).map(|w| intent.dirty.word(w)).collect();
+        let words: Vec<u64> = (0..intent.durable.words()).map(|w| intent.durable.word(w)).collect();
         let blocks = words.len().div_ceil(WORDS_PER_BLOCK).max(1);
         Image {
             sets: Vec::with_capacity(words.len()),
@@ -188,31 +191,30 @@ pub struct Writer {
 pub fn spawn(intent: Arc<WriteIntent>, volume: String, wake_queues: impl Fn() + Send + 'static) -> Writer {
     let stop = Arc::new(AtomicBool::new(false));
     let (s, i) = (stop.clone(), intent.clone());
+    // Here, not on the thread: queues may mark before the thread first runs.
+    let mut image = Image::new(&intent);
     let thread = std::thread::Builder::new()
         .name(format!("intent-{volume}"))
-        .spawn(move || {
-            let mut image = Image::new(&i);
-            loop {
-                let stopping = s.load(Ordering::Acquire);
-                match i.write_round(&mut image) {
-                    Ok(r) if r.released => wake_queues(),
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::error!(volume = %volume, "write-intent bitmap: {e}; writes to cold regions now fail");
-                        wake_queues();
-                        return;
-                    }
-                }
-                match i.record_alone(&volume) {
-                    Ok(true) => wake_queues(),
-                    Ok(false) => {}
-                    Err(e) => tracing::error!(volume = %volume, "cannot record going on alone: {e}; writes stay held"),
-                }
-                if stopping {
+        .spawn(move || loop {
+            let stopping = s.load(Ordering::Acquire);
+            match i.write_round(&mut image) {
+                Ok(r) if r.released => wake_queues(),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(volume = %volume, "write-intent bitmap: {e}; writes to cold regions now fail");
+                    wake_queues();
                     return;
                 }
-                std::thread::park_timeout(IDLE_WAIT);
             }
+            match i.record_alone(&volume) {
+                Ok(true) => wake_queues(),
+                Ok(false) => {}
+                Err(e) => tracing::error!(volume = %volume, "cannot record going on alone: {e}; writes stay held"),
+            }
+            if stopping {
+                return;
+            }
+            std::thread::park_timeout(IDLE_WAIT);
         })
         .expect("spawning the write-intent writer");
     intent.set_writer(thread.thread().clone());
