@@ -226,7 +226,17 @@ fn a_partition_healed_resyncs_only_the_regions_written_while_apart() {
     assert!(copied > 0, "nothing was resynced");
     assert!(copied <= dirty * REGION, "resynced {copied} B, more than the {dirty} dirty regions");
     assert!(copied < VOLUME / 4, "resynced {copied} B of a {VOLUME} B volume");
-    assert!(!a.vol.shared.intent.is_alone(), "still alone after the resync");
+    if a.vol.shared.intent.is_alone() {
+        let log = beta.log_text();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        panic!(
+            "still alone after the resync: primary {:?}, {} link losses, queue reconnects {}\nsecondary log (last lines first):\n{}",
+            a.vol.shared.sync.info(),
+            a.vol.shared.intent.link_losses(),
+            a.vol.shared.queue_stats[0].reconnects.load(std::sync::atomic::Ordering::Relaxed),
+            tail.join("\n")
+        );
+    }
     assert_identical(p.dir.path());
 }
 
