@@ -393,6 +393,19 @@ pub fn query_status(path: &PathBuf) -> Result<NodeStatus, String> {
 }
 
 /// The human-readable status table.
+/// What the table calls the regions marked in the bitmap. In sync (and not alone, no resync
+/// due) they are regions both nodes received but that the cleaner has not yet seen flushed on
+/// both (it clears them within 5–10 s; a `mkfs` discard marks the whole device): calling them
+/// "out of sync" next to "in-sync" reads as a contradiction. Otherwise they are what the next
+/// resync copies. The JSON keeps one field, `out_of_sync_bytes`, for both.
+fn marked_label(sync_state: crate::resync::SyncState, alone: bool, resync_pending: bool) -> &'static str {
+    if sync_state == crate::resync::SyncState::InSync && !alone && !resync_pending {
+        "awaiting flush on both nodes"
+    } else {
+        "out of sync"
+    }
+}
+
 pub fn render(s: &NodeStatus) -> String {
     let mut out = format!("node {}\n", s.node);
     for v in &s.volumes {
@@ -426,8 +439,9 @@ pub fn render(s: &NodeStatus) -> String {
             out += &format!("    last link error: {e}\n");
         }
         out += &format!(
-            "    sync {}  out of sync {} B ({} regions)  generation {}{}\n",
+            "    sync {}  {} {} B ({} regions)  generation {}{}\n",
             v.sync_state,
+            marked_label(v.sync_state, v.alone, v.resync_pending),
             v.out_of_sync_bytes,
             v.dirty_regions,
             v.generation,
@@ -478,4 +492,26 @@ pub fn render(s: &NodeStatus) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::marked_label;
+    use crate::resync::SyncState;
+
+    #[test]
+    fn marked_regions_are_out_of_sync_unless_in_sync_and_linked() {
+        assert_eq!(marked_label(SyncState::InSync, false, false), "awaiting flush on both nodes");
+        assert_eq!(marked_label(SyncState::InSync, true, false), "out of sync");
+        assert_eq!(marked_label(SyncState::InSync, false, true), "out of sync");
+        for state in [
+            SyncState::Unknown,
+            SyncState::SyncSource,
+            SyncState::SyncTarget,
+            SyncState::SplitBrain,
+            SyncState::Refused,
+        ] {
+            assert_eq!(marked_label(state, false, false), "out of sync", "{state}");
+        }
+    }
 }
