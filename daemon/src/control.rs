@@ -296,6 +296,7 @@ fn volume_command(r: &ControlRequest, volumes: &[VolumeHandle]) -> Result<String
             if h.role != Role::Primary {
                 return Err(format!("volume {name} is secondary here; run verify on the primary"));
             }
+            v.sync.verify_requests.fetch_add(1, Ordering::AcqRel);
             v.sync.verify_requested.store(true, Ordering::Release);
             Ok(format!("volume {name}: online verify requested"))
         }

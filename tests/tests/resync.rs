@@ -575,17 +575,24 @@ fn cli(args: &[&str], config: &Path) -> (bool, String) {
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
-#[test]
-fn an_operator_lets_a_holding_primary_go_on_alone_then_resyncs_and_verifies_from_the_cli() {
-    let p = pair("", "", None); // fencing = "hold", the default
+/// A pair with default configs, beta a process, alpha a `TestPrimary` serving its control
+/// socket (so the CLI can drive it), linked and in sync after `writes` random 4 KiB writes.
+fn in_sync_with_control(writes: u64) -> (Pair, NodeProcess, TestPrimary) {
+    let p = pair("", "", None);
     let mut beta = NodeProcess::start(&p.beta);
     beta.wait_ready(Duration::from_secs(10));
     let (cfg, name) = volume_cfg(&p.alpha);
     let mut a = TestPrimary::open(&cfg, &name, 16, 11);
     serve_control(&p.alpha, &a);
     a.wait_link(Duration::from_secs(20));
-    a.write_random(100, 0, VOLUME, LONG);
+    a.write_random(writes, 0, VOLUME, LONG);
     wait_in_sync(&mut a, &beta, LONG);
+    (p, beta, a)
+}
+
+#[test]
+fn an_operator_lets_a_holding_primary_go_on_alone_then_resyncs_and_verifies_from_the_cli() {
+    let (p, mut beta, mut a) = in_sync_with_control(100); // fencing = "hold", the default
 
     beta.kill9();
     let done_before = a.completed;
@@ -615,4 +622,45 @@ fn an_operator_lets_a_holding_primary_go_on_alone_then_resyncs_and_verifies_from
     assert!(!ok && text.contains("run resync --checksum on the primary"), "{text}");
     a.flush(LONG);
     assert_identical(p.dir.path());
+}
+
+/// Runs the CLI like `cli`, but fails the test if it has not returned within `limit`.
+fn cli_within(args: &[&str], config: &Path, limit: Duration) -> (bool, String) {
+    let mut child = Command::new(metroblk_bin())
+        .arg(args[0])
+        .arg("--config")
+        .arg(config)
+        .args(&args[1..])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > limit {
+            child.kill().unwrap();
+            let _ = child.wait();
+            panic!("`metroblk {}` did not return within {limit:?}", args.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn verify_from_the_cli_returns_when_the_whole_verify_runs_between_two_of_its_polls() {
+    // A small, almost empty volume: its verify takes less than the CLI's 200 ms poll, so the
+    // CLI never sees it running. It used to wait for that forever (CI hung here once).
+    let (p, _beta, a) = in_sync_with_control(20);
+    // Each run waits for a verify of its own: none takes the result of the one before.
+    let mut requests = Vec::new();
+    for _ in 0..3 {
+        let (ok, text) = cli_within(&["verify", "vol0"], &p.alpha, Duration::from_secs(30));
+        assert!(ok && text.contains("1024 regions checked, 0 differ"), "{text}");
+        let vi = a.vol.shared.sync.info().verify.expect("a verify result in status");
+        assert!(vi.done && !vi.failed);
+        requests.push(vi.request);
+    }
+    assert!(requests.windows(2).all(|w| w[0] < w[1]), "each verify answered a newer request: {requests:?}");
 }

@@ -115,23 +115,26 @@ pub fn resync(config: &Path, volume: &str, args: &ResyncArgs) -> Result<(), Stri
 /// marked dirty and resynced at once.
 pub fn verify(config: &Path, volume: &str) -> Result<u64, String> {
     let socket = socket_of(config)?;
+    // The request is taken at the sync link's next tick; a result from an earlier verify
+    // must not be taken for this one. Each verify records the request count it started at, so
+    // one that started after this count was read answers (one that starts between this read
+    // and the request below also does: it began a moment before the request). Waiting to see
+    // it running first, as before, hung for good when a small volume's verify ran start to
+    // finish between two polls.
+    let before = volume_status(&socket, volume)?.verify.map_or(0, |vi| vi.request);
     let req = ControlRequest { command: "verify".into(), volume: Some(volume.into()), ..Default::default() };
     control::request(&socket, &req)?;
-    // The request is taken at the sync link's next tick; a result from an earlier verify
-    // must not be taken for this one.
-    let mut started = false;
     loop {
         std::thread::sleep(Duration::from_millis(200));
         let v = volume_status(&socket, volume)?;
         match v.verify {
-            Some(vi) if !vi.done && !vi.failed => started = true,
-            Some(vi) if started && vi.failed => {
+            Some(vi) if vi.request > before && vi.failed => {
                 return Err(format!(
                     "volume {volume}: verify failed after {} regions (see the log)",
                     vi.regions_checked
                 ))
             }
-            Some(vi) if started && vi.done => {
+            Some(vi) if vi.request > before && vi.done => {
                 println!(
                     "volume {volume}: {} regions checked, {} differ{}",
                     vi.regions_checked,

@@ -85,6 +85,10 @@ pub struct SyncInfo {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VerifyInfo {
+    /// The value of `SyncShared::verify_requests` when this verify started: it answers every
+    /// request up to that number (requests made while one runs are served by the next).
+    #[serde(default)]
+    pub request: u64,
     pub regions_checked: u64,
     pub regions_differing: u64,
     pub done: bool,
@@ -128,6 +132,9 @@ pub struct SyncShared {
     requested: AtomicU8,
     /// `verify`: compare every region's hash with the peer's.
     pub verify_requested: AtomicBool,
+    /// `verify` requests so far; counted before `verify_requested` is set, so the verify that
+    /// takes the flag sees the count of the request that set it.
+    pub verify_requests: AtomicU64,
     /// `resync`: exchange again now (and resync what is dirty).
     pub restart: AtomicBool,
     /// Bytes per second; 0: unlimited. From the config, changed by `resync --rate`.

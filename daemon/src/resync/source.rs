@@ -594,7 +594,9 @@ impl<'a> SyncLink<'a> {
         let v = self.v;
         let name = v.config.name.clone();
         tracing::info!(volume = %name, "online verify starts");
-        v.sync.update(|i| i.verify = Some(VerifyInfo::default()));
+        // After the swap of `verify_requested` (acquire): at least the request that set it.
+        let request = v.sync.verify_requests.load(Ordering::Acquire);
+        v.sync.update(|i| i.verify = Some(VerifyInfo { request, ..VerifyInfo::default() }));
         let all: Vec<u64> = (0..v.intent.regions()).collect();
         let result = self.compare(&all, false);
         let differing = match result {
@@ -624,6 +626,7 @@ impl<'a> SyncLink<'a> {
         tracing::info!(volume = %name, differing = differing.len(), "online verify done");
         v.sync.update(|i| {
             i.verify = Some(VerifyInfo {
+                request,
                 regions_checked: all.len() as u64,
                 regions_differing: differing.len() as u64,
                 done: true,
