@@ -393,7 +393,6 @@ pub fn query_status(path: &PathBuf) -> Result<NodeStatus, String> {
     serde_json::from_value(v).map_err(|e| format!("bad answer from node: {e}"))
 }
 
-/// The human-readable status table.
 /// What the table calls the regions marked in the bitmap. In sync (and not alone, no resync
 /// due) they are regions both nodes received but that the cleaner has not yet seen flushed on
 /// both (it clears them within 5–10 s; a `mkfs` discard marks the whole device): calling them
@@ -407,6 +406,7 @@ fn marked_label(sync_state: crate::resync::SyncState, alone: bool, resync_pendin
     }
 }
 
+/// The human-readable status table.
 pub fn render(s: &NodeStatus) -> String {
     let mut out = format!("node {}\n", s.node);
     for v in &s.volumes {
