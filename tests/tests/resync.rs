@@ -500,10 +500,11 @@ fn a_replaced_disk_is_attached_and_resynced_in_full() {
     std::fs::File::create(&img).unwrap().set_len(VOLUME).unwrap();
     let text = attach(true);
     assert!(text.contains("inconsistent until a full resync"), "{text}");
+    // Read before the secondary starts: its resync may begin before `wait_ready` returns.
+    let before = resynced_bytes(&a);
     let mut beta = NodeProcess::start(&p.beta);
     beta.wait_ready(Duration::from_secs(10));
     assert!(attach(false).contains("is running"), "attach must refuse a running node");
-    let before = resynced_bytes(&a);
     wait_in_sync(&mut a, &beta, LONG);
     assert_eq!(resynced_bytes(&a) - before, VOLUME, "an attached disk is resynced in full");
     a.flush(LONG);
@@ -534,9 +535,11 @@ fn a_full_resync_sends_what_reads_as_zeros_as_ranges_and_leaves_the_secondary_sp
     std::fs::write(&img, vec![0xa5u8; VOLUME as usize]).unwrap();
     let (ok, text) = cli(&["attach", "vol0"], &p.beta);
     assert!(ok, "{text}");
+    // Read before the secondary starts: its resync may begin before `wait_ready` returns (CI
+    // once counted 59 of the 64 MiB when these were read after it).
+    let (before, zeros_before) = (resynced_bytes(&a), resynced_zero_bytes(&a));
     let mut beta = NodeProcess::start(&p.beta);
     beta.wait_ready(Duration::from_secs(10));
-    let (before, zeros_before) = (resynced_bytes(&a), resynced_zero_bytes(&a));
     wait_in_sync(&mut a, &beta, LONG);
     assert_eq!(resynced_bytes(&a) - before, VOLUME, "an attached disk is resynced in full");
     let zeros = resynced_zero_bytes(&a) - zeros_before;
