@@ -325,7 +325,7 @@ impl Drop for SecondaryProcess {
 /// `--secondary CONFIG`: serves the benchmark volume as its secondary until killed.
 fn run_secondary(config: &Path) -> ! {
     let cfg = NodeConfig::load(config).expect("secondary config");
-    let _sec = metroblk::node::start_secondary(&cfg.volumes[0], &cfg.name, &cfg.path).expect("secondary");
+    let _sec = metroblk::lifecycle::runner::start_secondary(&cfg.volumes[0], &cfg.name, &cfg.path).expect("secondary");
     loop {
         std::thread::park();
     }

@@ -155,7 +155,8 @@ fn main() {
     }
     let dirty_bytes = vol.shared.intent.dirty_regions() * REGION;
     let t0 = Instant::now();
-    let _sec = metroblk::node::start_secondary(&secondary.volumes[0], "s", &secondary.path).expect("secondary");
+    let _sec =
+        metroblk::lifecycle::runner::start_secondary(&secondary.volumes[0], "s", &secondary.path).expect("secondary");
     let t_dirty = wait_resynced(&vol, &mut drv, 0, dirty_bytes, t0);
     println!(
         "{}",

@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Role;
+use crate::lifecycle::runner::{SlotView, VolumeSlot};
 use crate::peer::connector::LinkHandoff;
 use crate::volume::stats::{LinkState, QueueStats};
 use crate::volume::VolumeShared;
@@ -23,7 +24,39 @@ pub const MAX_REQUEST: u64 = 64 << 10;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeStatus {
     pub node: String,
+    /// The volumes serving in a role.
     pub volumes: Vec<VolumeStatus>,
+    /// The volumes not serving now: opening, changing role, failed (with why) or stopping.
+    #[serde(default)]
+    pub not_serving: Vec<NotServing>,
+}
+
+/// A volume that serves in no role right now.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NotServing {
+    pub name: String,
+    /// `opening as primary`, `changing role from secondary to primary`, `failed`, `stopping`.
+    pub state: String,
+    pub error: Option<String>,
+}
+
+/// Every volume of the node, serving or not.
+pub fn node_status(node: &str, volumes: &[Arc<VolumeSlot>]) -> NodeStatus {
+    let mut s = NodeStatus { node: node.to_string(), volumes: Vec::new(), not_serving: Vec::new() };
+    for slot in volumes {
+        let (state, error) = match slot.view() {
+            SlotView::Serving(h) => {
+                s.volumes.push(volume_status(&h));
+                continue;
+            }
+            SlotView::Opening(r) => (format!("opening as {r}"), None),
+            SlotView::Changing { from, to: Some(to) } => (format!("changing role from {from} to {to}"), None),
+            SlotView::Changing { .. } | SlotView::Stopped => ("stopping".to_string(), None),
+            SlotView::Failed(why) => ("failed".to_string(), Some(why)),
+        };
+        s.not_serving.push(NotServing { name: slot.name.clone(), state, error });
+    }
+    s
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -231,13 +264,11 @@ pub struct ControlRequest {
 }
 
 /// `resync` and `resume-alone` on one volume; returns the answer's text.
-fn volume_command(r: &ControlRequest, volumes: &[VolumeHandle]) -> Result<String, String> {
+fn volume_command(r: &ControlRequest, volumes: &[Arc<VolumeSlot>]) -> Result<String, String> {
     use std::sync::atomic::Ordering;
     let name = r.volume.as_deref().ok_or("no volume named in the request")?;
-    let h = volumes
-        .iter()
-        .find(|h| h.shared.config.name == name)
-        .ok_or_else(|| format!("no volume '{name}' on this node"))?;
+    let slot = volumes.iter().find(|s| s.name == name).ok_or_else(|| format!("no volume '{name}' on this node"))?;
+    let h = slot.handle()?;
     let v = &h.shared;
     if v.config.peer.is_none() {
         return Err(format!("volume {name} is standalone: it has no peer"));
@@ -325,7 +356,7 @@ pub fn request(path: &Path, req: &ControlRequest) -> Result<serde_json::Value, S
 /// Serves the control socket on a background thread. A stale socket file from a crashed
 /// daemon is replaced; a live one (another daemon answering) is an error, and so is anything
 /// at that path that is not a socket: a mistyped path must never delete someone's file.
-pub fn serve(path: &Path, node: String, volumes: Arc<Vec<VolumeHandle>>) -> Result<(), String> {
+pub fn serve(path: &Path, node: String, volumes: Arc<Vec<Arc<VolumeSlot>>>) -> Result<(), String> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
         if !meta.file_type().is_socket() {
@@ -359,14 +390,11 @@ pub fn serve(path: &Path, node: String, volumes: Arc<Vec<VolumeHandle>>) -> Resu
     Ok(())
 }
 
-fn handle(conn: UnixStream, node: &str, volumes: &[VolumeHandle]) -> std::io::Result<()> {
+fn handle(conn: UnixStream, node: &str, volumes: &[Arc<VolumeSlot>]) -> std::io::Result<()> {
     let mut line = String::new();
     BufReader::new(std::io::Read::take(&conn, MAX_REQUEST)).read_line(&mut line)?;
     let reply = match serde_json::from_str::<ControlRequest>(&line) {
-        Ok(r) if r.command == "status" => {
-            let s = NodeStatus { node: node.to_string(), volumes: volumes.iter().map(volume_status).collect() };
-            serde_json::to_value(s).unwrap_or_default()
-        }
+        Ok(r) if r.command == "status" => serde_json::to_value(node_status(node, volumes)).unwrap_or_default(),
         Ok(r) => match volume_command(&r, volumes) {
             Ok(text) => serde_json::json!({ "ok": text }),
             Err(e) => serde_json::json!({ "error": e }),
@@ -490,6 +518,12 @@ pub fn render(s: &NodeStatus) -> String {
         }
         if v.out_of_sync_alert {
             out += &format!("    ALERT: out of sync, the peer has been missing for {} s\n", v.peer_missing_s);
+        }
+    }
+    for n in &s.not_serving {
+        out += &format!("  volume {}  {}\n", n.name, n.state.to_uppercase());
+        if let Some(e) = &n.error {
+            out += &format!("    error: {e}\n");
         }
     }
     out

@@ -16,6 +16,7 @@ pub mod control;
 pub mod demo;
 pub mod fencing;
 pub mod frontend;
+pub mod lifecycle;
 pub mod metadata;
 pub mod node;
 pub mod peer;

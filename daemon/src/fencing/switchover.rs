@@ -4,9 +4,9 @@
 //! 2. Park new I/O (it waits, never fails: `FenceShared::switching`) and wait until nothing
 //!    is in flight: every write the application saw complete is on both nodes.
 //! 3. Ask the witness (through the client thread) to hand the role to the peer: epoch + 1.
-//! 4. Answer the operator; the node then records its new role, deletes its device (I/O that
-//!    arrived during the switch fails: the volume now lives on the peer) and restarts as
-//!    secondary. The peer sees its primary leave, is confirmed primary by the witness (the
+//! 4. Answer the operator; the volume (alone: the node's other volumes are untouched) then
+//!    records its new role, deletes its device (I/O that arrived during the switch fails: the
+//!    volume now lives on the peer) and serves as secondary, in the running process. The peer sees its primary leave, is confirmed primary by the witness (the
 //!    handover already made it so) and starts serving.
 //!
 //! A refusal or a timeout before step 3 un-parks the I/O: nothing changed.
@@ -69,7 +69,7 @@ pub fn switchover(v: &VolumeShared) -> Result<String, String> {
             return match outcome {
                 Ok(epoch) => Ok(format!(
                     "volume {name}: handed over to {peer} in epoch {epoch} (drained in {} ms, witness answered in {} ms); \
-                     this node restarts as secondary and deletes its device",
+                     this node deletes its device and serves the volume as secondary",
                     drained.as_millis(),
                     asked.elapsed().as_millis()
                 )),
@@ -77,7 +77,7 @@ pub fn switchover(v: &VolumeShared) -> Result<String, String> {
             };
         }
         if asked.elapsed() > HANDOVER_WAIT_MAX {
-            // The request may still be granted later: then the node restarts as secondary.
+            // The request may still be granted later: then the volume becomes secondary.
             return Err(format!(
                 "volume {name}: no answer from the witness in {} ms; I/O stays parked until it answers (see status)",
                 HANDOVER_WAIT_MAX.as_millis()

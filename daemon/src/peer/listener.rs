@@ -19,8 +19,9 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use metroblk_protocol::{Handshake, HandshakeError, HelloInfo, Role};
@@ -45,8 +46,70 @@ pub const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Refused connections are logged at most once per this interval (plus a count).
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
+/// A running listener: accepts and serves the primary's links until [`Listener::stop`] (or
+/// drop), which ends every link it serves, so a volume can change role in the running process.
 pub struct Listener {
     pub local_addr: std::net::SocketAddr,
+    stopping: Arc<AtomicBool>,
+    /// The accept loop's socket (a second descriptor of it): shut down to wake `accept`.
+    socket: TcpListener,
+    sessions: Arc<SessionTable>,
+    /// The sync links being served (second descriptors, to shut them down on stop).
+    sync_links: Arc<Mutex<Vec<(u64, TcpStream)>>>,
+    /// The accept loop and every link thread still running: each holds the volume.
+    threads: Arc<AtomicUsize>,
+}
+
+/// Counts a listener thread while it runs.
+struct ThreadCount(Arc<AtomicUsize>);
+
+impl ThreadCount {
+    fn enter(count: &Arc<AtomicUsize>) -> ThreadCount {
+        count.fetch_add(1, Ordering::AcqRel);
+        ThreadCount(count.clone())
+    }
+}
+
+impl Drop for ThreadCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Listener {
+    /// Stops accepting, ends every link (data links are superseded: they apply nothing more
+    /// and drain their local writes; sync links are shut), and waits until every thread of
+    /// the listener has ended, or until `deadline`.
+    pub fn stop(&self, deadline: Instant) -> Result<(), String> {
+        self.stopping.store(true, Ordering::Release);
+        // SAFETY: a valid descriptor owned by `self.socket`; shutdown(2) on a listening
+        // socket wakes a blocked accept(2) with EINVAL on Linux.
+        unsafe { libc::shutdown(self.socket.as_raw_fd(), libc::SHUT_RDWR) };
+        for (_, s) in self.sync_links.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let drained = self.sessions.supersede_all(left);
+        while self.threads.load(Ordering::Acquire) > 0 {
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "{} listener threads still running after the deadline ({})",
+                    self.threads.load(Ordering::Acquire),
+                    drained.err().unwrap_or_else(|| "links drained".into())
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop(Instant::now() + crate::lifecycle::CLOSE_MAX) {
+            tracing::error!("stopping the listener on {}: {e}", self.local_addr);
+        }
+    }
 }
 
 /// Logs the first refusal of a kind, then at most one summary line per interval: a flood of
@@ -81,29 +144,56 @@ pub fn start(v: Arc<VolumeShared>) -> Result<Listener, String> {
     let local_addr = listener.local_addr().map_err(|e| e.to_string())?;
     tracing::info!(volume = %v.config.name, %local_addr, "secondary: waiting for the primary");
     v.queue_stats[0].set_link(LinkState::Connecting);
-    let links = Arc::new(AtomicU64::new(0));
-    let handshakes = Arc::new(AtomicUsize::new(0));
+    let socket = listener.try_clone().map_err(|e| format!("volume {}: {e}", v.config.name))?;
+    let stopping = Arc::new(AtomicBool::new(false));
+    let threads = Arc::new(AtomicUsize::new(0));
+    let sync_links = Arc::new(Mutex::new(Vec::new()));
     let sessions = Arc::new(SessionTable::default());
+    let shared = Accepting {
+        links: Arc::new(AtomicU64::new(0)),
+        handshakes: Arc::new(AtomicUsize::new(0)),
+        sessions: sessions.clone(),
+        stopping: stopping.clone(),
+        threads: threads.clone(),
+        sync_links: sync_links.clone(),
+        sync_link_ids: Arc::new(AtomicU64::new(0)),
+    };
+    let count = ThreadCount::enter(&threads);
     std::thread::Builder::new()
         .name(format!("listen-{}", v.config.name))
-        .spawn(move || accept_loop(v, listener, links, handshakes, sessions))
+        .spawn(move || {
+            let _count = count;
+            accept_loop(v, listener, shared)
+        })
         .map_err(|e| e.to_string())?;
-    Ok(Listener { local_addr })
+    Ok(Listener { local_addr, stopping, socket, sessions, sync_links, threads })
 }
 
-fn accept_loop(
-    v: Arc<VolumeShared>,
-    listener: TcpListener,
+/// What the accept loop shares with the link threads it starts.
+#[derive(Clone)]
+struct Accepting {
     links: Arc<AtomicU64>,
     handshakes: Arc<AtomicUsize>,
     sessions: Arc<SessionTable>,
-) {
+    stopping: Arc<AtomicBool>,
+    threads: Arc<AtomicUsize>,
+    sync_links: Arc<Mutex<Vec<(u64, TcpStream)>>>,
+    sync_link_ids: Arc<AtomicU64>,
+}
+
+fn accept_loop(v: Arc<VolumeShared>, listener: TcpListener, a: Accepting) {
     let name = v.config.name.clone();
+    let handshakes = a.handshakes.clone();
     let mut backoff = ACCEPT_BACKOFF_MIN;
     let mut not_allowed = RateLimitedLog { last: None, suppressed: 0 };
     let mut over_cap = RateLimitedLog { last: None, suppressed: 0 };
     loop {
-        let (stream, from) = match listener.accept() {
+        let accepted = listener.accept();
+        if a.stopping.load(Ordering::Acquire) {
+            tracing::info!(volume = %name, "secondary: no longer accepting links");
+            return;
+        }
+        let (stream, from) = match accepted {
             Ok(c) => {
                 backoff = ACCEPT_BACKOFF_MIN;
                 c
@@ -132,11 +222,14 @@ fn accept_loop(
             over_cap.log(&name, &format!("refused link from {from}: {HANDSHAKES_MAX} handshakes already in progress"));
             continue;
         }
-        let (v, links, hs, sessions) = (v.clone(), links.clone(), handshakes.clone(), sessions.clone());
-        let spawned = std::thread::Builder::new()
-            .name(format!("replica-{name}"))
-            .stack_size(LINK_THREAD_STACK)
-            .spawn(move || accept_one(v, stream, from, links, hs, &sessions));
+        let (v, a2) = (v.clone(), a.clone());
+        let count = ThreadCount::enter(&a.threads);
+        let spawned = std::thread::Builder::new().name(format!("replica-{name}")).stack_size(LINK_THREAD_STACK).spawn(
+            move || {
+                let _count = count;
+                accept_one(v, stream, from, &a2)
+            },
+        );
         if let Err(e) = spawned {
             // The closure (and the stream) is gone with the error; give the slot back.
             handshakes.fetch_sub(1, Ordering::AcqRel);
@@ -193,14 +286,8 @@ pub fn handshake_until(
     }
 }
 
-fn accept_one(
-    v: Arc<VolumeShared>,
-    mut stream: TcpStream,
-    from: SocketAddr,
-    links: Arc<AtomicU64>,
-    handshakes: Arc<AtomicUsize>,
-    sessions: &SessionTable,
-) {
+fn accept_one(v: Arc<VolumeShared>, mut stream: TcpStream, from: SocketAddr, a: &Accepting) {
+    let (links, handshakes, sessions) = (&a.links, &a.handshakes, &*a.sessions);
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let expected = v.config.peer.as_ref().map(|p| p.name.clone()).unwrap_or_default();
     let hs = Handshake::new(Role::Listener, local_hello(&v, 0, 0), &v.config.authkey, &expected);
@@ -217,9 +304,22 @@ fn accept_one(
     };
     let _ = stream.set_read_timeout(None);
     let _ = stream.set_write_timeout(None);
+    if a.stopping.load(Ordering::Acquire) {
+        return;
+    }
     if peer.queue == metroblk_protocol::SYNC_QUEUE {
         tracing::info!(volume = %v.config.name, peer = %peer.node_name, "sync link from primary up");
+        // Registered (a second descriptor) so that a stop can shut it; checked again after,
+        // so a stop that raced the registration still ends it.
+        let id = a.sync_link_ids.fetch_add(1, Ordering::Relaxed);
+        if let Ok(second) = stream.try_clone() {
+            a.sync_links.lock().unwrap_or_else(|p| p.into_inner()).push((id, second));
+        }
+        if a.stopping.load(Ordering::Acquire) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
         let why = crate::resync::target::serve(v.clone(), stream, sessions);
+        a.sync_links.lock().unwrap_or_else(|p| p.into_inner()).retain(|(i, _)| *i != id);
         tracing::info!(volume = %v.config.name, peer = %peer.node_name, "sync link from primary ended: {why}");
         return;
     }

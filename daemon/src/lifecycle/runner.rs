@@ -1,0 +1,657 @@
+//! The I/O around [`Lifecycle`]: one thread per volume executes its commands (open the
+//! volume's parts in a role, record a role change, close them) and feeds it the volume's
+//! witness client's role changes and the node's stop. What the control socket sees of the
+//! volume is its [`VolumeSlot`].
+//!
+//! A volume's parts in each role:
+//! - primary: its ublk device (added, or recovered after a crash; with a witness started only
+//!   once unfenced), the engine (queues, links dialled per queue, sync source, write-intent
+//!   writer) and its witness client;
+//! - secondary: the listener with the links it serves (data and sync) and its witness client.
+//!
+//! Closing a role ends every thread that holds the volume and then waits until the last
+//! reference to its shared state is gone, so the next role opens the metadata and backing
+//! file afresh, through the same code as any start: there is one way into each role.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use metroblk_ublk::{Device, QueueTarget};
+
+use super::{Change, Closing, Command, Lifecycle, Phase};
+use crate::config::{Fencing, Role, VolumeConfig, MAX_QUEUES, MAX_QUEUE_DEPTH};
+use crate::control::VolumeHandle;
+use crate::fencing::client::{FenceClient, RoleChange};
+use crate::fencing::NodeRole;
+use crate::frontend::{self, EngineQueue};
+use crate::peer::listener::{self, Listener};
+use crate::volume::stats::{LinkState, QueueStats};
+use crate::volume::{self, Volume, VolumeShared};
+
+/// How long a starting volume waits for the witness's record before it falls back to the
+/// role in its metadata.
+pub const START_QUERY_TIMEOUT: Duration = Duration::from_secs(3);
+/// A primary's in-flight I/O is given this long to drain (or fail) before its device is
+/// stopped when the role is lost.
+pub const ROLE_LOST_DRAIN_MAX: Duration = Duration::from_secs(3);
+
+/// What the control socket sees of one volume.
+pub struct VolumeSlot {
+    pub name: String,
+    view: Mutex<SlotView>,
+}
+
+/// One volume's state as `status` reports it.
+#[derive(Clone)]
+pub enum SlotView {
+    /// Opening in a role (waiting for the witness, a lease or the device).
+    Opening(Role),
+    Serving(Arc<VolumeHandle>),
+    /// Closing one role to open another (or to stop).
+    Changing {
+        from: Role,
+        to: Option<Role>,
+    },
+    /// Could not be opened, or its old role could not be released: serves nothing.
+    Failed(String),
+    Stopped,
+}
+
+impl VolumeSlot {
+    pub fn view(&self) -> SlotView {
+        self.view.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, view: SlotView) {
+        *self.view.lock().unwrap_or_else(|p| p.into_inner()) = view;
+    }
+
+    /// The volume's handle while it serves.
+    pub fn handle(&self) -> Result<Arc<VolumeHandle>, String> {
+        match self.view() {
+            SlotView::Serving(h) => Ok(h),
+            SlotView::Opening(r) => Err(format!("volume {} is still opening as {r}", self.name)),
+            SlotView::Changing { from, to: Some(to) } => {
+                Err(format!("volume {} is changing role from {from} to {to}; try again in a moment", self.name))
+            }
+            SlotView::Changing { .. } | SlotView::Stopped => Err(format!("volume {} is stopping", self.name)),
+            SlotView::Failed(why) => Err(format!("volume {} failed: {why}", self.name)),
+        }
+    }
+}
+
+enum Input {
+    Role(RoleChange),
+    Stop,
+}
+
+/// One volume's thread and the way to reach it.
+pub struct VolumeRunner {
+    pub slot: Arc<VolumeSlot>,
+    inputs: mpsc::Sender<Input>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Set once the first open got past its checks (or failed): what `node run` waits for
+    /// before it reports the node started.
+    pub settled: Arc<AtomicBool>,
+}
+
+/// Where the node's volumes come from.
+#[derive(Clone)]
+pub struct NodeIdentity {
+    pub name: String,
+    pub config_path: std::path::PathBuf,
+    /// The node is stopping: an open that waits (for a lease, the witness) gives up.
+    pub stopping: Arc<AtomicBool>,
+}
+
+impl VolumeRunner {
+    /// Starts the volume's thread: it decides the role at start and opens the volume in it.
+    pub fn spawn(cfg: VolumeConfig, node: NodeIdentity) -> Result<VolumeRunner, String> {
+        let slot = Arc::new(VolumeSlot { name: cfg.name.clone(), view: Mutex::new(SlotView::Opening(cfg.role)) });
+        let (inputs, rx) = mpsc::channel();
+        let settled = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (slot, inputs, settled) = (slot.clone(), inputs.clone(), settled.clone());
+            std::thread::Builder::new()
+                .name(format!("volume-{}", cfg.name))
+                .spawn(move || run(cfg, node, slot, inputs, rx, settled))
+                .map_err(|e| format!("cannot start the thread of a volume: {e}"))?
+        };
+        Ok(VolumeRunner { slot, inputs, thread: Some(thread), settled })
+    }
+
+    /// Asks the volume to stop (close its role and end its thread).
+    pub fn stop(&self) {
+        let _ = self.inputs.send(Input::Stop);
+    }
+
+    /// Waits for the volume's thread to end (after [`Self::stop`]).
+    pub fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A role's open parts.
+enum Parts {
+    Primary { primary: Box<Primary>, client: Option<FenceClient> },
+    Secondary { secondary: Secondary, client: Option<FenceClient> },
+}
+
+impl Parts {
+    fn shared(&self) -> &Arc<VolumeShared> {
+        match self {
+            Parts::Primary { primary, .. } => &primary.volume.shared,
+            Parts::Secondary { secondary, .. } => &secondary.shared,
+        }
+    }
+}
+
+fn run(
+    cfg: VolumeConfig,
+    node: NodeIdentity,
+    slot: Arc<VolumeSlot>,
+    inputs: mpsc::Sender<Input>,
+    rx: mpsc::Receiver<Input>,
+    settled: Arc<AtomicBool>,
+) {
+    let name = cfg.name.clone();
+    let role = match start_role(&cfg, &node.name, &node.config_path) {
+        Ok(r) => r,
+        Err(e) => {
+            slot.set(SlotView::Failed(e));
+            settled.store(true, Ordering::Release);
+            // Stays until the node stops, so `status` can say why.
+            while let Ok(input) = rx.recv() {
+                if matches!(input, Input::Stop) {
+                    break;
+                }
+            }
+            slot.set(SlotView::Stopped);
+            return;
+        }
+    };
+    let mut life = Lifecycle::new(role);
+    let mut parts: Option<Parts> = None;
+    let mut leaked: Vec<Weak<VolumeShared>> = Vec::new();
+    loop {
+        while let Some(command) = life.poll_command() {
+            match command {
+                Command::Open(role) => {
+                    slot.set(SlotView::Opening(role));
+                    let on_change = {
+                        let inputs = inputs.clone();
+                        move |c: RoleChange| {
+                            let _ = inputs.send(Input::Role(c));
+                        }
+                    };
+                    match open(&cfg, &node, role, on_change, &settled) {
+                        Ok(p) => {
+                            slot.set(SlotView::Serving(Arc::new(handle_of(&p, role))));
+                            parts = Some(p);
+                            life.handle_opened(Instant::now());
+                        }
+                        Err(e) => {
+                            if settled.load(Ordering::Acquire) {
+                                // Not the node's first open: nobody else reports it.
+                                tracing::error!(volume = %name, "cannot open as {role}: {e}");
+                            }
+                            slot.set(SlotView::Failed(e));
+                            life.handle_open_failed();
+                        }
+                    }
+                    settled.store(true, Ordering::Release);
+                }
+                Command::Record(change) => {
+                    if let Some(p) = &parts {
+                        record_role_change(p.shared(), change);
+                    }
+                }
+                Command::Close { role, how, deadline } => {
+                    let to = match life.phase() {
+                        Phase::Closing { then: super::Then::Open(r), .. } => Some(r),
+                        _ => None,
+                    };
+                    slot.set(SlotView::Changing { from: role, to });
+                    let p = parts.take().expect("a close comes only with open parts");
+                    match close(p, how, deadline) {
+                        Ok(()) => life.handle_closed(),
+                        Err((why, weak)) => {
+                            tracing::error!(volume = %name, "cannot release the {role} role: {why}; the volume serves nothing until the node restarts");
+                            leaked.extend(weak);
+                            slot.set(SlotView::Failed(format!("its {role} role could not be released: {why}")));
+                            life.handle_close_failed();
+                        }
+                    }
+                }
+            }
+        }
+        match life.phase() {
+            Phase::Stopped => {
+                slot.set(SlotView::Stopped);
+                return;
+            }
+            Phase::Failed | Phase::Serving(_) => {}
+            other => unreachable!("no command pending while {other:?}"),
+        }
+        let Ok(input) = rx.recv() else {
+            life.handle_stop(Instant::now());
+            continue;
+        };
+        match input {
+            Input::Stop => life.handle_stop(Instant::now()),
+            Input::Role(c) => {
+                let change = match c {
+                    RoleChange::Promoted { epoch, .. } => Change::Promoted { epoch },
+                    RoleChange::Deposed { epoch, .. } => Change::Deposed { epoch },
+                    RoleChange::Resigned { .. } => Change::Resigned,
+                    RoleChange::HandedOver { epoch, .. } => Change::HandedOver { epoch },
+                };
+                if !life.handle_role_change(Instant::now(), change) {
+                    tracing::info!(volume = %name, ?change, phase = ?life.phase(), "a stale role change: ignored");
+                }
+            }
+        }
+    }
+}
+
+fn handle_of(p: &Parts, role: Role) -> VolumeHandle {
+    match p {
+        Parts::Primary { primary, .. } => VolumeHandle {
+            shared: primary.volume.shared.clone(),
+            role,
+            handoffs: primary.volume.handoffs().to_vec(),
+            ublk_device: Some(primary.device.path().display().to_string()),
+        },
+        Parts::Secondary { secondary, .. } => {
+            VolumeHandle { shared: secondary.shared.clone(), role, handoffs: Vec::new(), ublk_device: None }
+        }
+    }
+}
+
+/// Opens the volume's parts in `role`, with its witness client.
+fn open(
+    cfg: &VolumeConfig,
+    node: &NodeIdentity,
+    role: Role,
+    on_change: impl Fn(RoleChange) + Send + 'static,
+    settled: &AtomicBool,
+) -> Result<Parts, String> {
+    match role {
+        Role::Secondary => {
+            let secondary = start_secondary(cfg, &node.name, &node.config_path)?;
+            let client = crate::fencing::client::spawn(secondary.shared.clone(), NodeRole::Secondary, on_change)?;
+            Ok(Parts::Secondary { secondary, client: Some(client) })
+        }
+        Role::Primary => {
+            let mut client = None;
+            let primary = start_primary(cfg, &node.name, &node.config_path, &node.stopping, |shared| {
+                if shared.config.peer.is_some() {
+                    client = Some(crate::fencing::client::spawn(shared.clone(), NodeRole::Primary, on_change)?);
+                }
+                // Past the checks: what follows waits for a lease or the peer.
+                settled.store(true, Ordering::Release);
+                Ok(())
+            })?;
+            Ok(Parts::Primary { primary: Box::new(primary), client })
+        }
+    }
+}
+
+/// Closes a role's parts and waits until nothing holds the volume any more. On failure,
+/// returns why and the volume that could not be released.
+fn close(parts: Parts, how: Closing, deadline: Instant) -> Result<(), (String, Option<Weak<VolumeShared>>)> {
+    let weak = Arc::downgrade(parts.shared());
+    match parts {
+        Parts::Primary { primary, client } => {
+            // The client first: no role change or lease renewal after this point.
+            drop(client);
+            match how {
+                Closing::RoleLost => stop_deposed_primary(*primary, deadline).map_err(|e| (e, None))?,
+                Closing::Shutdown => {
+                    if !shut_down_primary(*primary) {
+                        // Left for recovery: its threads serve until the process exits.
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        Parts::Secondary { secondary, client } => {
+            drop(client);
+            let Secondary { shared, listener } = secondary;
+            drop(shared);
+            if let Err(e) = listener.stop(deadline) {
+                return Err((e, Some(weak)));
+            }
+        }
+    }
+    wait_released(&weak, deadline).map_err(|e| (e, Some(weak)))
+}
+
+/// Waits until every thread let go of the volume (so the next role can open its files).
+fn wait_released(weak: &Weak<VolumeShared>, deadline: Instant) -> Result<(), String> {
+    while weak.strong_count() > 0 {
+        if Instant::now() >= deadline {
+            return Err(format!("{} references to the volume remain after the deadline", weak.strong_count()));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// A primary that lost its role (deposed, resigned, handed over): its queues fail what
+/// they held or parked (the fence is latched deposed); the device is deleted once the rest
+/// drained, or at the drain limit (what is still pending then fails): its page cache must
+/// never see the other site's data.
+fn stop_deposed_primary(p: Primary, deadline: Instant) -> Result<(), String> {
+    let v = p.volume.shared.clone();
+    let name = v.config.name.clone();
+    let drain_until = (Instant::now() + ROLE_LOST_DRAIN_MAX).min(deadline);
+    while v.queue_stats.iter().map(|q| QueueStats::get(&q.inflight)).sum::<u64>() > 0 && Instant::now() < drain_until {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(v);
+    tracing::warn!(volume = %name, device = %p.device.path().display(), "deleting the block device of a primary that lost its role (pending I/O fails)");
+    // STOP_DEV waits for the kernel's requests in flight, which the queues end (failed, as
+    // the fence is latched): bounded, but on a thread of its own so the deadline holds.
+    let Primary { device, volume } = p;
+    let (done, stopped) = mpsc::channel();
+    std::thread::Builder::new()
+        .name(format!("stop-{name}"))
+        .spawn(move || {
+            let r = device.stop().map_err(|e| e.to_string());
+            drop(volume);
+            let _ = done.send(r);
+        })
+        .map_err(|e| format!("cannot start a thread to stop the device: {e}"))?;
+    match stopped.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            // The device may be gone or not; the engine is closed either way.
+            tracing::error!(volume = %name, "{e}");
+            Ok(())
+        }
+        Err(_) => Err("the device did not stop before the deadline".into()),
+    }
+}
+
+/// Stops and deletes the primary's device at shutdown, except when that would hurt:
+/// - requests wait for the peer (held) or were parked while fenced: stopping would fail them
+///   (the driver ends what is left of a stopped device with errors), or wait for ever;
+/// - the device is in use (mounted, or held by device mapper, md, swap): deleting it would
+///   pull it from under its user.
+///
+/// Then the device is left in place, exactly as after `kill -9`: its I/O waits in the kernel
+/// and the next start recovers it (and reissues what was in flight). Returns whether the
+/// device was stopped (false: left for recovery; its threads run until the process exits).
+fn shut_down_primary(p: Primary) -> bool {
+    let name = p.volume.shared.config.name.clone();
+    let sum = |f: fn(&QueueStats) -> &std::sync::atomic::AtomicU64| -> u64 {
+        p.volume.shared.queue_stats.iter().map(|q| QueueStats::get(f(q))).sum()
+    };
+    let (held, parked) = (sum(|q| &q.held), sum(|q| &q.parked));
+    let why = if held > 0 || parked > 0 {
+        Some(format!(
+            "requests wait for peer {} ({held} held, {parked} parked while fenced or switching)",
+            p.volume.shared.config.peer.as_ref().map_or("-", |p| p.name.as_str())
+        ))
+    } else if p.device.in_use() {
+        Some("the device is in use (mounted or held open exclusively)".to_string())
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        tracing::warn!(
+            volume = %name,
+            device = %p.device.path().display(),
+            "{why}: leaving the device in place for the next start to recover"
+        );
+        p.device.abandon();
+        // The queue threads keep serving until the process exits; so does the engine.
+        std::mem::forget(p.volume);
+        return false;
+    }
+    let path = p.device.path();
+    match p.device.stop() {
+        Ok(()) => tracing::info!(volume = %name, device = %path.display(), "device stopped and deleted"),
+        Err(e) => tracing::error!(volume = %name, "{e}"),
+    }
+    drop(p.volume);
+    true
+}
+
+/// Records a role change in the volume's metadata before the old role closes.
+fn record_role_change(v: &VolumeShared, change: Change) {
+    let r = v.intent.update_superblock(|sb| match change {
+        Change::Promoted { epoch } => {
+            sb.epoch = sb.epoch.max(epoch);
+            sb.role = Some(Role::Primary);
+            // A new line of history: the old primary's writes after our last one are not in it.
+            sb.new_generation(uuid::Uuid::new_v4());
+            sb.peer_disk_state = Some(volume::disk::DiskState::Outdated);
+        }
+        Change::Deposed { epoch } => {
+            sb.epoch = sb.epoch.max(epoch);
+            sb.role = Some(Role::Secondary);
+            // The new primary has writes this copy lacks.
+            sb.disk_state = volume::disk::DiskState::Outdated;
+        }
+        Change::Resigned => {
+            sb.role = Some(Role::Secondary);
+            sb.disk_state = volume::disk::DiskState::Failed;
+        }
+        Change::HandedOver { epoch } => {
+            // Drained and in sync: this copy stays up to date.
+            sb.epoch = sb.epoch.max(epoch);
+            sb.role = Some(Role::Secondary);
+        }
+    });
+    match r {
+        Ok(sb) => {
+            tracing::info!(volume = %v.config.name, epoch = sb.epoch, role = ?sb.role, generation = %sb.generation, "role change recorded")
+        }
+        Err(e) => tracing::error!(volume = %v.config.name, "cannot record the role change: {e}"),
+    }
+}
+
+/// A secondary volume: its shared state and the listener serving the primary's links.
+pub struct Secondary {
+    pub shared: Arc<VolumeShared>,
+    pub listener: Listener,
+}
+
+/// Opens a volume as secondary: backing file, shared state, listener.
+pub fn start_secondary(cfg: &VolumeConfig, node_name: &str, config_path: &Path) -> Result<Secondary, String> {
+    let intent = volume::open_metadata(cfg, node_name, config_path).map_err(|e| e.to_string())?;
+    let file = volume::open_backing_file(cfg).map_err(|e| e.to_string())?;
+    let shared = Arc::new(VolumeShared {
+        config: cfg.clone(),
+        node_name: node_name.to_string(),
+        geometry: volume::geometry(cfg),
+        epoch: std::sync::atomic::AtomicU64::new(intent.superblock().epoch.max(1)),
+        fence: crate::fencing::shared::FenceShared::new(cfg),
+        file,
+        conflicts: volume::conflict::ConflictTable::new(cfg.size),
+        disk: volume::disk::DiskHealth::new(intent.superblock().disk_state),
+        intent,
+        sync: crate::resync::SyncShared::new(cfg.resync_rate_bps),
+        // One set of counters per primary queue's link; [0] also holds the link state.
+        queue_stats: (0..MAX_QUEUES).map(|_| Arc::new(QueueStats::default())).collect(),
+    });
+    if shared.intent.superblock().full_resync {
+        // `metroblk attach` after a disk failure: the next resync copies every region.
+        shared.sync.request(crate::resync::Requested { full: true, checksum: false });
+    }
+    if shared.fence.enabled {
+        delete_orphan_device(cfg, node_name)?;
+    }
+    let listener = listener::start(shared.clone())?;
+    Ok(Secondary { shared, listener })
+}
+
+/// A node that lost its primary role (killed, then replaced) may have left its device, its
+/// I/O queued in the kernel: delete it (see `metroblk_ublk::delete_orphan`).
+fn delete_orphan_device(cfg: &VolumeConfig, node_name: &str) -> Result<(), String> {
+    let id_file = crate::node::ublk_id_file(cfg);
+    let dev_id = if cfg.ublk_id >= 0 { cfg.ublk_id } else { crate::node::read_ublk_id(&id_file)?.unwrap_or(-1) };
+    if dev_id < 0 {
+        return Ok(());
+    }
+    let params = frontend::device_params(cfg, node_name, dev_id);
+    match metroblk_ublk::delete_orphan(&params) {
+        Ok(_) => Ok(()),
+        // Another program's device under that id: not ours to touch.
+        Err(metroblk_ublk::Error::NotOurs { .. }) => Ok(()),
+        Err(e) => {
+            tracing::warn!(volume = %cfg.name, "cannot delete the device a previous primary left: {e}");
+            Ok(())
+        }
+    }
+}
+
+/// A primary volume: its ublk device (first, so it is stopped before the engine goes) and
+/// its engine.
+pub struct Primary {
+    pub device: Device,
+    pub volume: Volume,
+}
+
+/// Opens a volume as primary and serves it as a ublk device: adds the device (or recovers
+/// the one a killed daemon left), opens the engine with as many queues as the device has,
+/// and starts one queue thread per queue driving the engine on libublk's ring.
+///
+/// `before_serving` runs once the engine exists and before the device serves; with a witness
+/// the device is started only once the fence is lifted (a lease, or the peer), so a restarted
+/// primary that may have been replaced serves nothing, not even the kernel's partition scan.
+pub fn start_primary(
+    cfg: &VolumeConfig,
+    node_name: &str,
+    config_path: &Path,
+    stopping: &AtomicBool,
+    before_serving: impl FnOnce(&Arc<VolumeShared>) -> Result<(), String>,
+) -> Result<Primary, String> {
+    let err = |e: &dyn std::fmt::Display| format!("volume {}: {e}", cfg.name);
+    // Before the device exists: a node without usable metadata serves nothing, and neither
+    // does one whose copy is not up to date.
+    let intent = volume::open_metadata(cfg, node_name, config_path).map_err(|e| e.to_string())?;
+    let disk_state = intent.superblock().disk_state;
+    if disk_state != volume::disk::DiskState::UpToDate {
+        return Err(format!(
+            "volume {}: this node's copy is {disk_state} ({}), so it cannot be the primary; start it as the \
+             secondary and let a resync from the peer finish",
+            cfg.name,
+            match disk_state {
+                volume::disk::DiskState::Inconsistent => "a resync to it did not finish",
+                volume::disk::DiskState::Failed => "its disk failed",
+                _ => "it misses writes the peer has",
+            }
+        ));
+    }
+    let id_file = crate::node::ublk_id_file(cfg);
+    let remembered = if cfg.ublk_id >= 0 { None } else { crate::node::read_ublk_id(&id_file)? };
+    let dev_id = if cfg.ublk_id >= 0 { cfg.ublk_id } else { remembered.unwrap_or(-1) };
+    let params = frontend::device_params(cfg, node_name, dev_id);
+    let device = match Device::open(&params) {
+        Ok(d) => d,
+        Err(metroblk_ublk::Error::NotOurs { dev_id }) if remembered.is_some() => {
+            tracing::warn!(
+                volume = %cfg.name,
+                "the remembered ublk id {dev_id} ({}) now belongs to another device; letting the driver pick a new one",
+                id_file.display()
+            );
+            let mut fresh = params.clone();
+            fresh.dev_id = -1;
+            Device::open(&fresh).map_err(|e| err(&e))?
+        }
+        Err(e) => return Err(err(&e)),
+    };
+    if cfg.ublk_id < 0 && remembered != Some(device.dev_id()) {
+        crate::node::write_ublk_id(&id_file, device.dev_id(), &cfg.name)?;
+    }
+    // A recovered device keeps the geometry it was created with; the engine's tables are
+    // bounded by the config limits.
+    if device.queues() > MAX_QUEUES || device.depth() > MAX_QUEUE_DEPTH {
+        return Err(err(&format!(
+            "{} has {} queues of depth {}, beyond the limits of {MAX_QUEUES} queues and depth {MAX_QUEUE_DEPTH}",
+            device.path().display(),
+            device.queues(),
+            device.depth()
+        )));
+    }
+    let volume = Volume::open_primary_with(cfg, node_name, device.queues(), intent).map_err(|e| e.to_string())?;
+    before_serving(&volume.shared)?;
+    wait_until_unfenced(&volume, stopping);
+    let mut device = device;
+    device
+        .start(|qid, depth| Box::new(EngineQueue::new(volume.queue(qid, depth))) as Box<dyn QueueTarget>)
+        .map_err(|e| err(&e))?;
+    tracing::info!(
+        volume = %cfg.name,
+        device = %device.path().display(),
+        recovered = device.is_recovery(),
+        "primary serving its block device"
+    );
+    Ok(Primary { device, volume })
+}
+
+/// The role a volume starts in. Without a witness, the config's. With one
+/// (`fencing = "witness"`), the witness's record if it answers at start, else the role the
+/// witness last gave this node (kept in the metadata), else the config's preferred role.
+pub fn start_role(cfg: &VolumeConfig, node_name: &str, config_path: &Path) -> Result<Role, String> {
+    let Some(w) = cfg.witness.as_ref().filter(|_| cfg.fencing == Fencing::Witness) else {
+        return Ok(cfg.role);
+    };
+    let metadata = volume::open_metadata(cfg, node_name, config_path).map_err(|e| e.to_string())?;
+    let sb = metadata.superblock();
+    let local = sb.role.unwrap_or(cfg.role);
+    let asked = crate::fencing::client::query_record(cfg, node_name, w, START_QUERY_TIMEOUT);
+    let role = match &asked {
+        Ok(Some(r)) if r.primary.as_deref() == Some(node_name) => Role::Primary,
+        Ok(Some(r)) if r.primary.is_some() => Role::Secondary,
+        // Nobody is primary (the last one resigned): wait as secondary to be promoted.
+        Ok(Some(_)) => Role::Secondary,
+        Ok(None) => local,
+        Err(e) => {
+            tracing::warn!(volume = %cfg.name, "the witness did not answer at start ({e}); starting as {local}, the role this node last held");
+            local
+        }
+    };
+    if role == Role::Primary && sb.disk_state != volume::disk::DiskState::UpToDate {
+        tracing::warn!(volume = %cfg.name, disk = %sb.disk_state, "this copy is not up to date: starting as secondary");
+        return Ok(Role::Secondary);
+    }
+    if let Ok(Some(r)) = &asked {
+        // The witness's epoch is the current one: a node coming back adopts it at once, so it
+        // refuses the deposed primary from the start and shows the epoch it serves in.
+        if role == Role::Secondary && r.epoch > sb.epoch {
+            metadata.update_superblock(|sb| sb.epoch = sb.epoch.max(r.epoch)).map_err(|e| e.to_string())?;
+        }
+    }
+    tracing::info!(volume = %cfg.name, %role, witness = ?asked.as_ref().ok().map(|r| r.as_ref().map(|r| (r.epoch, r.primary.clone()))), "role at start");
+    Ok(role)
+}
+
+/// With a witness: waits until this primary holds a lease or has its peer (see
+/// [`start_primary`]). A stop request ends the wait.
+fn wait_until_unfenced(volume: &Volume, stopping: &AtomicBool) {
+    let v = &volume.shared;
+    if !v.fence.enabled {
+        return;
+    }
+    let start = Instant::now();
+    let mut said = false;
+    while !stopping.load(Ordering::Acquire) && !v.fence.is_deposed() {
+        let peer = v.queue_stats.iter().all(|q| q.link() == LinkState::Connected);
+        if peer || v.fence.lease_valid(Instant::now()) {
+            return;
+        }
+        if !said && start.elapsed() > Duration::from_secs(1) {
+            tracing::warn!(volume = %v.config.name, "waiting for a lease from the witness or the peer before serving the block device");
+            said = true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
