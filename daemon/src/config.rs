@@ -116,6 +116,15 @@ struct RawConfig {
     node: RawNode,
     #[serde(default)]
     volume: Vec<RawVolume>,
+    #[serde(default)]
+    group: Vec<RawGroup>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGroup {
+    name: String,
+    volumes: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -207,6 +216,17 @@ pub struct NodeConfig {
     pub name: String,
     pub control_socket: PathBuf,
     pub volumes: Vec<VolumeConfig>,
+    /// Consistency groups (`[[group]]`); a volume in none is a group of one ([`Self::group_of`]).
+    pub groups: Vec<GroupConfig>,
+}
+
+/// A consistency group: volumes that share one witness record, epoch and lease and change role
+/// together (design: "group"). Each volume is in one group at most.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupConfig {
+    pub name: String,
+    /// Names of volumes of this node, in config order, at least one.
+    pub volumes: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -610,13 +630,75 @@ impl NodeConfig {
                 authkey,
             });
         }
+        let groups = check_groups(raw.group, &volumes).map_err(|(field, m)| err(&field, m))?;
         Ok(NodeConfig {
             path: path.to_path_buf(),
             name: raw.node.name,
             control_socket: resolve(path, &raw.node.control_socket),
             volumes,
+            groups,
         })
     }
+
+    /// The name of the group `volume` changes role with: its `[[group]]`'s, or, for a volume in
+    /// none, the volume's own (a group of one).
+    pub fn group_of(&self, volume: &str) -> String {
+        self.groups
+            .iter()
+            .find(|g| g.volumes.iter().any(|v| v == volume))
+            .map_or_else(|| volume.to_string(), |g| g.name.clone())
+    }
+}
+
+/// Validates the `[[group]]` tables against the node's volumes; an error is `(field, problem)`.
+fn check_groups(raw: Vec<RawGroup>, volumes: &[VolumeConfig]) -> Result<Vec<GroupConfig>, (String, String)> {
+    let mut groups: Vec<GroupConfig> = Vec::with_capacity(raw.len());
+    for (i, g) in raw.into_iter().enumerate() {
+        let f = |name: &str| format!("group[{i}].{name}");
+        let me = format!("group '{}'", g.name);
+        check_name(&g.name).map_err(|m| (f("name"), m))?;
+        if let Some(o) = groups.iter().position(|o| o.name == g.name) {
+            return Err((f("name"), format!("{me} is configured twice (as group[{o}] and group[{i}])")));
+        }
+        if g.volumes.is_empty() {
+            return Err((f("volumes"), format!("{me} has no volumes")));
+        }
+        for (k, v) in g.volumes.iter().enumerate() {
+            if !volumes.iter().any(|c| &c.name == v) {
+                return Err((f("volumes"), format!("{me} names volume '{v}', which is not configured on this node")));
+            }
+            if g.volumes[..k].contains(v) {
+                return Err((f("volumes"), format!("{me} names volume '{v}' twice")));
+            }
+            if let Some(o) = groups.iter().find(|o| o.volumes.contains(v)) {
+                return Err((
+                    f("volumes"),
+                    format!("volume '{v}' is in {me} and in group '{}' (a volume is in one group at most)", o.name),
+                ));
+            }
+        }
+        // Groups and the volumes outside any group (groups of one, named after the volume)
+        // share one namespace: the witness keeps one record per name, and `status` and the
+        // logs speak of groups by name. So a name must mean one set of volumes: a group named
+        // after a volume may hold that volume alone (the same as no group at all); holding any
+        // other volume, it would name two sets on this node or, where the peer's config groups
+        // differently, across the pair.
+        if let Some(v) = volumes.iter().find(|v| v.name == g.name) {
+            if g.volumes != [v.name.as_str()] {
+                return Err((
+                    f("name"),
+                    format!(
+                        "{me} has the name of volume '{}' but holds '{}'; a group named after a volume may \
+                         hold only that volume",
+                        v.name,
+                        g.volumes.join("', '")
+                    ),
+                ));
+            }
+        }
+        groups.push(GroupConfig { name: g.name, volumes: g.volumes });
+    }
+    Ok(groups)
 }
 
 /// `host:port` or `host` (port 9095); a name is resolved once, at start.
@@ -926,7 +1008,7 @@ authkey_file = "key"
     }
 
     /// A refusal: one line in the `FILE: FIELD: problem` form that names `field` and every one
-    /// of `names` (quoted, as the messages quote volumes).
+    /// of `names` (quoted, as the messages quote volumes and groups).
     fn refused(path: &Path, text: &str, field: &str, names: &[&str]) -> String {
         let e = NodeConfig::parse(path, text).unwrap_err().to_string();
         assert!(e.starts_with(&format!("{}: {field}: ", path.display())), "{e:?} should be about {field}");
@@ -1049,6 +1131,80 @@ authkey_file = "key"
         let e = refused(&path, &extras("", &derived), "volume[1].uuid", &["vol1", "vol0"]);
         assert!(e.ends_with("(derived from its name)"), "{e}");
         assert!(NodeConfig::parse(&path, &extras(same, "")).is_ok());
+    }
+
+    #[test]
+    fn groups_parse_and_name_the_group_of_each_volume() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let path = d.join("alpha.toml");
+        let vol2 = "[[volume]]\nname = \"vol2\"\nsize = \"64MiB\"\nbacking_file = \"vol2.img\"\n\
+                    metadata_file = \"vol2.meta\"\nlisten = \"127.0.0.1:7792\"\nrole = \"primary\"\n";
+        let with = |groups: &str| {
+            format!("{}{vol2}\n{groups}", two_volumes(d, "", "vol1.img", "vol1.meta", "127.0.0.1:7791", ""))
+        };
+        let c = NodeConfig::parse(&path, &with("")).unwrap();
+        assert!(c.groups.is_empty());
+        assert_eq!(c.group_of("vol0"), "vol0");
+        let c = NodeConfig::parse(&path, &with("[[group]]\nname = \"db\"\nvolumes = [\"vol0\", \"vol2\"]\n")).unwrap();
+        assert_eq!(c.groups, [GroupConfig { name: "db".into(), volumes: vec!["vol0".into(), "vol2".into()] }]);
+        assert_eq!(
+            (c.group_of("vol0"), c.group_of("vol1"), c.group_of("vol2")),
+            ("db".into(), "vol1".into(), "db".into())
+        );
+        // A group named after its only volume is the same as none.
+        let c = NodeConfig::parse(
+            &path,
+            &with("[[group]]\nname = \"vol1\"\nvolumes = [\"vol1\"]\n[[group]]\nname = \"db\"\nvolumes = [\"vol0\"]\n"),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.group_of("vol0"), c.group_of("vol1"), c.group_of("vol2")),
+            ("db".into(), "vol1".into(), "vol2".into())
+        );
+        let group = |name: &str, volumes: &str| format!("[[group]]\nname = \"{name}\"\nvolumes = [{volumes}]\n");
+        for (groups, field, names, want) in [
+            (
+                group("db", "\"vol0\", \"vol9\""),
+                "group[0].volumes",
+                ["db", "vol9"],
+                "which is not configured on this node",
+            ),
+            (group("db", ""), "group[0].volumes", ["db", "db"], "group 'db' has no volumes"),
+            (group("db", "\"vol0\", \"vol0\""), "group[0].volumes", ["db", "vol0"], "names volume 'vol0' twice"),
+            (
+                group("db", "\"vol0\"") + &group("web", "\"vol1\", \"vol0\""),
+                "group[1].volumes",
+                ["web", "db"],
+                "volume 'vol0' is in group 'web' and in group 'db'",
+            ),
+            (
+                group("db", "\"vol0\"") + &group("db", "\"vol1\""),
+                "group[1].name",
+                ["db", "db"],
+                "group 'db' is configured twice (as group[0] and group[1])",
+            ),
+            (
+                group("vol0", "\"vol1\""),
+                "group[0].name",
+                ["vol0", "vol1"],
+                "has the name of volume 'vol0' but holds 'vol1'",
+            ),
+            (
+                group("vol0", "\"vol0\", \"vol1\""),
+                "group[0].name",
+                ["vol0", "vol1"],
+                "but holds 'vol0', 'vol1'; a group named after a volume may hold only that volume",
+            ),
+            (group("a b", "\"vol0\""), "group[0].name", ["a b", "a b"], "may hold only letters"),
+        ] {
+            let e = refused(&path, &with(&groups), field, &names);
+            assert!(e.contains(want), "{e:?} should contain {want:?}");
+        }
+        let e = NodeConfig::parse(&path, &with("[[group]]\nname = \"db\"\nvolumes = [\"vol0\"]\nrole = \"primary\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `role`") && !e.contains('\n'), "{e}");
     }
 
     #[test]
