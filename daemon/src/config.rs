@@ -116,6 +116,15 @@ struct RawConfig {
     node: RawNode,
     #[serde(default)]
     volume: Vec<RawVolume>,
+    #[serde(default)]
+    group: Vec<RawGroup>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGroup {
+    name: String,
+    volumes: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -207,6 +216,17 @@ pub struct NodeConfig {
     pub name: String,
     pub control_socket: PathBuf,
     pub volumes: Vec<VolumeConfig>,
+    /// Consistency groups (`[[group]]`); a volume in none is a group of one ([`Self::group_of`]).
+    pub groups: Vec<GroupConfig>,
+}
+
+/// A consistency group: volumes that share one witness record, epoch and lease and change role
+/// together (design: "group"). Each volume is in one group at most.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupConfig {
+    pub name: String,
+    /// Names of volumes of this node, in config order, at least one.
+    pub volumes: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -352,6 +372,11 @@ pub enum Keys {
 /// configs name the same volume agree on its uuid without an extra field.
 const VOLUME_UUID_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6d65_7472_6f62_6c6b_0000_0000_0000_0001);
 
+/// The uuid of a volume whose config names none.
+fn derived_uuid(name: &str) -> uuid::Uuid {
+    uuid::Uuid::new_v5(&VOLUME_UUID_NAMESPACE, name.as_bytes())
+}
+
 impl NodeConfig {
     pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
         Self::load_with(path, Keys::Read)
@@ -390,6 +415,8 @@ impl NodeConfig {
             return Err(err("volume", "no [[volume]] is configured".into()));
         }
         let mut volumes = Vec::with_capacity(raw.volume.len());
+        // Each volume's (backing_file, metadata_file) identities, beside `volumes`.
+        let mut files: Vec<(FileIdentity, FileIdentity)> = Vec::with_capacity(raw.volume.len());
         for (i, v) in raw.volume.into_iter().enumerate() {
             let f = |name: &str| format!("volume[{i}].{name}");
             check_name(&v.name).map_err(|m| err(&f("name"), m))?;
@@ -400,7 +427,7 @@ impl NodeConfig {
                 Some(s) => {
                     uuid::Uuid::parse_str(s).map_err(|e| err(&f("uuid"), format!("'{s}' is not a uuid: {e}")))?
                 }
-                None => uuid::Uuid::new_v5(&VOLUME_UUID_NAMESPACE, v.name.as_bytes()),
+                None => derived_uuid(&v.name),
             };
             let block_size = v.block_size.unwrap_or(512);
             if block_size != 512 && block_size != 4096 {
@@ -516,24 +543,67 @@ impl NodeConfig {
             };
             let backing_file = resolve(path, &v.backing_file);
             let metadata_file = resolve(path, &v.metadata_file);
-            // Two volumes on one file or port would corrupt each other or fail to start.
-            for o in &volumes {
-                let clash = if o.backing_file == backing_file || o.metadata_file == backing_file {
-                    Some(("backing_file", backing_file.display().to_string()))
-                } else if o.metadata_file == metadata_file || o.backing_file == metadata_file {
-                    Some(("metadata_file", metadata_file.display().to_string()))
-                } else if o.listen == listen {
-                    Some(("listen", listen.to_string()))
-                } else {
-                    None
-                };
-                if let Some((field, what)) = clash {
-                    return Err(err(&f(field), format!("{what} is already used by volume '{}'", o.name)));
-                }
-            }
-            if backing_file == metadata_file {
+            let backing_id = FileIdentity::of(&backing_file);
+            let metadata_id = FileIdentity::of(&metadata_file);
+            if backing_id.same_file(&metadata_id) {
                 return Err(err(&f("metadata_file"), "is the same file as backing_file".into()));
             }
+            let ublk_id = v.ublk_id.unwrap_or(-1);
+            // Two volumes on one file, port, device id or uuid would corrupt each other, fail to
+            // start, or be taken for one another by the peer and the witness. Each clash names
+            // both volumes: the one being read (by its index, in the field) and the earlier one.
+            let me = format!("volume '{}'", v.name);
+            for (o, o_files) in volumes.iter().zip(&files) {
+                let mine =
+                    [("backing_file", &backing_file, &backing_id), ("metadata_file", &metadata_file, &metadata_id)];
+                let theirs =
+                    [("backing_file", &o.backing_file, &o_files.0), ("metadata_file", &o.metadata_file, &o_files.1)];
+                for (field, file, id) in mine {
+                    for (o_field, o_file, o_id) in theirs {
+                        if id.same_file(o_id) {
+                            return Err(err(
+                                &f(field),
+                                format!(
+                                    "{} of {me} is the same file as {}, the {o_field} of volume '{}'",
+                                    file.display(),
+                                    o_file.display(),
+                                    o.name
+                                ),
+                            ));
+                        }
+                    }
+                }
+                if listen_collides(listen, o.listen) {
+                    let why =
+                        if listen == o.listen { "" } else { " (a wildcard address takes its port on every address)" };
+                    return Err(err(
+                        &f("listen"),
+                        format!("{listen} of {me} collides with {}, the listen of volume '{}'{why}", o.listen, o.name),
+                    ));
+                }
+                // A negative id lets the driver pick (`node.rs`), so only explicit ids can clash.
+                if ublk_id >= 0 && o.ublk_id == ublk_id {
+                    return Err(err(
+                        &f("ublk_id"),
+                        format!(
+                            "{ublk_id} of {me} is already the ublk_id of volume '{}' (leave it unset or -1 to let \
+                             the driver pick)",
+                            o.name
+                        ),
+                    ));
+                }
+                // Derived uuids differ because names do; an explicit one can still repeat another
+                // volume's (explicit or derived), and the uuid is the volume's identity in the
+                // metadata, on the wire and at the witness.
+                if o.uuid == uuid {
+                    let derived = if o.uuid == derived_uuid(&o.name) { " (derived from its name)" } else { "" };
+                    return Err(err(
+                        &f("uuid"),
+                        format!("{uuid} of {me} is already the uuid of volume '{}'{derived}", o.name),
+                    ));
+                }
+            }
+            files.push((backing_id, metadata_id));
             volumes.push(VolumeConfig {
                 name: v.name,
                 uuid,
@@ -548,7 +618,7 @@ impl NodeConfig {
                 queues,
                 queue_affinity: v.queue_affinity.unwrap_or(QueueAffinity::SingleCpu),
                 depth,
-                ublk_id: v.ublk_id.unwrap_or(-1),
+                ublk_id,
                 fencing,
                 on_fence: v.on_fence.unwrap_or(OnFence::Suspend),
                 out_of_sync_alert: v
@@ -560,13 +630,75 @@ impl NodeConfig {
                 authkey,
             });
         }
+        let groups = check_groups(raw.group, &volumes).map_err(|(field, m)| err(&field, m))?;
         Ok(NodeConfig {
             path: path.to_path_buf(),
             name: raw.node.name,
             control_socket: resolve(path, &raw.node.control_socket),
             volumes,
+            groups,
         })
     }
+
+    /// The name of the group `volume` changes role with: its `[[group]]`'s, or, for a volume in
+    /// none, the volume's own (a group of one).
+    pub fn group_of(&self, volume: &str) -> String {
+        self.groups
+            .iter()
+            .find(|g| g.volumes.iter().any(|v| v == volume))
+            .map_or_else(|| volume.to_string(), |g| g.name.clone())
+    }
+}
+
+/// Validates the `[[group]]` tables against the node's volumes; an error is `(field, problem)`.
+fn check_groups(raw: Vec<RawGroup>, volumes: &[VolumeConfig]) -> Result<Vec<GroupConfig>, (String, String)> {
+    let mut groups: Vec<GroupConfig> = Vec::with_capacity(raw.len());
+    for (i, g) in raw.into_iter().enumerate() {
+        let f = |name: &str| format!("group[{i}].{name}");
+        let me = format!("group '{}'", g.name);
+        check_name(&g.name).map_err(|m| (f("name"), m))?;
+        if let Some(o) = groups.iter().position(|o| o.name == g.name) {
+            return Err((f("name"), format!("{me} is configured twice (as group[{o}] and group[{i}])")));
+        }
+        if g.volumes.is_empty() {
+            return Err((f("volumes"), format!("{me} has no volumes")));
+        }
+        for (k, v) in g.volumes.iter().enumerate() {
+            if !volumes.iter().any(|c| &c.name == v) {
+                return Err((f("volumes"), format!("{me} names volume '{v}', which is not configured on this node")));
+            }
+            if g.volumes[..k].contains(v) {
+                return Err((f("volumes"), format!("{me} names volume '{v}' twice")));
+            }
+            if let Some(o) = groups.iter().find(|o| o.volumes.contains(v)) {
+                return Err((
+                    f("volumes"),
+                    format!("volume '{v}' is in {me} and in group '{}' (a volume is in one group at most)", o.name),
+                ));
+            }
+        }
+        // Groups and the volumes outside any group (groups of one, named after the volume)
+        // share one namespace: the witness keeps one record per name, and `status` and the
+        // logs speak of groups by name. So a name must mean one set of volumes: a group named
+        // after a volume may hold that volume alone (the same as no group at all); holding any
+        // other volume, it would name two sets on this node or, where the peer's config groups
+        // differently, across the pair.
+        if let Some(v) = volumes.iter().find(|v| v.name == g.name) {
+            if g.volumes != [v.name.as_str()] {
+                return Err((
+                    f("name"),
+                    format!(
+                        "{me} has the name of volume '{}' but holds '{}'; a group named after a volume may \
+                         hold only that volume",
+                        v.name,
+                        g.volumes.join("', '")
+                    ),
+                ));
+            }
+        }
+        groups.push(GroupConfig { name: g.name, volumes: g.volumes });
+    }
+    Ok(groups)
 }
 
 /// `host:port` or `host` (port 9095); a name is resolved once, at start.
@@ -594,6 +726,92 @@ fn resolve(config: &Path, p: &Path) -> PathBuf {
     } else {
         config.parent().unwrap_or(Path::new(".")).join(p)
     }
+}
+
+/// Can two volumes' `listen` addresses not both be bound? On one port, equal addresses clash,
+/// and so does a wildcard with any address: `0.0.0.0:P` takes P on every IPv4 address and
+/// `[::]:P` on every IPv6 one and, dual-stack being Linux's default (`net.ipv6.bindv6only = 0`),
+/// on every IPv4 one too. We do not read that sysctl: the config must mean the same on every
+/// host, so any wildcard clashes with any address on its port. An IPv4-mapped IPv6 address
+/// (`[::ffff:10.0.0.1]`) is the IPv4 address it maps.
+fn listen_collides(a: SocketAddr, b: SocketAddr) -> bool {
+    let (ip_a, ip_b) = (a.ip().to_canonical(), b.ip().to_canonical());
+    a.port() == b.port() && (ip_a == ip_b || ip_a.is_unspecified() || ip_b.is_unspecified())
+}
+
+/// What makes two config paths one file, for refusing two volumes (or a volume's data and
+/// metadata) on one file: the path with every symlink resolved, and, where the file exists,
+/// its device and inode (a hard link has its own path), or for a block device the device it
+/// opens (two device nodes can name one disk).
+#[derive(Debug)]
+struct FileIdentity {
+    path: PathBuf,
+    inode: Option<(u64, u64)>,
+    block_device: Option<u64>,
+}
+
+impl FileIdentity {
+    fn of(p: &Path) -> FileIdentity {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let meta = std::fs::metadata(p).ok();
+        FileIdentity {
+            path: canonical_path(p),
+            inode: meta.as_ref().map(|m| (m.dev(), m.ino())),
+            block_device: meta.filter(|m| m.file_type().is_block_device()).map(|m| m.rdev()),
+        }
+    }
+
+    fn same_file(&self, other: &FileIdentity) -> bool {
+        let both = |a: Option<u64>, b: Option<u64>| a.is_some() && a == b;
+        self.path == other.path
+            || (self.inode.is_some() && self.inode == other.inode)
+            || both(self.block_device, other.block_device)
+    }
+}
+
+/// `p` with its longest existing prefix canonicalised (symlinks resolved, made absolute) and
+/// the rest, which does not exist yet (a backing or metadata file is created at first start),
+/// appended with `.` and `..` taken lexically. The prefix is resolved by the kernel rather than
+/// lexically because `link/..` is the parent of the link's target, not `.`. A dangling symlink
+/// is followed by hand: creating the file through it creates its target. A path that cannot be
+/// resolved at all (the cwd is gone) is taken lexically as a whole.
+fn canonical_path(p: &Path) -> PathBuf {
+    canonical_path_within(p, SYMLINK_HOPS_MAX)
+}
+
+/// As many dangling symlinks as Linux follows in one lookup before ELOOP.
+const SYMLINK_HOPS_MAX: u32 = 40;
+
+fn canonical_path_within(p: &Path, hops_left: u32) -> PathBuf {
+    use std::path::Component;
+    let parts: Vec<Component> = p.components().collect();
+    let lexical = |mut out: PathBuf, rest: &[Component]| {
+        for part in rest {
+            match part {
+                Component::CurDir => {}
+                Component::ParentDir if matches!(out.components().next_back(), Some(Component::Normal(_))) => {
+                    out.pop();
+                }
+                // `..` of the root is the root; of a relative path that cannot be resolved, kept.
+                Component::ParentDir if out.has_root() => {}
+                other => out.push(other),
+            }
+        }
+        out
+    };
+    for existing in (0..=parts.len()).rev() {
+        let prefix: PathBuf = parts[..existing].iter().collect();
+        let probe = if prefix.as_os_str().is_empty() { Path::new(".") } else { prefix.as_path() };
+        if let Ok(out) = std::fs::canonicalize(probe) {
+            return lexical(out, &parts[existing..]);
+        }
+        if let (Ok(target), true) = (std::fs::read_link(probe), hops_left > 0) {
+            let target = probe.parent().unwrap_or(Path::new("")).join(target);
+            let rest: PathBuf = parts[existing..].iter().collect();
+            return canonical_path_within(&target.join(rest), hops_left - 1);
+        }
+    }
+    lexical(PathBuf::new(), &parts)
 }
 
 fn check_name(name: &str) -> Result<(), String> {
@@ -779,35 +997,214 @@ authkey_file = "key"
         assert!(c.volumes[0].authkey.is_empty());
     }
 
-    #[test]
-    fn two_volumes_may_not_share_a_file_or_a_listen_address() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("alpha.toml");
-        let base = good(dir.path());
-        let second = |backing: &str, meta: &str, listen: &str| {
-            format!(
-                "{base}\n[[volume]]\nname = \"vol1\"\nsize = \"64MiB\"\nbacking_file = \"{backing}\"\n\
-                 metadata_file = \"{meta}\"\nlisten = \"{listen}\"\nrole = \"primary\"\n"
-            )
-        };
-        let ok = second("vol1.img", "vol1.meta", "127.0.0.1:7791");
-        assert_eq!(NodeConfig::parse(&path, &ok).unwrap().volumes.len(), 2);
-        for (text, want) in [
-            (second("vol0.img", "vol1.meta", "127.0.0.1:7791"), "volume[1].backing_file: "),
-            (second("vol1.img", "vol0.meta", "127.0.0.1:7791"), "volume[1].metadata_file: "),
-            (second("vol0.meta", "vol1.meta", "127.0.0.1:7791"), "volume[1].backing_file: "),
-            (
-                second("vol1.img", "vol1.meta", "127.0.0.1:7789"),
-                "volume[1].listen: 127.0.0.1:7789 is already used by volume 'vol0'",
-            ),
-            (
-                second("vol1.img", "vol1.img", "127.0.0.1:7791"),
-                "volume[1].metadata_file: is the same file as backing_file",
-            ),
-        ] {
-            let e = NodeConfig::parse(&path, &text).unwrap_err().to_string();
-            assert!(e.contains(want), "{e}");
+    /// `good` plus a standalone volume 'vol1' on the given files and listen address, with
+    /// `extra0` and `extra1` added to vol0's and vol1's tables.
+    fn two_volumes(dir: &Path, extra0: &str, backing: &str, meta: &str, listen: &str, extra1: &str) -> String {
+        let base = good(dir).replace("role = \"primary\"", &format!("role = \"primary\"\n{extra0}"));
+        format!(
+            "{base}\n[[volume]]\nname = \"vol1\"\nsize = \"64MiB\"\nbacking_file = \"{backing}\"\n\
+             metadata_file = \"{meta}\"\nlisten = \"{listen}\"\nrole = \"primary\"\n{extra1}\n"
+        )
+    }
+
+    /// A refusal: one line in the `FILE: FIELD: problem` form that names `field` and every one
+    /// of `names` (quoted, as the messages quote volumes and groups).
+    fn refused(path: &Path, text: &str, field: &str, names: &[&str]) -> String {
+        let e = NodeConfig::parse(path, text).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{}: {field}: ", path.display())), "{e:?} should be about {field}");
+        for name in names {
+            assert!(e.contains(&format!("'{name}'")), "{e:?} should name '{name}'");
         }
+        assert!(!e.contains('\n'), "one line: {e:?}");
+        e
+    }
+
+    #[test]
+    fn two_volumes_may_not_share_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let path = d.join("alpha.toml");
+        let vol1 = |backing: &str, meta: &str| two_volumes(d, "", backing, meta, "127.0.0.1:7791", "");
+        assert_eq!(NodeConfig::parse(&path, &vol1("vol1.img", "vol1.meta")).unwrap().volumes.len(), 2);
+        let show = |name: &str| d.join(name).display().to_string();
+        let e = refused(&path, &vol1("vol0.img", "vol1.meta"), "volume[1].backing_file", &["vol1", "vol0"]);
+        assert!(e.ends_with(&format!("is the same file as {}, the backing_file of volume 'vol0'", show("vol0.img"))));
+        let e = refused(&path, &vol1("vol0.meta", "vol1.meta"), "volume[1].backing_file", &["vol1", "vol0"]);
+        assert!(e.contains("the metadata_file of volume 'vol0'"), "{e}");
+        let e = refused(&path, &vol1("vol1.img", "vol0.meta"), "volume[1].metadata_file", &["vol1", "vol0"]);
+        assert!(e.contains("the metadata_file of volume 'vol0'"), "{e}");
+        let e = refused(&path, &vol1("vol1.img", "vol0.img"), "volume[1].metadata_file", &["vol1", "vol0"]);
+        assert!(e.contains("the backing_file of volume 'vol0'"), "{e}");
+        // None of the files exists yet: `.` and `..` are taken lexically, and a directory on
+        // the way is canonicalised (here a symlink to the config's own directory).
+        std::fs::create_dir(d.join("sub")).unwrap();
+        std::os::unix::fs::symlink(d, d.join("here")).unwrap();
+        for alias in ["./vol0.img", "sub/../vol0.img", "sub/./../vol0.img", "here/vol0.img", "nodir/../vol0.img"] {
+            refused(&path, &vol1(alias, "vol1.meta"), "volume[1].backing_file", &["vol1", "vol0"]);
+        }
+        let absolute = show("sub/../vol0.meta");
+        refused(&path, &vol1(&absolute, "vol1.meta"), "volume[1].backing_file", &["vol1", "vol0"]);
+        // A symlink to a file that does not exist yet: creating one creates the other.
+        std::os::unix::fs::symlink("vol0.meta", d.join("dangling")).unwrap();
+        refused(&path, &vol1("vol1.img", "dangling"), "volume[1].metadata_file", &["vol1", "vol0"]);
+        // Files that exist: a symlink, a hard link, `..` after a symlinked directory (which is
+        // the parent of the link's target, not the link's own directory).
+        std::fs::write(d.join("vol0.img"), b"").unwrap();
+        std::fs::write(d.join("vol0.meta"), b"").unwrap();
+        std::os::unix::fs::symlink(d.join("vol0.img"), d.join("link.img")).unwrap();
+        std::fs::hard_link(d.join("vol0.meta"), d.join("hard.meta")).unwrap();
+        std::fs::create_dir_all(d.join("a/b")).unwrap();
+        std::os::unix::fs::symlink(d.join("a/b"), d.join("sub/to-b")).unwrap();
+        std::fs::write(d.join("a/x.img"), b"").unwrap();
+        refused(&path, &vol1("link.img", "vol1.meta"), "volume[1].backing_file", &["vol1", "vol0"]);
+        refused(&path, &vol1("vol1.img", "hard.meta"), "volume[1].metadata_file", &["vol1", "vol0"]);
+        refused(&path, &vol1("hard.meta", "vol1.meta"), "volume[1].backing_file", &["vol1", "vol0"]);
+        let clash = format!("{}\n", vol1("a/x.img", "vol1.meta"))
+            + "[[volume]]\nname = \"vol2\"\nsize = \"64MiB\"\nbacking_file = \"sub/to-b/../x.img\"\n\
+               metadata_file = \"vol2.meta\"\nlisten = \"127.0.0.1:7792\"\nrole = \"primary\"\n";
+        refused(&path, &clash, "volume[2].backing_file", &["vol2", "vol1"]);
+        // `sub/to-b/../vol1.img` is `a/vol1.img`, not `sub/vol1.img`.
+        assert!(NodeConfig::parse(&path, &vol1("sub/to-b/../vol1.img", "sub/vol1.img")).is_ok());
+        // One volume's own data and metadata, by path or through a link.
+        let e = NodeConfig::parse(&path, &vol1("vol1.img", "vol1.img")).unwrap_err().to_string();
+        assert!(e.contains("volume[1].metadata_file: is the same file as backing_file"), "{e}");
+        let e = NodeConfig::parse(&path, &vol1("link.img", "vol0.img")).unwrap_err().to_string();
+        assert!(e.contains("volume[1].metadata_file: is the same file as backing_file"), "{e}");
+    }
+
+    #[test]
+    fn two_volumes_may_not_share_a_listen_port_on_colliding_addresses() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let path = d.join("alpha.toml");
+        let listens =
+            |l0: &str, l1: &str| two_volumes(d, "", "vol1.img", "vol1.meta", l1, "").replacen("127.0.0.1:7789", l0, 1);
+        for (l0, l1) in [
+            ("127.0.0.1:7789", "127.0.0.1:7789"),
+            ("0.0.0.0:7789", "127.0.0.1:7789"),
+            ("127.0.0.1:7789", "0.0.0.0:7789"),
+            ("0.0.0.0:7789", "0.0.0.0:7789"),
+            // Dual-stack: `[::]` takes the port on IPv4 addresses too.
+            ("[::]:7789", "10.0.0.1:7789"),
+            ("10.0.0.1:7789", "[::]:7789"),
+            ("0.0.0.0:7789", "[::1]:7789"),
+            ("[::]:7789", "0.0.0.0:7789"),
+            ("[::1]:7789", "[::1]:7789"),
+            ("[::ffff:127.0.0.1]:7789", "127.0.0.1:7789"),
+        ] {
+            let e = refused(&path, &listens(l0, l1), "volume[1].listen", &["vol1", "vol0"]);
+            assert!(e.contains(&format!("collides with {}", l0.parse::<SocketAddr>().unwrap())), "{e}");
+        }
+        let e = refused(&path, &listens("0.0.0.0:7789", "127.0.0.1:7789"), "volume[1].listen", &["vol1", "vol0"]);
+        assert!(e.ends_with("(a wildcard address takes its port on every address)"), "{e}");
+        for (l0, l1) in [
+            ("127.0.0.1:7789", "127.0.0.1:7791"),
+            ("0.0.0.0:7789", "0.0.0.0:7791"),
+            ("[::]:7789", "127.0.0.1:7791"),
+            ("127.0.0.1:7789", "127.0.0.2:7789"),
+            ("10.0.0.1:7789", "[fd00::1]:7789"),
+            ("[::1]:7789", "[fd00::1]:7789"),
+        ] {
+            assert!(NodeConfig::parse(&path, &listens(l0, l1)).is_ok(), "{l0} and {l1} should both bind");
+        }
+    }
+
+    #[test]
+    fn two_volumes_may_not_share_an_explicit_ublk_id_or_a_uuid() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let path = d.join("alpha.toml");
+        let extras = |e0: &str, e1: &str| two_volumes(d, e0, "vol1.img", "vol1.meta", "127.0.0.1:7791", e1);
+        let e = refused(&path, &extras("ublk_id = 3", "ublk_id = 3"), "volume[1].ublk_id", &["vol1", "vol0"]);
+        assert!(e.contains("3 of volume 'vol1' is already the ublk_id of volume 'vol0'"), "{e}");
+        for (e0, e1) in
+            [("ublk_id = 0", "ublk_id = 1"), ("ublk_id = -1", "ublk_id = -1"), ("", ""), ("ublk_id = -1", "")]
+        {
+            let c = NodeConfig::parse(&path, &extras(e0, e1)).unwrap();
+            assert_eq!(c.volumes.len(), 2, "{e0:?} and {e1:?}");
+        }
+        let same = "uuid = \"1b4e28ba-2fa1-11d2-883f-0016d3cca427\"";
+        let e = refused(&path, &extras(same, same), "volume[1].uuid", &["vol1", "vol0"]);
+        assert!(e.ends_with("is already the uuid of volume 'vol0'"), "{e}");
+        // An explicit uuid that repeats another volume's derived one.
+        let derived = format!("uuid = \"{}\"", uuid::Uuid::new_v5(&VOLUME_UUID_NAMESPACE, b"vol0"));
+        let e = refused(&path, &extras("", &derived), "volume[1].uuid", &["vol1", "vol0"]);
+        assert!(e.ends_with("(derived from its name)"), "{e}");
+        assert!(NodeConfig::parse(&path, &extras(same, "")).is_ok());
+    }
+
+    #[test]
+    fn groups_parse_and_name_the_group_of_each_volume() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let path = d.join("alpha.toml");
+        let vol2 = "[[volume]]\nname = \"vol2\"\nsize = \"64MiB\"\nbacking_file = \"vol2.img\"\n\
+                    metadata_file = \"vol2.meta\"\nlisten = \"127.0.0.1:7792\"\nrole = \"primary\"\n";
+        let with = |groups: &str| {
+            format!("{}{vol2}\n{groups}", two_volumes(d, "", "vol1.img", "vol1.meta", "127.0.0.1:7791", ""))
+        };
+        let c = NodeConfig::parse(&path, &with("")).unwrap();
+        assert!(c.groups.is_empty());
+        assert_eq!(c.group_of("vol0"), "vol0");
+        let c = NodeConfig::parse(&path, &with("[[group]]\nname = \"db\"\nvolumes = [\"vol0\", \"vol2\"]\n")).unwrap();
+        assert_eq!(c.groups, [GroupConfig { name: "db".into(), volumes: vec!["vol0".into(), "vol2".into()] }]);
+        assert_eq!(
+            (c.group_of("vol0"), c.group_of("vol1"), c.group_of("vol2")),
+            ("db".into(), "vol1".into(), "db".into())
+        );
+        // A group named after its only volume is the same as none.
+        let c = NodeConfig::parse(
+            &path,
+            &with("[[group]]\nname = \"vol1\"\nvolumes = [\"vol1\"]\n[[group]]\nname = \"db\"\nvolumes = [\"vol0\"]\n"),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.group_of("vol0"), c.group_of("vol1"), c.group_of("vol2")),
+            ("db".into(), "vol1".into(), "vol2".into())
+        );
+        let group = |name: &str, volumes: &str| format!("[[group]]\nname = \"{name}\"\nvolumes = [{volumes}]\n");
+        for (groups, field, names, want) in [
+            (
+                group("db", "\"vol0\", \"vol9\""),
+                "group[0].volumes",
+                ["db", "vol9"],
+                "which is not configured on this node",
+            ),
+            (group("db", ""), "group[0].volumes", ["db", "db"], "group 'db' has no volumes"),
+            (group("db", "\"vol0\", \"vol0\""), "group[0].volumes", ["db", "vol0"], "names volume 'vol0' twice"),
+            (
+                group("db", "\"vol0\"") + &group("web", "\"vol1\", \"vol0\""),
+                "group[1].volumes",
+                ["web", "db"],
+                "volume 'vol0' is in group 'web' and in group 'db'",
+            ),
+            (
+                group("db", "\"vol0\"") + &group("db", "\"vol1\""),
+                "group[1].name",
+                ["db", "db"],
+                "group 'db' is configured twice (as group[0] and group[1])",
+            ),
+            (
+                group("vol0", "\"vol1\""),
+                "group[0].name",
+                ["vol0", "vol1"],
+                "has the name of volume 'vol0' but holds 'vol1'",
+            ),
+            (
+                group("vol0", "\"vol0\", \"vol1\""),
+                "group[0].name",
+                ["vol0", "vol1"],
+                "but holds 'vol0', 'vol1'; a group named after a volume may hold only that volume",
+            ),
+            (group("a b", "\"vol0\""), "group[0].name", ["a b", "a b"], "may hold only letters"),
+        ] {
+            let e = refused(&path, &with(&groups), field, &names);
+            assert!(e.contains(want), "{e:?} should contain {want:?}");
+        }
+        let e = NodeConfig::parse(&path, &with("[[group]]\nname = \"db\"\nvolumes = [\"vol0\"]\nrole = \"primary\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `role`") && !e.contains('\n'), "{e}");
     }
 
     #[test]
