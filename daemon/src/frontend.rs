@@ -60,6 +60,10 @@ fn kind(op: BlockOp) -> ReqKind {
 }
 
 impl QueueTarget for EngineQueue {
+    fn retire(self: Box<Self>) {
+        self.queue.retire();
+    }
+
     fn start(&mut self, sink: &mut dyn SqeSink) {
         self.queue.start(&mut Sink(sink));
     }

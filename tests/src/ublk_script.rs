@@ -177,7 +177,10 @@ kill9() {
 # wait_for SECONDS WHAT COMMAND...: polls COMMAND every 0.2 s.
 wait_for() {
     local secs=$1 what=$2; shift 2
-    for _ in $(seq $(( secs * 5 ))); do
+    # A wall-clock bound: a slow COMMAND (a status call waiting on a busy node) must not
+    # stretch the wait past SECONDS.
+    local end=$(( $(date +%s) + secs ))
+    while [ "$(date +%s)" -lt "$end" ]; do
         if "$@"; then return 0; fi
         sleep 0.2
     done

@@ -570,7 +570,12 @@ fn serve_control(config: &Path, a: &TestPrimary) {
         handoffs: a.vol.handoffs().to_vec(),
         ublk_device: None,
     };
-    metroblk::control::serve(&cfg.control_socket, cfg.name.clone(), std::sync::Arc::new(vec![handle])).unwrap();
+    metroblk::control::serve(
+        &cfg.control_socket,
+        cfg.name.clone(),
+        std::sync::Arc::new(vec![metroblk::lifecycle::runner::VolumeSlot::serving(handle)]),
+    )
+    .unwrap();
 }
 
 fn cli(args: &[&str], config: &Path) -> (bool, String) {

@@ -304,7 +304,7 @@ kill -0 "$WPID"
 [ "$(acked "$W/w.log")" -gt "$N" ]
 ! grep -q '^error' "$W/w.log"
 step "the writer goes on on beta: $(( $(acked "$W/w.log") - N )) more writes, no error"
-wait_for 60 "alpha to be secondary and in sync" in_sync_as beta alpha
+wait_for 30 "alpha to be secondary and in sync" in_sync_as beta alpha
 kill "$WPID"; wait "$WPID" || true
 "$WRITER" check "$(status_field beta ublk_device)" "$W/w.log"
 field_is alpha role secondary

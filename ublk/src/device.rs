@@ -774,8 +774,8 @@ fn queue_thread(dev: Arc<UblkDev>, qid: u16, target: Box<dyn QueueTarget>, tx: m
     }
     // The target may still have operations in flight on this ring (a timer, a socket
     // receive) that point into its memory; the ring is torn down asynchronously after this
-    // thread exits. Keep that memory alive: the process is shutting the device down anyway.
-    std::mem::forget(target);
+    // thread exits. The target keeps that memory alive and releases the rest.
+    target.retire();
     tracing::debug!(dev_id = dev.dev_info.dev_id, qid, "queue thread done");
 }
 

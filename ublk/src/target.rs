@@ -61,4 +61,12 @@ pub trait QueueTarget: Send {
     /// waits for the next: for work the target deferred to do once per batch. Requests may
     /// be reported done here too.
     fn end_batch(&mut self, _sink: &mut dyn SqeSink, _done: &mut dyn FnMut(u16, i32)) {}
+    /// The queue thread is ending: operations may still be in flight on its ring (a socket
+    /// receive, a timer) that point into the target's memory, and the ring is torn down only
+    /// after the thread exits. The default keeps all of the target's memory (leaks it); a
+    /// target should keep only what the kernel may still touch and release the rest, so a
+    /// server that outlives one device (a role change) does not hold on to its engine.
+    fn retire(self: Box<Self>) {
+        std::mem::forget(self);
+    }
 }

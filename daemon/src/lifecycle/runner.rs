@@ -60,6 +60,14 @@ pub enum SlotView {
 }
 
 impl VolumeSlot {
+    /// A slot for a volume opened by other means (an in-process engine in tests).
+    pub fn serving(handle: VolumeHandle) -> Arc<VolumeSlot> {
+        Arc::new(VolumeSlot {
+            name: handle.shared.config.name.clone(),
+            view: Mutex::new(SlotView::Serving(Arc::new(handle))),
+        })
+    }
+
     pub fn view(&self) -> SlotView {
         self.view.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }

@@ -149,6 +149,19 @@ impl RequestError {
 }
 
 impl Queue {
+    /// The queue thread ends (see `QueueTarget::retire`): operations may still be in flight
+    /// on the ring, pointing into this queue's slots, link buffers and timer, which the ring's
+    /// teardown cancels only after the thread exits. Those are kept (leaked: a few KiB per
+    /// queue and role change); the link's socket is closed (an operation in flight holds the
+    /// kernel's own reference to it) and everything else is released, above all the volume,
+    /// so that a role change can open it afresh.
+    pub fn retire(self) {
+        let Queue { shared, stats, handoff, slots, mut link, eventfd_buf, tick_ts, .. } = self;
+        drop(link.sock.take());
+        std::mem::forget((slots, link, eventfd_buf, tick_ts));
+        drop((shared, stats, handoff));
+    }
+
     pub fn new(shared: Arc<VolumeShared>, qid: u16, depth: u16, handoff: Arc<LinkHandoff>) -> Queue {
         assert!(depth > 0 && depth <= crate::config::MAX_QUEUE_DEPTH);
         let slots = (0..depth)
