@@ -184,7 +184,7 @@ for i in $(seq 1 10); do
     step "switch $i: vol1 $P -> $N, served $(( S1 - S0 )) ms after the command; a write through $D read back; v1 untouched"
     wait_for 60 "vol1 in sync again ($N primary, $P secondary)" in_sync_vol vol1 "$N" "$P"
     [ "$(dev_of "$P" vol1)" = null ]
-    T=$P; P=$N; N=$T
+    PREV=$P; P=$N; N=$PREV
 done
 step "ten switchovers of v2 done"
 writer_ok v1 "$WPID" "$W/w1.log"
@@ -374,7 +374,8 @@ fn a_failed_disk_resigns_its_volume_alone_and_the_other_volume_keeps_serving() {
 
 /// SIGTERM of a primary whose writes are parked: alpha is cut from beta and the witness (and
 /// beta from the witness, so nobody is promoted), its lease runs out and it is fenced with
-/// `on_fence = "suspend"` (the default): the writer's writes wait. SIGTERM: the node exits 0
+/// `on_fence = "suspend"` (the default): the writer's writes wait. (The prelude's `step` keeps
+/// its clock in `T0`: this body's times are `K0`/`K1`.) SIGTERM: the node exits 0
 /// within 10 s, leaving its device in place with the writes still parked (as after kill -9:
 /// neither completed nor failed). The links return and alpha is started again: it recovers
 /// the same device, the parked writes complete, the writer goes on without an error, and
@@ -396,13 +397,13 @@ N=$(acked "$W/w.log"); sleep 1
 expect "writes acknowledged while fenced" "$(acked "$W/w.log")" "$N"
 writer_ok vol0 "$WPID" "$W/w.log"
 step "alpha fenced: $N writes acknowledged, the writer's next ones parked ($(vol_field alpha vol0 requests_in_flight) in flight)"
-T0=$(now_ms)
+K0=$(now_ms)
 kill -TERM "$PID_alpha"
 wait_for 10 "alpha to exit after SIGTERM" not_running "$PID_alpha"
-T1=$(now_ms)
+K1=$(now_ms)
 RC=0; wait "$PID_alpha" || RC=$?
-step "alpha exited with status $RC $(( T1 - T0 )) ms after SIGTERM"
-[ $(( T1 - T0 )) -lt 10000 ]
+step "alpha exited with status $RC $(( K1 - K0 )) ms after SIGTERM"
+[ $(( K1 - K0 )) -lt 10000 ]
 expect "alpha's exit status" "$RC" 0
 [ -b "$DEV0" ]
 sleep 1
