@@ -1,20 +1,30 @@
 //! The writer and checker of the failover tests, run against a block device like any user's
-//! program (O_DIRECT, one 4 KiB write at a time).
+//! program (O_DIRECT, 4 KiB writes, one at a time per thread).
 //!
-//! `blk_writer write DEV LOG BLOCKS`: writes block `seq % BLOCKS` with a record of `seq`
-//! (seq = 1, 2, ...) until killed or until a write fails; after each write *completed* it
-//! appends `seq offset time_ms` to LOG (time: CLOCK_REALTIME, ms), so LOG lists exactly the
-//! acknowledged writes. A failed write appends `error seq errno time_ms` and exits 3.
+//! `blk_writer write DEV LOG BLOCKS [--control DIR] [--threads N] [--dsync]`: writes blocks
+//! with a record of a sequence number (seq = 1, 2, ..., shared by all threads) until killed
+//! or until a write fails. With one thread (the default) the write of `seq` goes to block
+//! `seq % BLOCKS`; with N threads, thread `t`'s k-th write goes to block `(t + N*k) % BLOCKS`
+//! (BLOCKS a multiple of N), so no two threads write the same block and each block's records
+//! rise. After each write *completed* it appends `seq offset time_ms latency_us thread` to
+//! LOG (time: CLOCK_REALTIME, ms; latency: the write call's duration), so LOG lists exactly
+//! the acknowledged writes. A failed write appends `error seq errno time_ms` and the process
+//! exits 3. `--dsync` opens the device O_DIRECT|O_DSYNC (every write is FUA).
 //!
-//! With `--control DIR` the writer can be quiesced like an application around a planned
-//! switchover: while `DIR/pause` exists it finishes its write in flight, creates `DIR/paused`
-//! and waits; when `pause` is gone it reopens the device named in `DIR/device` (if any) and
-//! goes on with the next sequence number.
+//! With `--control DIR` (one thread only) the writer can be quiesced like an application
+//! around a planned switchover: while `DIR/pause` exists it finishes its write in flight,
+//! creates `DIR/paused` and waits; when `pause` is gone it reopens the device named in
+//! `DIR/device` (if any) and goes on with the next sequence number.
 //!
 //! `blk_writer check DEV LOG`: every block LOG names holds the record of the last
 //! acknowledged write to it, or of a later one (a write can complete on the device and the
 //! writer die before logging it). Prints `checked N blocks, M acknowledged writes` or each
 //! loss, and exits 1 on a loss.
+//!
+//! `blk_writer stats LOG`: one `KEY VALUE` line each: `acknowledged` (writes), `errors`,
+//! `max_latency_ms` (the slowest acknowledged write) and `max_latency_at_ms` (when it
+//! completed), `threads` (that logged a write) and `stalest_last_ack_ms` (the oldest of the
+//! threads' last acknowledgements: a thread stuck in a write shows as a stale one).
 
 use std::io::{BufRead, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -58,16 +68,16 @@ fn now_ms() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis())
 }
 
-fn open(dev: &str, write: bool) -> std::fs::File {
+fn open(dev: &str, write: bool, dsync: bool) -> std::fs::File {
     std::fs::OpenOptions::new()
         .read(true)
         .write(write)
-        .custom_flags(libc::O_DIRECT)
+        .custom_flags(libc::O_DIRECT | if dsync { libc::O_DSYNC } else { 0 })
         .open(dev)
         .unwrap_or_else(|e| panic!("open {dev}: {e}"))
 }
 
-fn follow(control: Option<&str>, dev: &mut String, f: &mut std::fs::File) {
+fn follow(control: Option<&str>, dev: &mut String, f: &mut std::fs::File, dsync: bool) {
     let Some(dir) = control else { return };
     let dir = std::path::Path::new(dir);
     if !dir.join("pause").exists() {
@@ -81,36 +91,98 @@ fn follow(control: Option<&str>, dev: &mut String, f: &mut std::fs::File) {
     if let Ok(next) = std::fs::read_to_string(dir.join("device")) {
         let next = next.trim().to_string();
         if !next.is_empty() && next != *dev {
-            *f = open(&next, true);
+            *f = open(&next, true, dsync);
             *dev = next;
         }
     }
 }
 
-fn write(dev: &str, log: &str, blocks: u64, control: Option<&str>) -> ! {
-    let mut dev = dev.to_string();
-    let mut f = open(&dev, true);
-    let mut log = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("open the log");
+struct WriteArgs<'a> {
+    dev: &'a str,
+    log: &'a str,
+    blocks: u64,
+    control: Option<&'a str>,
+    threads: u64,
+    dsync: bool,
+}
+
+fn write(a: &WriteArgs) -> ! {
+    assert!(a.threads >= 1 && a.blocks % a.threads == 0, "BLOCKS must be a multiple of --threads");
+    assert!(a.control.is_none() || a.threads == 1, "--control takes one thread");
+    let log =
+        std::sync::Mutex::new(std::fs::OpenOptions::new().create(true).append(true).open(a.log).expect("open the log"));
+    let seqs = std::sync::atomic::AtomicU64::new(1);
+    std::thread::scope(|s| {
+        for t in 0..a.threads {
+            let (log, seqs) = (&log, &seqs);
+            s.spawn(move || write_thread(a, t, log, seqs));
+        }
+    });
+    unreachable!()
+}
+
+fn write_thread(
+    a: &WriteArgs,
+    thread: u64,
+    log: &std::sync::Mutex<std::fs::File>,
+    seqs: &std::sync::atomic::AtomicU64,
+) -> ! {
+    let mut dev = a.dev.to_string();
+    let mut f = open(&dev, true, a.dsync);
     let mut buf = Aligned::new();
-    for seq in 1.. {
-        follow(control, &mut dev, &mut f);
-        let offset = (seq % blocks) * BLOCK as u64;
+    let append = |line: String| {
+        let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+        log.write_all(line.as_bytes()).expect("log");
+    };
+    for k in 1.. {
+        follow(a.control, &mut dev, &mut f, a.dsync);
+        let seq = seqs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let offset = ((thread + a.threads * k) % a.blocks) * BLOCK as u64;
         record(seq, offset, buf.buf());
+        let start = std::time::Instant::now();
         match f.write_at(buf.buf(), offset) {
             Ok(n) if n == BLOCK => {
-                writeln!(log, "{seq} {offset} {}", now_ms()).expect("log");
+                let us = start.elapsed().as_micros();
+                append(format!("{seq} {offset} {} {us} {thread}\n", now_ms()));
             }
             Ok(n) => {
-                writeln!(log, "error {seq} short:{n} {}", now_ms()).ok();
+                append(format!("error {seq} short:{n} {}\n", now_ms()));
                 std::process::exit(3);
             }
             Err(e) => {
-                writeln!(log, "error {seq} {} {}", e.raw_os_error().unwrap_or(0), now_ms()).ok();
+                append(format!("error {seq} {} {}\n", e.raw_os_error().unwrap_or(0), now_ms()));
                 std::process::exit(3);
             }
         }
     }
     unreachable!()
+}
+
+fn stats(log: &str) -> ! {
+    let (mut acked, mut errors, mut max_us, mut max_at) = (0u64, 0u64, 0u128, 0u128);
+    let mut last = std::collections::BTreeMap::<u64, u128>::new();
+    for line in std::io::BufReader::new(std::fs::File::open(log).expect("open the log")).lines() {
+        let line = line.expect("read the log");
+        let w: Vec<&str> = line.split_whitespace().collect();
+        if w.first() == Some(&"error") {
+            errors += 1;
+            continue;
+        }
+        let num = |i: usize| w.get(i).and_then(|x| x.parse::<u128>().ok());
+        let (Some(_seq), Some(_offset), Some(time)) = (num(0), num(1), num(2)) else { continue };
+        acked += 1;
+        if let Some(us) = num(3).filter(|&us| us > max_us) {
+            (max_us, max_at) = (us, time);
+        }
+        last.insert(num(4).unwrap_or(0) as u64, time);
+    }
+    println!("acknowledged {acked}");
+    println!("errors {errors}");
+    println!("max_latency_ms {}", max_us / 1000);
+    println!("max_latency_at_ms {max_at}");
+    println!("threads {}", last.len());
+    println!("stalest_last_ack_ms {}", last.values().min().copied().unwrap_or(0));
+    std::process::exit(0);
 }
 
 fn check(dev: &str, log: &str) -> ! {
@@ -124,7 +196,7 @@ fn check(dev: &str, log: &str) -> ! {
         last.insert(offset, seq);
         acked += 1;
     }
-    let f = open(dev, false);
+    let f = open(dev, false, false);
     let mut buf = Aligned::new();
     let mut lost = 0;
     for (&offset, &seq) in &last {
@@ -143,15 +215,46 @@ fn check(dev: &str, log: &str) -> ! {
     std::process::exit(if lost == 0 && acked > 0 { 0 } else { 1 });
 }
 
+fn usage() -> ! {
+    eprintln!(
+        "usage: blk_writer write DEV LOG BLOCKS [--control DIR] [--threads N] [--dsync] \
+         | blk_writer check DEV LOG | blk_writer stats LOG"
+    );
+    std::process::exit(2);
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
-        [_, "write", dev, log, blocks] => write(dev, log, blocks.parse().expect("BLOCKS"), None),
-        [_, "write", dev, log, blocks, "--control", dir] => write(dev, log, blocks.parse().expect("BLOCKS"), Some(dir)),
-        [_, "check", dev, log] => check(dev, log),
-        _ => {
-            eprintln!("usage: blk_writer write DEV LOG BLOCKS [--control DIR] | blk_writer check DEV LOG");
-            std::process::exit(2);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        [_, "write", dev, log, blocks, opts @ ..] => {
+            let mut a = WriteArgs {
+                dev,
+                log,
+                blocks: blocks.parse().expect("BLOCKS"),
+                control: None,
+                threads: 1,
+                dsync: false,
+            };
+            let mut opts = opts.iter();
+            while let Some(o) = opts.next() {
+                match (*o, opts.clone().next()) {
+                    ("--control", Some(dir)) => {
+                        a.control = Some(dir);
+                        opts.next();
+                    }
+                    ("--threads", Some(n)) => {
+                        a.threads = n.parse().expect("--threads N");
+                        opts.next();
+                    }
+                    ("--dsync", _) => a.dsync = true,
+                    _ => usage(),
+                }
+            }
+            write(&a)
         }
+        [_, "check", dev, log] => check(dev, log),
+        [_, "stats", log] => stats(log),
+        _ => usage(),
     }
 }

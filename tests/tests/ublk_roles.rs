@@ -1,0 +1,447 @@
+//! Every volume its own role (issue 23): a role change of one volume (switchover, promotion
+//! after a site loss, resignation after a disk failure) touches that volume alone; the other
+//! volumes of the same nodes keep their device, links, lease and I/O, without an error, a
+//! stall, a reconnect or a restart of the node. And a node stopped while writes are parked
+//! exits in bounded time, leaving them to the next start.
+//!
+//! As in `ublk_failover.rs`: three sites in network namespaces (alpha, beta, the witness),
+//! nodes and witness as real processes, `blk_writer` logging every write a device
+//! acknowledged, checked at the end on the node that serves; the copies compared after a
+//! clean shutdown. The prelude's volume `vol0` is primary on alpha; [`HELPERS`]'s
+//! `add_volume` adds more to both configs (each with its own ports and ublk ids: both nodes
+//! share the VM's kernel).
+//!
+//! Needs ublk: natively where the kernel has ublk_drv, else in the QEMU VM of tests/vm; never
+//! skipped. Build the binaries first (`cargo build -p metroblk -p metroblk-tests`).
+
+use std::time::Duration;
+
+use metroblk_tests::ublk_script::{self, Opts};
+
+/// Shell helpers of these scenarios (after the prelude).
+const HELPERS: &str = r#"
+# vq NODE VOLUME JQ: JQ applied to VOLUME's entry in NODE's `status --json` ("" when the
+# node does not answer). One status call: under TCG each costs a good part of a second.
+vq() {
+    "$BIN" status --json --config "$W/$1.toml" 2>/dev/null \
+        | jq -r --arg v "$2" ".volumes[] | select(.name == \$v) | $3" 2>/dev/null || true
+}
+vol_field() { vq "$1" "$2" ".$3"; }
+vol_is() { [ "$(vol_field "$1" "$2" "$3")" = "$4" ]; }
+dev_of() { vol_field "$1" "$2" ublk_device; }
+# serves NODE VOLUME: NODE is VOLUME's primary and its block device exists.
+serves() {
+    local d
+    d=$(vq "$1" "$2" 'select(.role == "primary") | .ublk_device')
+    [ -n "$d" ] && [ "$d" != null ] && [ -b "$d" ]
+}
+leased_vol() { [ "$(vol_field "$1" "$2" lease_left_ms)" -gt 0 ] 2>/dev/null; }
+# in_sync_vol VOLUME PRIMARY SECONDARY
+in_sync_vol() {
+    [ "$(vq "$2" "$1" '"\(.sync_state) \(.alone)"')" = "in-sync false" ] \
+        && [ "$(vq "$3" "$1" '"\(.role) \(.disk_state)"')" = "secondary up-to-date" ]
+}
+# add_volume NODE PEER VOLUME ROLE UBLK_ID PORT PEER_PORT: one more volume in NODE's config,
+# backing file $W/NODE-VOLUME.img, with the witness of the prelude's volume.
+add_volume() {
+    local ip peer_ip wit
+    case $1 in
+        alpha) ip=10.88.1.1 peer_ip=10.88.1.2 wit=10.88.2.2 ;;
+        beta) ip=10.88.1.2 peer_ip=10.88.1.1 wit=10.88.3.2 ;;
+    esac
+    cat >> "$W/$1.toml" <<EOF
+
+[[volume]]
+name = "$3"
+size = "$SIZE"
+backing_file = "$W/$1-$3.img"
+metadata_file = "$W/$1-$3.meta"
+listen = "$ip:$6"
+role = "$4"
+ublk_id = $5
+queues = 2
+depth = 64
+[volume.peer]
+name = "$2"
+address = "$peer_ip:$7"
+authkey_file = "$W/key"
+$(wsec "$wit:9095")
+EOF
+    "$BIN" create-md --force --config "$W/$1.toml" "$3" >/dev/null
+}
+img_of() { if [ "$2" = vol0 ]; then echo "$W/$1.img"; else echo "$W/$1-$2.img"; fi; }
+acked() { grep -cv '^error' "$1" || true; }
+not_running() { ! kill -0 "$1" 2>/dev/null; }
+# start_writer DEV LOG THREADS: an O_DIRECT|O_DSYNC writer of THREADS threads in the
+# background (pid in $WPID); waits for its first writes.
+start_writer() {
+    "$WRITER" write "$1" "$2" 4096 --threads "$3" --dsync &
+    WPID=$!
+    wait_for 30 "the writer's first writes on $1" [ -s "$2" ]
+}
+# wstats LOG: `blk_writer stats` into WS_acknowledged, WS_errors, WS_max_latency_ms,
+# WS_max_latency_at_ms, WS_threads, WS_stalest_last_ack_ms.
+wstats() { eval "$("$WRITER" stats "$1" | awk '{ print "WS_" $1 "=" $2 }')"; }
+wstat() { wstats "$1"; eval "echo \$WS_$2"; }
+# writer_ok NAME PID LOG: the writer runs and has logged no error.
+writer_ok() {
+    if ! kill -0 "$2" 2>/dev/null || grep -q '^error' "$3"; then
+        echo "$1's writer failed: $(grep -m 3 '^error' "$3" | tr '\n' ';') ($(acked "$3") writes acknowledged)"
+        return 1
+    fi
+}
+# writer_smooth NAME LOG: no acknowledged write took more than 1 s, and every thread had a
+# write acknowledged within the last second (none is stuck in one).
+writer_smooth() {
+    local t stale
+    t=$(now_ms)
+    wstats "$2"
+    stale=$(( t - WS_stalest_last_ack_ms ))
+    if [ "$WS_max_latency_ms" -gt 1000 ] || [ "$stale" -gt 1000 ]; then
+        echo "$1's writer stalled: slowest write $WS_max_latency_ms ms (completed at $WS_max_latency_at_ms), a thread's last write $stale ms ago"
+        return 1
+    fi
+}
+# expect WHAT GOT WANT: GOT = WANT, or say which differs.
+expect() {
+    if [ "$2" != "$3" ]; then echo "$1: $2, expected $3"; return 1; fi
+}
+# link_marks VOLUME: how often the volume's primary (PRIMARY) connected its queue links and
+# how often the links ended on its secondary (SECONDARY), and how often each node started;
+# one line that must not change while the volume is left alone.
+link_marks() { # VOLUME PRIMARY SECONDARY
+    echo "connected=$(grep 'connected to peer' "$W/$2.log" | grep -c "volume=$1\b" || true)" \
+        "ended=$(grep 'link from primary ended' "$W/$3.log" | grep -c "volume=$1\b" || true)" \
+        "starts=$(cat "$W/$2.log" "$W/$3.log" | grep -c 'node running' || true)"
+}
+# untouched VOLUME PRIMARY SECONDARY: VOLUME still has PRIMARY as primary in epoch $EPOCH0,
+# its link is connected, has not reconnected ($RECONNECTS0, $MARKS0 recorded before) and no
+# node restarted.
+untouched() {
+    expect "$1 on $2 (role epoch link reconnects)" "$(vq "$2" "$1" '"\(.role) \(.epoch) \(.link_state) \(.reconnects)"')" \
+        "primary $EPOCH0 connected $RECONNECTS0" &&
+        expect "$1's role on $3" "$(vol_field "$3" "$1" role)" secondary &&
+        expect "$1's link events in the logs" "$(link_marks "$1" "$2" "$3")" "$MARKS0"
+}
+stop_and_compare() { # VOLUME...: clean shutdown of both nodes, then each VOLUME's copies are identical
+    step "clean shutdown"
+    stop alpha
+    stop beta
+    for v in "$@"; do cmp "$(img_of alpha "$v")" "$(img_of beta "$v")"; done
+    step "identical copies of $*"
+}
+"#;
+
+fn run(body: &str, timeout: Duration, steps: &[&str]) {
+    let body = format!("{HELPERS}\n{body}");
+    ublk_script::run(&body, &Opts { sites: true, size: "64MiB", lease_ms: 2000, timeout, ..Opts::default() }, steps);
+}
+
+/// A bidirectional pair: v1 (`vol0`) primary on alpha, v2 (`vol1`) primary on beta. A writer
+/// of 4 threads (O_DIRECT|O_DSYNC) runs on v1 the whole time while v2 is switched over
+/// beta -> alpha and back, ten times (`metroblk switchover` on its current primary). After
+/// each switch: v2's device exists on the new primary and a write through it reads back; v1
+/// is untouched (same primary and epoch, link connected, no reconnect, no node restart) and
+/// its writer has seen no error and no write slower than 1 s. At the end every write v1's
+/// writer and v2's probes had acknowledged is on the node that serves, and both volumes'
+/// copies are identical.
+///
+/// Ten switches as the issue asks; each is a handover, one lease at most, and a resync of
+/// the few probe regions, so the VM should spend well under two minutes on them.
+const BIDIRECTIONAL_SWITCHOVERS: &str = r#"
+add_volume alpha beta vol1 secondary 2 7811 7812
+add_volume beta alpha vol1 primary 3 7812 7811
+start_witness
+start beta ""
+start alpha ""
+wait_for 60 "alpha to serve vol0" serves alpha vol0
+wait_for 60 "beta to serve vol1" serves beta vol1
+wait_for 30 "the leases" eval 'leased_vol alpha vol0 && leased_vol beta vol1'
+wait_for 60 "both volumes in sync" eval 'in_sync_vol vol0 alpha beta && in_sync_vol vol1 beta alpha'
+DEV1=$(dev_of alpha vol0)
+step "v1 (vol0) primary on alpha at $DEV1, v2 (vol1) primary on beta at $(dev_of beta vol1)"
+start_writer "$DEV1" "$W/w1.log" 4
+sleep 2
+writer_ok v1 "$WPID" "$W/w1.log"
+writer_smooth v1 "$W/w1.log"
+EPOCH0=$(vol_field alpha vol0 epoch)
+RECONNECTS0=$(vol_field alpha vol0 reconnects)
+MARKS0=$(link_marks vol0 alpha beta)
+step "v1's writer: $(acked "$W/w1.log") writes, slowest $(wstat "$W/w1.log" max_latency_ms) ms; $MARKS0"
+P=beta N=alpha
+for i in $(seq 1 10); do
+    S0=$(now_ms)
+    "$BIN" switchover --config "$W/$P.toml" vol1 > "$W/switchover-$i.txt"
+    wait_for 30 "$N to serve vol1 (switch $i)" serves "$N" vol1
+    S1=$(now_ms)
+    D=$(dev_of "$N" vol1)
+    head -c 4096 /dev/urandom > "$W/probe-$i"
+    dd if="$W/probe-$i" of="$D" bs=4096 seek="$i" count=1 oflag=direct,dsync status=none
+    dd if="$D" bs=4096 skip="$i" count=1 iflag=direct status=none | cmp - "$W/probe-$i"
+    writer_ok v1 "$WPID" "$W/w1.log"
+    writer_smooth v1 "$W/w1.log"
+    untouched vol0 alpha beta
+    step "switch $i: vol1 $P -> $N, served $(( S1 - S0 )) ms after the command; a write through $D read back; v1 untouched"
+    wait_for 60 "vol1 in sync again ($N primary, $P secondary)" in_sync_vol vol1 "$N" "$P"
+    [ "$(dev_of "$P" vol1)" = null ]
+    PREV=$P; P=$N; N=$PREV
+done
+step "ten switchovers of v2 done"
+writer_ok v1 "$WPID" "$W/w1.log"
+writer_smooth v1 "$W/w1.log"
+untouched vol0 alpha beta
+kill "$WPID"; wait "$WPID" || true
+step "v1's writer: $(acked "$W/w1.log") writes, $(wstat "$W/w1.log" errors) errors, slowest $(wstat "$W/w1.log" max_latency_ms) ms, v1's link never dropped"
+"$WRITER" check "$DEV1" "$W/w1.log"
+D=$(dev_of "$P" vol1)
+for i in $(seq 1 10); do
+    dd if="$D" bs=4096 skip="$i" count=1 iflag=direct status=none | cmp - "$W/probe-$i"
+done
+step "alpha holds every write v1's writer acknowledged, $P every probe written through v2"
+wait_for 60 "both volumes in sync" eval "in_sync_vol vol0 alpha beta && in_sync_vol vol1 $P $N"
+stop_and_compare vol0 vol1
+[ ! -e "$DEV1" ] && [ ! -e "$D" ]
+step "all good"
+"#;
+
+#[test]
+fn bidirectional_pair_switches_one_volume_ten_times_without_touching_the_other() {
+    run(
+        BIDIRECTIONAL_SWITCHOVERS,
+        Duration::from_secs(240),
+        &[
+            "v1 (vol0) primary on alpha",
+            "switch 1: vol1 beta -> alpha",
+            "switch 2: vol1 alpha -> beta",
+            "switch 10: vol1 alpha -> beta",
+            "ten switchovers of v2 done",
+            "v1's link never dropped",
+            "every probe written through v2",
+            "identical copies of vol0 vol1",
+            "all good",
+        ],
+    );
+}
+
+/// Site loss with two volumes each way: vol0 and vol1 primary on alpha, vol2 and vol3 on
+/// beta, a writer on each. Beta's node is killed (-9) and its links cut: alpha is promoted
+/// for vol2 and vol3 (epoch + 1) with every write beta acknowledged, within the usual
+/// failover time; vol0 and vol1 stay alpha's in their epoch, their writers see no error and
+/// go on (alone, once the witness outdated beta). Beta returns: resynced as secondary of all
+/// four, identical copies.
+const SITE_LOSS_TWO_EACH_WAY: &str = r#"
+add_volume alpha beta vol1 primary 2 7811 7812
+add_volume beta alpha vol1 secondary 3 7812 7811
+add_volume alpha beta vol2 secondary 4 7821 7822
+add_volume beta alpha vol2 primary 5 7822 7821
+add_volume alpha beta vol3 secondary 6 7831 7832
+add_volume beta alpha vol3 primary 7 7832 7831
+start_witness
+start beta ""
+start alpha ""
+all_served() { serves alpha vol0 && serves alpha vol1 && serves beta vol2 && serves beta vol3; }
+all_in_sync() { # PRIMARY OF vol2/vol3, ITS PEER
+    in_sync_vol vol0 alpha beta && in_sync_vol vol1 alpha beta && in_sync_vol vol2 "$1" "$2" && in_sync_vol vol3 "$1" "$2"
+}
+wait_for 60 "the four devices" all_served
+wait_for 60 "the four volumes in sync" all_in_sync beta alpha
+EPOCH0=$(vol_field alpha vol0 epoch)
+declare -A WP DEVS
+for v in vol0 vol1; do DEVS[$v]=$(dev_of alpha $v); start_writer "${DEVS[$v]}" "$W/w-$v.log" 2; WP[$v]=$WPID; done
+for v in vol2 vol3; do DEVS[$v]=$(dev_of beta $v); start_writer "${DEVS[$v]}" "$W/w-$v.log" 2; WP[$v]=$WPID; done
+step "vol0, vol1 primary on alpha, vol2, vol3 on beta: four writers"
+sleep 1
+T_CUT=$(now_ms)
+kill9 beta; cut_link sa ab; cut_link sb bw
+step "site B lost: beta killed -9, its links cut"
+wait_for 60 "alpha to serve vol2 and vol3" eval 'serves alpha vol2 && serves alpha vol3'
+T_UP=$(now_ms)
+step "alpha promoted for vol2 and vol3 $(( T_UP - T_CUT )) ms after the loss (lease $LEASE_MS ms)"
+[ $(( T_UP - T_CUT )) -le $(( 2 * LEASE_MS + 4000 )) ]
+for v in vol2 vol3; do
+    expect "$v's epoch on alpha" "$(vol_field alpha $v epoch)" $(( EPOCH0 + 1 ))
+    "$WRITER" check "$(dev_of alpha $v)" "$W/w-$v.log"
+done
+step "alpha holds every write beta acknowledged on vol2 and vol3"
+for v in vol0 vol1; do
+    wait_for 30 "$v to go on alone" vol_is alpha $v alone true
+    N=$(acked "$W/w-$v.log"); sleep 1
+    [ "$(acked "$W/w-$v.log")" -gt "$N" ]
+    writer_ok "$v" "${WP[$v]}" "$W/w-$v.log"
+    expect "$v's role on alpha" "$(vol_field alpha $v role)" primary
+    expect "$v's epoch on alpha" "$(vol_field alpha $v epoch)" "$EPOCH0"
+    expect "$v's device on alpha" "$(dev_of alpha $v)" "${DEVS[$v]}"
+done
+expect "alpha's starts" "$(grep -c 'node running' "$W/alpha.log")" 1
+step "vol0 and vol1 stay alpha's, in their epoch: their writers saw no error (slowest writes $(wstat "$W/w-vol0.log" max_latency_ms) and $(wstat "$W/w-vol1.log" max_latency_ms) ms)"
+# Beta's writers hang on its dead node's devices (or failed with them); beta returns.
+kill -9 "${WP[vol2]}" "${WP[vol3]}" 2>/dev/null || true
+heal_link sa ab; heal_link sb bw
+start beta "-restarted"
+wait_for 90 "beta to be resynced as secondary of all four" all_in_sync alpha beta
+for v in vol0 vol1; do writer_ok "$v" "${WP[$v]}" "$W/w-$v.log"; kill "${WP[$v]}"; wait "${WP[$v]}" || true; done
+for v in vol0 vol1; do "$WRITER" check "${DEVS[$v]}" "$W/w-$v.log"; done
+step "beta back as secondary of all four; alpha holds every write its writers acknowledged"
+wait_for 60 "the last writes to settle" all_in_sync alpha beta
+stop_and_compare vol0 vol1 vol2 vol3
+step "all good"
+"#;
+
+#[test]
+fn site_loss_moves_only_the_lost_sites_volumes_and_leaves_the_others_writing() {
+    run(
+        SITE_LOSS_TWO_EACH_WAY,
+        Duration::from_secs(200),
+        &[
+            "four writers",
+            "site B lost",
+            "alpha promoted for vol2 and vol3",
+            "every write beta acknowledged",
+            "their writers saw no error",
+            "beta back as secondary",
+            "identical copies of vol0 vol1 vol2 vol3",
+            "all good",
+        ],
+    );
+}
+
+/// Two volumes primary on alpha; vol1's backing file sits on a small tmpfs that its writer
+/// fills (ENOSPC latches its disk `failed`). vol1 resigns alone: beta serves it with every
+/// write alpha acknowledged, alpha keeps it as a failed secondary without a device. vol0, on
+/// the same node, keeps serving: its writer sees no error, its link never drops, the node
+/// never restarts; its copies end identical.
+const ONE_DISK_FAILS: &str = r#"
+add_volume alpha beta vol1 primary 2 7811 7812
+add_volume beta alpha vol1 secondary 3 7812 7811
+mkdir -p "$W/small"
+mount -t tmpfs -o size=6m tmpfs "$W/small"
+sed -i "s|$W/alpha-vol1.img|$W/small/alpha-vol1.img|" "$W/alpha.toml"
+start_witness
+start beta ""
+start alpha ""
+wait_for 60 "alpha to serve both volumes" eval 'serves alpha vol0 && serves alpha vol1'
+wait_for 60 "both volumes in sync" eval 'in_sync_vol vol0 alpha beta && in_sync_vol vol1 alpha beta'
+EPOCH0=$(vol_field alpha vol0 epoch)
+DEV0=$(dev_of alpha vol0)
+start_writer "$DEV0" "$W/w0.log" 2
+W0=$WPID
+sleep 1
+RECONNECTS0=$(vol_field alpha vol0 reconnects)
+MARKS0=$(link_marks vol0 alpha beta)
+"$WRITER" write "$(dev_of alpha vol1)" "$W/w1.log" 16384 &
+W1=$!
+step "writers on vol0 and vol1; vol1's backing file on alpha has 6 MiB of room"
+wait_for 60 "vol1's disk on alpha to fail" vol_is alpha vol1 disk_state failed
+T_FAIL=$(now_ms)
+step "vol1's disk on alpha failed after $(acked "$W/w1.log") writes: $(vol_field alpha vol1 disk_error)"
+wait_for 60 "beta to serve vol1" serves beta vol1
+step "beta promoted for vol1 $(( $(now_ms) - T_FAIL )) ms after the disk failed"
+wait_for 30 "vol1's writer to end" not_running "$W1"
+"$WRITER" check "$(dev_of beta vol1)" "$W/w1.log"
+step "beta holds every write alpha acknowledged on vol1"
+wait_for 30 "alpha to keep vol1 as a failed secondary" vol_is alpha vol1 role secondary
+expect "vol1's disk on alpha" "$(vol_field alpha vol1 disk_state)" failed
+expect "vol1's device on alpha" "$(dev_of alpha vol1)" null
+N=$(acked "$W/w0.log"); sleep 1
+[ "$(acked "$W/w0.log")" -gt "$N" ]
+writer_ok vol0 "$W0" "$W/w0.log"
+untouched vol0 alpha beta
+expect "vol0's device on alpha" "$(dev_of alpha vol0)" "$DEV0"
+step "vol0 keeps serving on alpha: its writer saw no error (slowest write $(wstat "$W/w0.log" max_latency_ms) ms), its link never dropped"
+kill "$W0"; wait "$W0" || true
+"$WRITER" check "$DEV0" "$W/w0.log"
+wait_for 60 "vol0 in sync" in_sync_vol vol0 alpha beta
+stop_and_compare vol0
+umount "$W/small"
+step "all good"
+"#;
+
+#[test]
+fn a_failed_disk_resigns_its_volume_alone_and_the_other_volume_keeps_serving() {
+    run(
+        ONE_DISK_FAILS,
+        Duration::from_secs(180),
+        &[
+            "vol1's disk on alpha failed",
+            "beta promoted for vol1",
+            "every write alpha acknowledged on vol1",
+            "vol0 keeps serving on alpha",
+            "identical copies of vol0",
+            "all good",
+        ],
+    );
+}
+
+/// SIGTERM of a primary whose writes are parked: alpha is cut from beta and the witness (and
+/// beta from the witness, so nobody is promoted), its lease runs out and it is fenced with
+/// `on_fence = "suspend"` (the default): the writer's writes wait. (The prelude's `step` keeps
+/// its clock in `T0`: this body's times are `K0`/`K1`.) SIGTERM: the node exits 0
+/// within 10 s, leaving its device in place with the writes still parked (as after kill -9:
+/// neither completed nor failed). The links return and alpha is started again: it recovers
+/// the same device, the parked writes complete, the writer goes on without an error, and
+/// every write it acknowledged is there; the copies end identical.
+const SIGTERM_WITH_PARKED_WRITES: &str = r#"
+start_witness
+start beta ""
+start alpha ""
+wait_for 60 "alpha to serve vol0" serves alpha vol0
+wait_for 30 "alpha's lease" leased_vol alpha vol0
+wait_for 60 "vol0 in sync" in_sync_vol vol0 alpha beta
+DEV0=$(dev_of alpha vol0)
+start_writer "$DEV0" "$W/w.log" 2
+sleep 1
+cut_link sa ab; cut_link sa aw; cut_link sb bw
+step "alpha cut from beta and the witness, beta cut from the witness"
+wait_for 30 "alpha to be fenced" vol_is alpha vol0 fenced true
+N=$(acked "$W/w.log"); sleep 1
+expect "writes acknowledged while fenced" "$(acked "$W/w.log")" "$N"
+writer_ok vol0 "$WPID" "$W/w.log"
+step "alpha fenced: $N writes acknowledged, the writer's next ones parked ($(vol_field alpha vol0 requests_in_flight) in flight)"
+K0=$(now_ms)
+kill -TERM "$PID_alpha"
+wait_for 10 "alpha to exit after SIGTERM" not_running "$PID_alpha"
+K1=$(now_ms)
+RC=0; wait "$PID_alpha" || RC=$?
+step "alpha exited with status $RC $(( K1 - K0 )) ms after SIGTERM"
+[ $(( K1 - K0 )) -lt 10000 ]
+expect "alpha's exit status" "$RC" 0
+[ -b "$DEV0" ]
+sleep 1
+expect "writes acknowledged after the exit" "$(acked "$W/w.log")" "$N"
+writer_ok vol0 "$WPID" "$W/w.log"
+step "the device is left in place with the writes parked: none completed, none failed"
+# alpha first, so that beta, which lost alpha, cannot be promoted once it sees the witness.
+heal_link sa ab; heal_link sa aw
+start alpha "-restarted"
+wait_for 60 "alpha to serve vol0 again" serves alpha vol0
+expect "alpha's device" "$(dev_of alpha vol0)" "$DEV0"
+heal_link sb bw
+wait_for 30 "the parked writes to complete" eval '[ "$(acked "$W/w.log")" -gt "$N" ]'
+sleep 1
+writer_ok vol0 "$WPID" "$W/w.log"
+expect "vol0's role on beta" "$(vol_field beta vol0 role)" secondary
+step "alpha restarted, recovered $DEV0: the parked writes completed, $(( $(acked "$W/w.log") - N )) more writes, no error"
+kill "$WPID"; wait "$WPID" || true
+"$WRITER" check "$DEV0" "$W/w.log"
+step "alpha holds every one of the $(acked "$W/w.log") acknowledged writes"
+wait_for 60 "vol0 in sync" in_sync_vol vol0 alpha beta
+stop_and_compare vol0
+step "all good"
+"#;
+
+#[test]
+fn sigterm_with_parked_writes_exits_in_bounded_time_and_the_restart_serves_them() {
+    run(
+        SIGTERM_WITH_PARKED_WRITES,
+        Duration::from_secs(180),
+        &[
+            "alpha fenced",
+            "alpha exited with status 0",
+            "left in place with the writes parked",
+            "the parked writes completed",
+            "every one of the",
+            "identical copies of vol0",
+            "all good",
+        ],
+    );
+}
