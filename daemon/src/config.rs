@@ -1146,7 +1146,10 @@ authkey_file = "key"
         let c = NodeConfig::parse(&path, &with("")).unwrap();
         assert!(c.groups.is_empty());
         assert_eq!(c.group_of("vol0"), "vol0");
+        assert!(crate::node::refuse_unserved_groups(&c).is_ok());
         let c = NodeConfig::parse(&path, &with("[[group]]\nname = \"db\"\nvolumes = [\"vol0\", \"vol2\"]\n")).unwrap();
+        let e = crate::node::refuse_unserved_groups(&c).unwrap_err();
+        assert!(e.contains("group 'db' (vol0, vol2): consistency groups of several volumes are not served yet"), "{e}");
         assert_eq!(c.groups, [GroupConfig { name: "db".into(), volumes: vec!["vol0".into(), "vol2".into()] }]);
         assert_eq!(
             (c.group_of("vol0"), c.group_of("vol1"), c.group_of("vol2")),

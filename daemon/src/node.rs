@@ -29,8 +29,25 @@ use crate::config::{NodeConfig, VolumeConfig};
 use crate::control;
 use crate::lifecycle::runner::{NodeIdentity, SlotView, VolumeRunner};
 
+/// Consistency groups of several volumes are parsed and validated but not served yet: a
+/// node refuses them rather than let their volumes fail over one by one, which would break
+/// the one point in time a group promises.
+pub fn refuse_unserved_groups(cfg: &NodeConfig) -> Result<(), String> {
+    match cfg.groups.iter().find(|g| g.volumes.len() > 1) {
+        Some(g) => Err(format!(
+            "{}: group '{}' ({}): consistency groups of several volumes are not served yet; remove the [[group]] \
+             table to run its volumes one by one",
+            cfg.path.display(),
+            g.name,
+            g.volumes.join(", ")
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Runs the node until SIGINT or SIGTERM. Returns early only on a start-up error.
 pub fn run(cfg: NodeConfig) -> Result<(), String> {
+    refuse_unserved_groups(&cfg)?;
     // First, before any thread exists: every thread inherits the blocked signals, and only
     // this one takes them (see metroblk_ublk::signals).
     let signals = TermSignals::block().map_err(|e| e.to_string())?;
