@@ -261,6 +261,9 @@ pub struct ControlRequest {
     pub rate: Option<u64>,
     #[serde(default)]
     pub checksum: bool,
+    /// `promote` / `demote` even where it is unsafe.
+    #[serde(default)]
+    pub force: bool,
 }
 
 /// `resync` and `resume-alone` on one volume; returns the answer's text.
@@ -317,6 +320,7 @@ fn volume_command(r: &ControlRequest, volumes: &[Arc<VolumeSlot>]) -> Result<Str
                 format!("volume {name}: resync requested (the primary starts it at its next exchange)")
             })
         }
+        "promote" | "demote" => operator_role_change(r, slot, &h),
         "switchover" => {
             if h.role != Role::Primary {
                 return Err(format!("volume {name} is secondary here; run switchover on the primary"));
@@ -332,6 +336,88 @@ fn volume_command(r: &ControlRequest, volumes: &[Arc<VolumeSlot>]) -> Result<Str
             Ok(format!("volume {name}: online verify requested"))
         }
         other => Err(format!("unknown command '{other}'")),
+    }
+}
+
+/// `promote` and `demote` without a witness (the disaster-recovery runbook, or a planned move
+/// by hand): checked here, applied by the volume's thread (`lifecycle/`).
+fn operator_role_change(r: &ControlRequest, slot: &VolumeSlot, h: &VolumeHandle) -> Result<String, String> {
+    use crate::lifecycle::Change;
+    let v = &h.shared;
+    let name = &v.config.name;
+    let peer = v.config.peer.as_ref().map_or("-", |p| p.name.as_str());
+    if v.fence.enabled {
+        return Err(format!(
+            "volume {name} has a witness: it decides the roles (a secondary is promoted when its primary is lost); \
+             for a planned move run switchover on the primary"
+        ));
+    }
+    let sum = |f: fn(&QueueStats) -> &std::sync::atomic::AtomicU64| -> u64 {
+        v.queue_stats.iter().map(|q| QueueStats::get(f(q))).sum()
+    };
+    let change = if r.command == "promote" {
+        if h.role == Role::Primary {
+            return Err(format!("volume {name} is already primary here"));
+        }
+        if v.queue_stats[0].link() == LinkState::Connected {
+            return Err(format!("volume {name}: the primary {peer} is connected; demote it there first"));
+        }
+        let disk = v.disk.state();
+        if disk != crate::volume::disk::DiskState::UpToDate && !r.force {
+            return Err(format!(
+                "volume {name}: this copy is {disk}: it misses writes; --force makes it the data from now on (what the \
+                 peer has beyond it is dropped at the next resync)"
+            ));
+        }
+        Change::PromotedByOperator { forced: r.force }
+    } else {
+        if h.role == Role::Secondary {
+            return Err(format!("volume {name} is already secondary here"));
+        }
+        let (held, parked) = (sum(|q| &q.held), sum(|q| &q.parked));
+        if held + parked > 0 {
+            return Err(format!(
+                "volume {name}: {held} writes wait for the peer and {parked} are parked; they would be lost (resume-alone \
+                 or bring the peer back first)"
+            ));
+        }
+        if let Some(dev) = h.ublk_device.as_deref().filter(|d| device_in_use(d)) {
+            if !r.force {
+                return Err(format!(
+                    "volume {name}: {dev} is in use (mounted or held open exclusively); unmount it first, or --force \
+                     (its pending I/O fails)"
+                ));
+            }
+        }
+        let linked = v.queue_stats.iter().all(|q| q.link() == LinkState::Connected);
+        let in_sync = v.sync.info().state == crate::resync::SyncState::InSync
+            && !v.intent.is_alone()
+            && !v.intent.resync_needed();
+        if !(r.force || linked && in_sync) {
+            return Err(format!(
+                "volume {name}: the peer {peer} is not connected and in sync, so this node holds writes it lacks; \
+                 --force demotes anyway (promote the peer only after a resync from here)"
+            ));
+        }
+        Change::DemotedByOperator
+    };
+    slot.request_change(change)?;
+    Ok(format!(
+        "volume {name}: {}; status shows the new role",
+        if r.command == "promote" {
+            "becoming primary (epoch + 1, a new generation)"
+        } else {
+            "its device is deleted; becoming secondary"
+        }
+    ))
+}
+
+/// Whether something holds the block device exclusively (a mounted filesystem, device mapper).
+fn device_in_use(path: &str) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL | libc::O_CLOEXEC).open(path) {
+        Ok(_) => false,
+        Err(e) => e.raw_os_error() == Some(libc::EBUSY),
     }
 }
 

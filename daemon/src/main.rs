@@ -117,6 +117,34 @@ enum Command {
         /// The volume's name in that config.
         volume: String,
     },
+    /// Make this node the primary of a volume that has no witness (the disaster-recovery
+    /// runbook: the other site is gone). Refused while the primary is connected; a copy that
+    /// is not up to date needs --force. Epoch + 1 and a new generation: the old primary's
+    /// writes are refused here, and a later reconnect resyncs (or reports a split brain).
+    Promote {
+        /// The node's config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The volume's name in that config.
+        volume: String,
+        /// Promote even a copy that is outdated or inconsistent: it becomes the data.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Make this node a secondary of a volume that has no witness: its device is deleted and
+    /// it receives the peer's writes once the peer is primary. Refused while writes wait for
+    /// the peer; needs --force when the peer is not connected and in sync or the device is in
+    /// use (mounted).
+    Demote {
+        /// The node's config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The volume's name in that config.
+        volume: String,
+        /// Demote even though the peer lacks this node's latest writes, or the device is mounted.
+        #[arg(long)]
+        force: bool,
+    },
     /// Start a primary and a secondary on loopback with a mirrored /dev/ublkb0 and show it
     /// working. On a kernel without ublk_drv it runs inside a QEMU VM (from a source checkout).
     Demo {
@@ -217,6 +245,14 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Switchover { config, volume } => {
             println!("{}", metroblk::resync::command::switchover(&config, &volume)?);
+            Ok(())
+        }
+        Command::Promote { config, volume, force } => {
+            println!("{}", metroblk::resync::command::change_role(&config, &volume, true, force)?);
+            Ok(())
+        }
+        Command::Demote { config, volume, force } => {
+            println!("{}", metroblk::resync::command::change_role(&config, &volume, false, force)?);
             Ok(())
         }
         Command::ResumeAlone { config, volume } => {

@@ -48,13 +48,18 @@ pub enum Change {
     Resigned,
     /// A planned switchover: the peer is primary in `epoch`; this copy is up to date.
     HandedOver { epoch: u64 },
+    /// An operator's `metroblk promote` (no witness): primary in the next epoch, a new
+    /// generation; `forced`: even though this copy is not up to date.
+    PromotedByOperator { forced: bool },
+    /// An operator's `metroblk demote` (no witness): secondary, the copy as it is.
+    DemotedByOperator,
 }
 
 impl Change {
     /// The role the change applies to.
     pub fn from_role(self) -> Role {
         match self {
-            Change::Promoted { .. } => Role::Secondary,
+            Change::Promoted { .. } | Change::PromotedByOperator { .. } => Role::Secondary,
             _ => Role::Primary,
         }
     }
@@ -62,7 +67,7 @@ impl Change {
     /// The role the volume serves in after it.
     pub fn to_role(self) -> Role {
         match self {
-            Change::Promoted { .. } => Role::Primary,
+            Change::Promoted { .. } | Change::PromotedByOperator { .. } => Role::Primary,
             _ => Role::Secondary,
         }
     }

@@ -37,10 +37,11 @@ pub const START_QUERY_TIMEOUT: Duration = Duration::from_secs(3);
 /// stopped when the role is lost.
 pub const ROLE_LOST_DRAIN_MAX: Duration = Duration::from_secs(3);
 
-/// What the control socket sees of one volume.
+/// What the control socket sees of one volume, and its way to the volume's thread.
 pub struct VolumeSlot {
     pub name: String,
     view: Mutex<SlotView>,
+    inputs: mpsc::Sender<Input>,
 }
 
 /// One volume's state as `status` reports it.
@@ -62,10 +63,20 @@ pub enum SlotView {
 impl VolumeSlot {
     /// A slot for a volume opened by other means (an in-process engine in tests).
     pub fn serving(handle: VolumeHandle) -> Arc<VolumeSlot> {
+        // No thread runs it: an operator's role change is refused (the receiver is gone).
+        let (inputs, _) = mpsc::channel();
         Arc::new(VolumeSlot {
             name: handle.shared.config.name.clone(),
             view: Mutex::new(SlotView::Serving(Arc::new(handle))),
+            inputs,
         })
+    }
+
+    /// An operator's role change (`promote`, `demote`), for the volume's thread to apply.
+    pub fn request_change(&self, change: Change) -> Result<(), String> {
+        self.inputs
+            .send(Input::Operator(change))
+            .map_err(|_| format!("volume {} is not run by this node's volume thread", self.name))
     }
 
     pub fn view(&self) -> SlotView {
@@ -92,6 +103,7 @@ impl VolumeSlot {
 
 enum Input {
     Role(RoleChange),
+    Operator(Change),
     Stop,
 }
 
@@ -117,8 +129,12 @@ pub struct NodeIdentity {
 impl VolumeRunner {
     /// Starts the volume's thread: it decides the role at start and opens the volume in it.
     pub fn spawn(cfg: VolumeConfig, node: NodeIdentity) -> Result<VolumeRunner, String> {
-        let slot = Arc::new(VolumeSlot { name: cfg.name.clone(), view: Mutex::new(SlotView::Opening(cfg.role)) });
         let (inputs, rx) = mpsc::channel();
+        let slot = Arc::new(VolumeSlot {
+            name: cfg.name.clone(),
+            view: Mutex::new(SlotView::Opening(cfg.role)),
+            inputs: inputs.clone(),
+        });
         let settled = Arc::new(AtomicBool::new(false));
         let thread = {
             let (slot, inputs, settled) = (slot.clone(), inputs.clone(), settled.clone());
@@ -260,6 +276,12 @@ fn run(
                 };
                 if !life.handle_role_change(Instant::now(), change) {
                     tracing::info!(volume = %name, ?change, phase = ?life.phase(), "a stale role change: ignored");
+                }
+            }
+            Input::Operator(change) => {
+                tracing::warn!(volume = %name, ?change, "role change asked by the operator");
+                if !life.handle_role_change(Instant::now(), change) {
+                    tracing::warn!(volume = %name, ?change, phase = ?life.phase(), "the operator's role change does not apply now: ignored");
                 }
             }
         }
@@ -456,6 +478,19 @@ fn record_role_change(v: &VolumeShared, change: Change) {
             sb.epoch = sb.epoch.max(epoch);
             sb.role = Some(Role::Secondary);
         }
+        Change::PromotedByOperator { forced } => {
+            // A higher epoch: the old primary's writes, should it still be running, are
+            // refused here (the fencing token) and a new line of history starts.
+            sb.epoch += 1;
+            sb.role = Some(Role::Primary);
+            sb.new_generation(uuid::Uuid::new_v4());
+            sb.peer_disk_state = Some(volume::disk::DiskState::Outdated);
+            if forced {
+                // The operator's word: this copy is the data from now on.
+                sb.disk_state = volume::disk::DiskState::UpToDate;
+            }
+        }
+        Change::DemotedByOperator => sb.role = Some(Role::Secondary),
     });
     match r {
         Ok(sb) => {

@@ -44,6 +44,37 @@ pub fn switchover(config: &Path, volume: &str) -> Result<String, String> {
     Ok(answer.get("ok").and_then(|v| v.as_str()).unwrap_or("done").to_string())
 }
 
+/// `metroblk promote` / `demote` (no witness): asks the node, then waits until the volume
+/// serves in its new role (or the node says why not).
+pub fn change_role(config: &Path, volume: &str, promote: bool, force: bool) -> Result<String, String> {
+    let socket = socket_of(config)?;
+    let command = if promote { "promote" } else { "demote" };
+    let req = ControlRequest { command: command.into(), volume: Some(volume.into()), force, ..Default::default() };
+    let answer = control::request(&socket, &req)?;
+    let text = answer.get("ok").and_then(|v| v.as_str()).unwrap_or("requested").to_string();
+    let want = if promote { crate::config::Role::Primary } else { crate::config::Role::Secondary };
+    let deadline = std::time::Instant::now() + crate::lifecycle::CLOSE_MAX + ROLE_CHANGE_OPEN_MAX;
+    loop {
+        let status = control::query_status(&socket.to_path_buf())?;
+        if status.volumes.iter().any(|v| v.name == volume && v.role == want) {
+            return Ok(format!("{text}\nvolume {volume}: {want} now"));
+        }
+        if let Some(n) = status.not_serving.iter().find(|n| n.name == volume && n.state == "failed") {
+            return Err(format!("volume {volume}: {}", n.error.as_deref().unwrap_or("failed")));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(format!(
+                "volume {volume}: not {want} after {} s (see status and the node's log)",
+                (crate::lifecycle::CLOSE_MAX + ROLE_CHANGE_OPEN_MAX).as_secs()
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// How long `promote`/`demote` give the new role to open after the old one closed.
+const ROLE_CHANGE_OPEN_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub fn resync(config: &Path, volume: &str, args: &ResyncArgs) -> Result<(), String> {
     let socket = socket_of(config)?;
     let req = ControlRequest {
@@ -53,6 +84,7 @@ pub fn resync(config: &Path, volume: &str, args: &ResyncArgs) -> Result<(), Stri
         discard_local: args.discard_local,
         rate: args.rate,
         checksum: args.checksum,
+        force: false,
     };
     let answer = control::request(&socket, &req)?;
     println!("{}", answer.get("ok").and_then(|v| v.as_str()).unwrap_or("requested"));
