@@ -370,6 +370,18 @@ pub enum Keys {
 
 /// UUIDv5 namespace for volume uuids derived from the volume name, so that two nodes whose
 /// configs name the same volume agree on its uuid without an extra field.
+/// UUIDv5 namespace of consistency groups' witness records (both nodes derive the same from
+/// the group's name).
+const GROUP_UUID_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6d65_7472_6f62_6c6b_0000_0000_0000_0002);
+
+/// Volumes that change role as one, with their witness record's name and uuid.
+#[derive(Debug, Clone)]
+pub struct RoleGroup {
+    pub name: String,
+    pub uuid: uuid::Uuid,
+    pub volumes: Vec<VolumeConfig>,
+}
+
 const VOLUME_UUID_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6d65_7472_6f62_6c6b_0000_0000_0000_0001);
 
 /// The uuid of a volume whose config names none.
@@ -640,6 +652,28 @@ impl NodeConfig {
         })
     }
 
+    /// The node's volumes as they change role: each `[[group]]` in config order, then each
+    /// volume outside any group as a group of one (its record at the witness is the volume's
+    /// own, as before groups existed).
+    pub fn role_groups(&self) -> Vec<RoleGroup> {
+        let mut out: Vec<RoleGroup> = Vec::new();
+        for v in &self.volumes {
+            let name = self.group_of(&v.name);
+            if let Some(g) = out.iter_mut().find(|g| g.name == name) {
+                g.volumes.push(v.clone());
+                continue;
+            }
+            let alone = !self.groups.iter().any(|g| g.name == name && g.volumes != [v.name.as_str()]);
+            let uuid = if alone && name == v.name {
+                v.uuid
+            } else {
+                uuid::Uuid::new_v5(&GROUP_UUID_NAMESPACE, name.as_bytes())
+            };
+            out.push(RoleGroup { name, uuid, volumes: vec![v.clone()] });
+        }
+        out
+    }
+
     /// The name of the group `volume` changes role with: its `[[group]]`'s, or, for a volume in
     /// none, the volume's own (a group of one).
     pub fn group_of(&self, volume: &str) -> String {
@@ -694,6 +728,37 @@ fn check_groups(raw: Vec<RawGroup>, volumes: &[VolumeConfig]) -> Result<Vec<Grou
                         g.volumes.join("', '")
                     ),
                 ));
+            }
+        }
+        // A group changes role as one across exactly two nodes, under one witness record:
+        // its volumes must name the same peer, the same witness and the same fencing.
+        let members: Vec<&VolumeConfig> =
+            g.volumes.iter().filter_map(|n| volumes.iter().find(|v| &v.name == n)).collect();
+        if let Some((first, rest)) = members.split_first() {
+            let peer_of = |v: &VolumeConfig| v.peer.as_ref().map(|p| p.name.clone());
+            let witness_of = |v: &VolumeConfig| v.witness.as_ref().map(|w| w.address);
+            for v in rest {
+                let differs = if peer_of(v) != peer_of(first) {
+                    Some("peer")
+                } else if witness_of(v) != witness_of(first) {
+                    Some("witness")
+                } else if v.fencing != first.fencing {
+                    Some("fencing")
+                } else if v.role != first.role {
+                    Some("role")
+                } else {
+                    None
+                };
+                if let Some(what) = differs {
+                    return Err((
+                        f("volumes"),
+                        format!(
+                            "{me}: volumes '{}' and '{}' have different {what} settings; a group changes role as one \
+                             between the same two nodes under one witness",
+                            first.name, v.name
+                        ),
+                    ));
+                }
             }
         }
         groups.push(GroupConfig { name: g.name, volumes: g.volumes });
@@ -1139,17 +1204,29 @@ authkey_file = "key"
         let d = dir.path();
         let path = d.join("alpha.toml");
         let vol2 = "[[volume]]\nname = \"vol2\"\nsize = \"64MiB\"\nbacking_file = \"vol2.img\"\n\
-                    metadata_file = \"vol2.meta\"\nlisten = \"127.0.0.1:7792\"\nrole = \"primary\"\n";
+                    metadata_file = \"vol2.meta\"\nlisten = \"127.0.0.1:7792\"\nrole = \"primary\"\n\
+                    [volume.peer]\nname = \"beta\"\naddress = \"127.0.0.1:7793\"\nauthkey_file = \"key\"\n";
         let with = |groups: &str| {
             format!("{}{vol2}\n{groups}", two_volumes(d, "", "vol1.img", "vol1.meta", "127.0.0.1:7791", ""))
         };
         let c = NodeConfig::parse(&path, &with("")).unwrap();
         assert!(c.groups.is_empty());
         assert_eq!(c.group_of("vol0"), "vol0");
-        assert!(crate::node::refuse_unserved_groups(&c).is_ok());
         let c = NodeConfig::parse(&path, &with("[[group]]\nname = \"db\"\nvolumes = [\"vol0\", \"vol2\"]\n")).unwrap();
-        let e = crate::node::refuse_unserved_groups(&c).unwrap_err();
-        assert!(e.contains("group 'db' (vol0, vol2): consistency groups of several volumes are not served yet"), "{e}");
+        let groups = c.role_groups();
+        let names: Vec<(&str, Vec<&str>)> =
+            groups.iter().map(|g| (g.name.as_str(), g.volumes.iter().map(|v| v.name.as_str()).collect())).collect();
+        assert_eq!(names, [("db", vec!["vol0", "vol2"]), ("vol1", vec!["vol1"])]);
+        assert_eq!(groups[1].uuid, c.volumes[1].uuid, "a lone volume keeps its own witness record");
+        assert_ne!(groups[0].uuid, c.volumes[0].uuid);
+        // A group changes role between the same two nodes: vol1 has no peer.
+        let e = refused(
+            &path,
+            &with("[[group]]\nname = \"db\"\nvolumes = [\"vol0\", \"vol1\"]\n"),
+            "group[0].volumes",
+            &["vol0", "vol1"],
+        );
+        assert!(e.contains("different peer settings"), "{e}");
         assert_eq!(c.groups, [GroupConfig { name: "db".into(), volumes: vec!["vol0".into(), "vol2".into()] }]);
         assert_eq!(
             (c.group_of("vol0"), c.group_of("vol1"), c.group_of("vol2")),

@@ -46,7 +46,7 @@ pub fn node_status(node: &str, volumes: &[Arc<VolumeSlot>]) -> NodeStatus {
     for slot in volumes {
         let (state, error) = match slot.view() {
             SlotView::Serving(h) => {
-                s.volumes.push(volume_status(&h));
+                s.volumes.push(VolumeStatus { group: slot.group.clone(), ..volume_status(&h) });
                 continue;
             }
             SlotView::Opening(r) => (format!("opening as {r}"), None),
@@ -62,6 +62,9 @@ pub fn node_status(node: &str, volumes: &[Arc<VolumeSlot>]) -> NodeStatus {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VolumeStatus {
     pub name: String,
+    /// The consistency group it changes role with (its own name when in none).
+    #[serde(default)]
+    pub group: String,
     pub uuid: String,
     pub size: u64,
     pub role: Role,
@@ -174,6 +177,7 @@ pub fn volume_status(h: &VolumeHandle) -> VolumeStatus {
         if rtts.is_empty() { None } else { Some(rtts.iter().sum::<u64>() as f64 / rtts.len() as f64 / 1000.0) };
     VolumeStatus {
         name: c.name.clone(),
+        group: c.name.clone(),
         uuid: c.uuid.to_string(),
         size: c.size,
         role: h.role,
@@ -325,7 +329,17 @@ fn volume_command(r: &ControlRequest, volumes: &[Arc<VolumeSlot>]) -> Result<Str
             if h.role != Role::Primary {
                 return Err(format!("volume {name} is secondary here; run switchover on the primary"));
             }
-            crate::fencing::switchover::switchover(v)
+            // The whole group switches over: every member must be serving as primary here.
+            let mut group = vec![h.clone()];
+            for other in volumes.iter().filter(|s| s.group == slot.group && s.name != slot.name) {
+                let oh = other.handle()?;
+                if oh.role != Role::Primary {
+                    return Err(format!("volume {} of group {} is secondary here", other.name, slot.group));
+                }
+                group.push(oh);
+            }
+            let members: Vec<&VolumeShared> = group.iter().map(|h| &*h.shared).collect();
+            crate::fencing::switchover::switchover(&members)
         }
         "verify" => {
             if h.role != Role::Primary {
@@ -525,8 +539,13 @@ pub fn render(s: &NodeStatus) -> String {
     let mut out = format!("node {}\n", s.node);
     for v in &s.volumes {
         out += &format!(
-            "  volume {}  role {}  disk {}  link {}  epoch {}\n",
-            v.name, v.role, v.disk_state, v.link_state, v.epoch
+            "  volume {}{}  role {}  disk {}  link {}  epoch {}\n",
+            v.name,
+            if v.group.is_empty() || v.group == v.name { String::new() } else { format!(" (group {})", v.group) },
+            v.role,
+            v.disk_state,
+            v.link_state,
+            v.epoch
         );
         out += &format!("    peer {} at {}", v.peer, v.peer_address);
         if let Some(rtt) = v.link_rtt_us {

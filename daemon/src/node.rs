@@ -1,10 +1,11 @@
 //! `metroblk node run`: one node's daemon, in the foreground.
 //!
-//! The node is a list of volumes, each with a life of its own (`lifecycle/`): one thread per
-//! volume opens it in its role (the primary's ublk device and links, the secondary's
-//! listener), serves, changes role when the witness says so, and stops. A role belongs to a
-//! volume, never to the node: one volume's promotion, deposition, resignation or switchover
-//! touches no other volume's device, links, lease or I/O, and the process never restarts.
+//! The node is a list of groups (consistency groups; a volume in none is a group of one),
+//! each with a life of its own (`lifecycle/`): one thread per group opens its volumes in
+//! their role (the primary's ublk devices and links, the secondary's listeners), serves,
+//! changes role when the witness says so, and stops. A role belongs to a group, never to the
+//! node: one group's promotion, deposition, resignation or switchover touches no other
+//! group's device, links, lease or I/O, and the process never restarts.
 //! A volume that cannot be opened (missing disk, bad metadata) is `failed` in `status` while
 //! the others serve; a node none of whose volumes could be opened exits with their errors.
 //!
@@ -27,49 +28,35 @@ use metroblk_ublk::TermSignals;
 
 use crate::config::{NodeConfig, VolumeConfig};
 use crate::control;
-use crate::lifecycle::runner::{NodeIdentity, SlotView, VolumeRunner};
-
-/// Consistency groups of several volumes are parsed and validated but not served yet: a
-/// node refuses them rather than let their volumes fail over one by one, which would break
-/// the one point in time a group promises.
-pub fn refuse_unserved_groups(cfg: &NodeConfig) -> Result<(), String> {
-    match cfg.groups.iter().find(|g| g.volumes.len() > 1) {
-        Some(g) => Err(format!(
-            "{}: group '{}' ({}): consistency groups of several volumes are not served yet; remove the [[group]] \
-             table to run its volumes one by one",
-            cfg.path.display(),
-            g.name,
-            g.volumes.join(", ")
-        )),
-        None => Ok(()),
-    }
-}
+use crate::lifecycle::runner::{GroupRunner, NodeIdentity, SlotView};
 
 /// Runs the node until SIGINT or SIGTERM. Returns early only on a start-up error.
 pub fn run(cfg: NodeConfig) -> Result<(), String> {
-    refuse_unserved_groups(&cfg)?;
     // First, before any thread exists: every thread inherits the blocked signals, and only
     // this one takes them (see metroblk_ublk::signals).
     let signals = TermSignals::block().map_err(|e| e.to_string())?;
     let stopping = Arc::new(AtomicBool::new(false));
     let node = NodeIdentity { name: cfg.name.clone(), config_path: cfg.path.clone(), stopping: stopping.clone() };
     let mut runners = Vec::new();
-    for v in &cfg.volumes {
-        runners.push(VolumeRunner::spawn(v.clone(), node.clone())?);
+    for g in cfg.role_groups() {
+        runners.push(GroupRunner::spawn(g, node.clone())?);
     }
     // Until every volume got past its checks: a node none of whose volumes opens exits with
     // their errors (one line), as an operator expects of a mistyped config.
     while !runners.iter().all(|r| r.settled.load(Ordering::Acquire)) {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let failed: Vec<String> = runners
+    let slots: Vec<_> = runners.iter().flat_map(|r| r.slots.iter().cloned()).collect();
+    let mut failed: Vec<String> = slots
         .iter()
-        .filter_map(|r| match r.slot.view() {
+        .filter_map(|s| match s.view() {
             SlotView::Failed(why) => Some(why),
             _ => None,
         })
         .collect();
-    if failed.len() == runners.len() {
+    if failed.len() == slots.len() {
+        // A group's volumes fail as one: its error once.
+        failed.dedup();
         for r in &runners {
             r.stop();
         }
@@ -78,7 +65,7 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
     for why in &failed {
         tracing::error!(node = %cfg.name, "{why}; the other volumes serve");
     }
-    control::serve(&cfg.control_socket, cfg.name.clone(), Arc::new(runners.iter().map(|r| r.slot.clone()).collect()))?;
+    control::serve(&cfg.control_socket, cfg.name.clone(), Arc::new(slots))?;
     tracing::info!(node = %cfg.name, control = %cfg.control_socket.display(), "node running");
     let signal = signals.wait();
     stopping.store(true, Ordering::Release);

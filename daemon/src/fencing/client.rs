@@ -53,24 +53,41 @@ impl Drop for FenceClient {
     }
 }
 
-/// Starts the client of a replicated volume opened in `role`.
+/// The volumes that share one witness record, epoch and lease: a consistency group, or a
+/// lone volume (a group of one, whose record is the volume's own).
+pub struct Group {
+    /// The record's name and uuid at the witness.
+    pub name: String,
+    pub uuid: uuid::Uuid,
+    pub members: Vec<Arc<VolumeShared>>,
+}
+
+impl Group {
+    fn first(&self) -> &VolumeShared {
+        &self.members[0]
+    }
+}
+
+/// Starts the client of a replicated group opened in `role`.
 pub fn spawn(
-    v: Arc<VolumeShared>,
+    group: Group,
     role: NodeRole,
     on_change: impl Fn(RoleChange) + Send + 'static,
 ) -> Result<FenceClient, String> {
+    assert!(!group.members.is_empty(), "a group without volumes");
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop2 = stop.clone();
     let thread = std::thread::Builder::new()
-        .name(format!("fence-{}", v.config.name))
-        .spawn(move || run(v, role, &on_change, stop2))
+        .name(format!("fence-{}", group.name))
+        .spawn(move || run(group, role, &on_change, stop2))
         .map_err(|e| format!("cannot start the witness client thread: {e}"))?;
     Ok(FenceClient { stop, thread: Some(thread) })
 }
 
-fn volume_id(v: &VolumeShared) -> VolumeId {
+fn volume_id(g: &Group) -> VolumeId {
+    let v = g.first();
     let peer = v.config.peer.as_ref().map_or(String::new(), |p| p.name.clone());
-    VolumeId::new(&v.config.name, &v.config.uuid.to_string(), &v.node_name, &peer)
+    VolumeId::new(&g.name, &g.uuid.to_string(), &v.node_name, &peer)
 }
 
 /// Is the peer here? Primary: every queue's link is up. Secondary: the primary was heard
@@ -96,12 +113,12 @@ struct WitnessLink {
 }
 
 impl WitnessLink {
-    async fn ask(&mut self, v: &VolumeShared, req: &Request) -> Result<Reply, String> {
+    async fn ask(&mut self, g: &Group, req: &Request) -> Result<Reply, String> {
         if self.client.is_none() {
             let c = Client::connect(self.addr, &self.node, &self.key, CONNECT_TIMEOUT).await?;
-            tracing::info!(volume = %v.config.name, witness = %self.addr, "witness link up");
+            tracing::info!(group = %g.name, witness = %self.addr, "witness link up");
             self.client = Some(c);
-            set_info(v, |w| {
+            set_info(g, |w| {
                 w.connected = true;
                 w.last_error = None;
             });
@@ -117,154 +134,209 @@ impl WitnessLink {
     }
 }
 
-fn set_info(v: &VolumeShared, f: impl FnOnce(&mut super::shared::WitnessInfo)) {
-    f(&mut v.fence.witness.lock().unwrap_or_else(|p| p.into_inner()));
+/// The witness link's state, as every member's status shows it.
+fn set_info(g: &Group, f: impl Fn(&mut super::shared::WitnessInfo)) {
+    for v in &g.members {
+        f(&mut v.fence.witness.lock().unwrap_or_else(|p| p.into_inner()));
+    }
 }
 
-fn run(v: Arc<VolumeShared>, role: NodeRole, on_change: &dyn Fn(RoleChange), stop: Arc<std::sync::atomic::AtomicBool>) {
-    let name = v.config.name.clone();
+/// What the client keeps per member of its group.
+#[derive(Default)]
+struct Member {
+    links_seen: bool,
+    alerted: bool,
+    /// Made up to date by a resync since the group last went alone (its own going alone is
+    /// revoked meanwhile, unless its writes are held again).
+    in_sync: bool,
+}
+
+/// The group's disk state as the witness hears it: its worst member's.
+fn group_disk_state(g: &Group) -> DiskState {
+    let rank = |d: DiskState| match d {
+        DiskState::UpToDate => 0,
+        DiskState::Outdated => 1,
+        DiskState::Inconsistent => 2,
+        DiskState::Failed => 3,
+    };
+    g.members.iter().map(|v| v.disk.state()).max_by_key(|d| rank(*d)).unwrap_or(DiskState::UpToDate)
+}
+
+fn run(g: Group, role: NodeRole, on_change: &dyn Fn(RoleChange), stop: Arc<std::sync::atomic::AtomicBool>) {
+    let name = g.name.clone();
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            tracing::error!(volume = %name, "cannot start the witness client runtime: {e}");
+            tracing::error!(group = %name, "cannot start the witness client runtime: {e}");
             return;
         }
     };
-    let sb = v.intent.superblock();
-    let witness = v.config.witness.clone();
+    let witness = g.first().config.witness.clone();
     let (lease, drift_ppm) =
         witness.as_ref().map_or((crate::config::WITNESS_LEASE_DEFAULT, 0), |w| (w.lease, w.drift_ppm));
     let mut fence = Fence::new(
         role,
-        v.epoch(),
+        g.members.iter().map(|v| v.epoch()).max().unwrap_or(1),
         LeaseClock::new(lease, drift_ppm),
-        v.disk.state() == DiskState::UpToDate,
-        sb.peer_disk_state == Some(DiskState::Outdated),
+        g.members.iter().all(|v| v.disk.state() == DiskState::UpToDate),
+        // The record is the group's: one member that went alone (granted) outdated them all.
+        g.members.iter().any(|v| v.intent.superblock().peer_disk_state == Some(DiskState::Outdated)),
     );
     let mut link = witness.as_ref().map(|w| WitnessLink {
         addr: w.address,
         key: w.authkey.clone(),
-        node: v.node_name.clone(),
+        node: g.first().node_name.clone(),
         client: None,
         request_timeout: REQUEST_TIMEOUT_MAX.min(lease / super::lease::RENEWALS_PER_LEASE),
     });
-    let id = volume_id(&v);
-    let mut alerted = false;
-    let mut links_seen = false;
+    let id = volume_id(&g);
+    let mut members: Vec<Member> = g.members.iter().map(|_| Member::default()).collect();
     let mut last_query = Instant::now();
     let mut was_present = None;
+    let mut was_alone = false;
     while !stop.load(Ordering::Acquire) {
         let now = Instant::now();
-        let present = peer_present(&v, fence.role(), now, &mut links_seen);
+        let mut present = true;
+        for (v, m) in g.members.iter().zip(members.iter_mut()) {
+            let here = peer_present(v, fence.role(), now, &mut m.links_seen);
+            present &= here;
+            // The out-of-sync alert (with or without a witness), per volume.
+            let missing = v.fence.note_peer(here, now);
+            if missing >= v.config.out_of_sync_alert && !v.config.out_of_sync_alert.is_zero() {
+                if !m.alerted {
+                    tracing::warn!(
+                        volume = %v.config.name,
+                        missing_s = missing.as_secs(),
+                        "out of sync: the peer has been missing for longer than {} s (out_of_sync_alert_s)",
+                        v.config.out_of_sync_alert.as_secs()
+                    );
+                    m.alerted = true;
+                }
+            } else if here {
+                m.alerted = false;
+            }
+        }
         if was_present != Some(present) {
             fence.handle_peer_link(present);
             if present {
-                v.fence.on_peer_connected();
+                for v in &g.members {
+                    v.fence.on_peer_connected();
+                }
             }
             was_present = Some(present);
-        }
-        // The out-of-sync alert (with or without a witness).
-        let missing = v.fence.note_peer(present, now);
-        if missing >= v.config.out_of_sync_alert && !v.config.out_of_sync_alert.is_zero() {
-            if !alerted {
-                tracing::warn!(
-                    volume = %name,
-                    missing_s = missing.as_secs(),
-                    "out of sync: the peer has been missing for longer than {} s (out_of_sync_alert_s)",
-                    v.config.out_of_sync_alert.as_secs()
-                );
-                alerted = true;
-            }
-        } else if present {
-            alerted = false;
         }
         let Some(link) = link.as_mut() else {
             std::thread::sleep(TICK);
             continue;
         };
-        if v.disk.is_failed() {
+        if g.members.iter().any(|v| v.disk.is_failed()) {
             fence.handle_disk_failed();
         }
-        fence.handle_up_to_date(v.disk.state() == DiskState::UpToDate);
-        fence.handle_writes_held(v.queue_stats.iter().any(|q| QueueStats::get(&q.held) > 0));
-        fence.observe_epoch(v.epoch());
-        if let Some(mark) = v.fence.take_peer_in_sync() {
-            // Going alone ends here (this thread alone grants and revokes it with a witness);
-            // then, Dekker-style with `WriteIntent::begin_alone`: a write that completed alone
-            // since the copy began is not on the peer, so the witness must not hear it is up
-            // to date: resync again instead.
+        fence.handle_up_to_date(g.members.iter().all(|v| v.disk.state() == DiskState::UpToDate));
+        fence.handle_writes_held(g.members.iter().any(|v| v.queue_stats.iter().any(|q| QueueStats::get(&q.held) > 0)));
+        for v in &g.members {
+            fence.observe_epoch(v.epoch());
+        }
+        // A new spell of going alone: every member must be resynced again before the
+        // witness hears the peer is up to date.
+        if fence.alone_allowed() && !was_alone {
+            for m in members.iter_mut() {
+                m.in_sync = false;
+            }
+        }
+        was_alone = fence.alone_allowed();
+        let mut resynced = false;
+        for (v, m) in g.members.iter().zip(members.iter_mut()) {
+            let Some(mark) = v.fence.take_peer_in_sync() else { continue };
+            // Going alone ends here for this member (this thread alone grants and revokes
+            // it with a witness); then, Dekker-style with `WriteIntent::begin_alone`: a write
+            // that completed alone since the copy began is not on the peer, so the witness
+            // must not hear it is up to date: resync again instead.
             v.intent.revoke_alone();
             if v.intent.alone_attempts() == mark {
-                fence.handle_peer_in_sync();
+                m.in_sync = true;
+                resynced = true;
             } else {
-                tracing::info!(volume = %name, "a write completed alone during the resync: resyncing again before the witness hears the peer is up to date");
+                tracing::info!(volume = %v.config.name, "a write completed alone during the resync: resyncing again before the witness hears the peer is up to date");
+                m.in_sync = false;
                 v.intent.set_resync_needed(true);
                 v.sync.restart.store(true, Ordering::Release);
             }
         }
-        if v.fence.handover_requested.swap(false, Ordering::AcqRel) {
+        // The witness's record is the group's: it hears the peer is up to date only once
+        // every member is.
+        if resynced && members.iter().all(|m| m.in_sync) {
+            fence.handle_peer_in_sync();
+        }
+        if g.members.iter().any(|v| v.fence.handover_requested.swap(false, Ordering::AcqRel)) {
             fence.handle_handover_request();
         }
         if let Some(ask) = fence.poll_ask(now) {
-            let req = request(&fence, ask, &id, &v);
-            let answer = match rt.block_on(link.ask(&v, &req)) {
-                Ok(reply) => answer_of(&v, &fence, ask, reply),
+            let req = request(&fence, ask, &id, &g);
+            let answer = match rt.block_on(link.ask(&g, &req)) {
+                Ok(reply) => answer_of(&g, &fence, ask, reply),
                 Err(e) => {
-                    if v.fence.witness_info().connected || v.fence.witness_info().last_error.is_none() {
-                        tracing::warn!(volume = %name, witness = %link.addr, "witness unreachable: {e}");
+                    let info = g.first().fence.witness_info();
+                    if info.connected || info.last_error.is_none() {
+                        tracing::warn!(group = %name, witness = %link.addr, "witness unreachable: {e}");
                     }
-                    set_info(&v, |w| {
+                    set_info(&g, |w| {
                         w.connected = false;
-                        w.last_error = Some(e);
+                        w.last_error = Some(e.clone());
                     });
                     Answer::Unreachable
                 }
             };
             let before = fence.role();
             fence.handle_answer(Instant::now(), answer.clone());
-            publish(&v, &fence);
+            publish(&g, &fence, &mut members);
+            let outcome = |r: Result<u64, String>| {
+                for v in &g.members {
+                    *v.fence.handover_outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(r.clone());
+                }
+            };
             match (before, fence.role(), ask) {
                 (NodeRole::Secondary, NodeRole::Primary, _) => {
                     let epoch = fence.epoch();
-                    tracing::warn!(volume = %name, epoch, "the witness promoted this node: it becomes the primary");
+                    tracing::warn!(group = %name, epoch, "the witness promoted this node: it becomes the primary");
                     on_change(RoleChange::Promoted { volume: name.clone(), epoch });
                 }
                 (NodeRole::Primary, NodeRole::Deposed, Ask::Handover) => {
                     let epoch = fence.epoch();
-                    tracing::warn!(volume = %name, epoch, "switchover: the peer is the primary now; this node becomes secondary");
-                    *v.fence.handover_outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(Ok(epoch));
+                    tracing::warn!(group = %name, epoch, "switchover: the peer is the primary now; this node becomes secondary");
+                    outcome(Ok(epoch));
                     on_change(RoleChange::HandedOver { volume: name.clone(), epoch });
                 }
                 (NodeRole::Primary, NodeRole::Primary, Ask::Handover) => {
                     let why = match &answer {
                         Answer::Unreachable => "the witness did not answer".to_string(),
-                        _ => v.fence.witness_info().last_refusal.unwrap_or_else(|| "refused".into()),
+                        _ => g.first().fence.witness_info().last_refusal.unwrap_or_else(|| "refused".into()),
                     };
-                    *v.fence.handover_outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(Err(why));
+                    outcome(Err(why));
                 }
                 (NodeRole::Primary, NodeRole::Deposed, Ask::Resign) => {
-                    tracing::warn!(volume = %name, "resigned as primary (the local disk failed); the peer may take over");
+                    tracing::warn!(group = %name, "resigned as primary (a local disk failed); the peer may take over");
                     on_change(RoleChange::Resigned { volume: name.clone() });
                 }
                 (NodeRole::Primary, NodeRole::Deposed, _) => {
                     let epoch = fence.epoch();
-                    tracing::error!(volume = %name, epoch, "deposed: the witness names another primary; this node serves nothing more");
+                    tracing::error!(group = %name, epoch, "deposed: the witness names another primary; this node serves nothing more");
                     on_change(RoleChange::Deposed { volume: name.clone(), epoch });
                 }
                 _ => {}
             }
         } else {
-            publish(&v, &fence);
+            publish(&g, &fence, &mut members);
             // A secondary keeps its witness link warm (and its status true): when its primary
             // goes, the Promote goes out on an open connection.
             if fence.role() == NodeRole::Secondary && now >= last_query + lease / super::lease::RENEWALS_PER_LEASE {
                 last_query = now;
-                match rt.block_on(link.ask(&v, &Request::Query { volume: id.clone() })) {
+                match rt.block_on(link.ask(&g, &Request::Query { volume: id.clone() })) {
                     Ok(Reply::Granted { record }) => fence.observe_epoch(record.epoch),
                     Ok(_) => {}
-                    Err(e) => set_info(&v, |w| {
+                    Err(e) => set_info(&g, |w| {
                         w.connected = false;
-                        w.last_error = Some(e);
+                        w.last_error = Some(e.clone());
                     }),
                 }
             }
@@ -273,7 +345,7 @@ fn run(v: Arc<VolumeShared>, role: NodeRole, on_change: &dyn Fn(RoleChange), sto
     }
 }
 
-fn request(fence: &Fence, ask: Ask, id: &VolumeId, v: &VolumeShared) -> Request {
+fn request(fence: &Fence, ask: Ask, id: &VolumeId, g: &Group) -> Request {
     let (epoch, lease_ms, drift_ppm) =
         (fence.epoch(), fence.lease().lease().as_millis() as u64, fence.lease().drift_ppm());
     let volume = id.clone();
@@ -281,36 +353,39 @@ fn request(fence: &Fence, ask: Ask, id: &VolumeId, v: &VolumeShared) -> Request 
         Ask::Lease => Request::Lease { volume, epoch, lease_ms, drift_ppm },
         Ask::Outdate => Request::Outdate { volume, epoch, lease_ms, drift_ppm },
         Ask::PeerUpToDate => Request::PeerUpToDate { volume, epoch },
-        Ask::Promote => Request::Promote { volume, epoch, disk_state: v.disk.state(), lease_ms, drift_ppm },
-        Ask::Resign => Request::Resign { volume, epoch, disk_state: v.disk.state() },
-        Ask::Handover => {
-            Request::Handover { volume, epoch, to: v.config.peer.as_ref().map_or(String::new(), |p| p.name.clone()) }
-        }
+        Ask::Promote => Request::Promote { volume, epoch, disk_state: group_disk_state(g), lease_ms, drift_ppm },
+        Ask::Resign => Request::Resign { volume, epoch, disk_state: group_disk_state(g) },
+        Ask::Handover => Request::Handover {
+            volume,
+            epoch,
+            to: g.first().config.peer.as_ref().map_or(String::new(), |p| p.name.clone()),
+        },
     }
 }
 
-fn answer_of(v: &VolumeShared, fence: &Fence, ask: Ask, reply: Reply) -> Answer {
+fn answer_of(g: &Group, fence: &Fence, ask: Ask, reply: Reply) -> Answer {
+    let node = &g.first().node_name;
     match reply {
         Reply::Granted { record } => {
             if matches!(ask, Ask::Outdate | Ask::Promote | Ask::Resign | Ask::PeerUpToDate) {
-                tracing::info!(volume = %v.config.name, ?ask, epoch = record.epoch, "the witness granted");
+                tracing::info!(group = %g.name, ?ask, epoch = record.epoch, "the witness granted");
             }
-            set_info(v, |w| w.last_refusal = None);
+            set_info(g, |w| w.last_refusal = None);
             Answer::Granted { epoch: record.epoch }
         }
         Reply::Refused { reason, record } => {
             let reason = metroblk_protocol::printable(reason.as_bytes());
             let newer = record
                 .as_ref()
-                .is_some_and(|r| r.epoch > fence.epoch() || r.primary.as_deref().is_some_and(|p| p != v.node_name));
+                .is_some_and(|r| r.epoch > fence.epoch() || r.primary.as_deref().is_some_and(|p| p != node));
             // A refusal repeated every retry (a lease's milliseconds counting down) is logged
             // once: compare without the numbers.
             let gist = |s: &str| s.chars().filter(|c| !c.is_ascii_digit()).collect::<String>();
-            let changed = v.fence.witness_info().last_refusal.as_deref().map(gist) != Some(gist(&reason));
+            let changed = g.first().fence.witness_info().last_refusal.as_deref().map(gist) != Some(gist(&reason));
             if changed {
-                tracing::warn!(volume = %v.config.name, ?ask, "the witness refused: {reason}");
+                tracing::warn!(group = %g.name, ?ask, "the witness refused: {reason}");
             }
-            set_info(v, |w| w.last_refusal = Some(reason));
+            set_info(g, |w| w.last_refusal = Some(reason.clone()));
             match record {
                 Some(r) if newer && fence.role() == NodeRole::Primary => Answer::Deposed { epoch: r.epoch },
                 Some(r) if r.epoch > fence.epoch() => Answer::Deposed { epoch: r.epoch },
@@ -318,14 +393,21 @@ fn answer_of(v: &VolumeShared, fence: &Fence, ask: Ask, reply: Reply) -> Answer 
             }
         }
         other => {
-            tracing::warn!(volume = %v.config.name, ?ask, "unexpected answer from the witness: {other:?}");
+            tracing::warn!(group = %g.name, ?ask, "unexpected answer from the witness: {other:?}");
             Answer::Refused
         }
     }
 }
 
-/// Hands the machine's outcome to the queues.
-fn publish(v: &VolumeShared, fence: &Fence) {
+/// Hands the machine's outcome to every member's queues: one lease, one epoch, one fence for
+/// the group.
+fn publish(g: &Group, fence: &Fence, members: &mut [Member]) {
+    for (v, m) in g.members.iter().zip(members.iter_mut()) {
+        publish_member(v, fence, m);
+    }
+}
+
+fn publish_member(v: &VolumeShared, fence: &Fence, m: &mut Member) {
     match fence.role() {
         NodeRole::Deposed => {
             if !v.fence.is_deposed() {
@@ -338,9 +420,13 @@ fn publish(v: &VolumeShared, fence: &Fence) {
             v.fence.set_lease_until(fence.lease().valid_until());
             // The witness recorded the peer outdated in this epoch, and no resync since made
             // it up to date: writes may complete alone (while the lease runs: the queues check
-            // it). This thread alone changes the permission.
-            if fence.alone_allowed() {
+            // it). This thread alone changes the permission. A member already resynced while
+            // others still go alone is allowed again only if its writes are held once more
+            // (it then needs a resync again).
+            let held = v.queue_stats.iter().any(|q| QueueStats::get(&q.held) > 0);
+            if fence.alone_allowed() && (!m.in_sync || held) {
                 if !v.intent.alone_allowed() {
+                    m.in_sync = false;
                     v.intent.allow_alone();
                     v.intent.may_complete_alone();
                     v.conflicts.wake_all_queues();
@@ -358,8 +444,10 @@ fn publish(v: &VolumeShared, fence: &Fence) {
 }
 
 /// Asks the witness for the volume's record at start (None: it has none yet).
+/// `record`: the group's name and uuid at the witness.
 pub fn query_record(
     cfg: &crate::config::VolumeConfig,
+    record: (&str, uuid::Uuid),
     node_name: &str,
     w: &crate::config::WitnessConfig,
     timeout: Duration,
@@ -369,7 +457,7 @@ pub fn query_record(
         .build()
         .map_err(|e| format!("cannot start a runtime: {e}"))?;
     let peer = cfg.peer.as_ref().map_or(String::new(), |p| p.name.clone());
-    let volume = VolumeId::new(&cfg.name, &cfg.uuid.to_string(), node_name, &peer);
+    let volume = VolumeId::new(record.0, &record.1.to_string(), node_name, &peer);
     rt.block_on(async {
         let mut c = Client::connect(w.address, node_name, &w.authkey, timeout).await?;
         match c.request(&Request::Query { volume }, timeout).await? {

@@ -23,33 +23,43 @@ pub const DRAIN_MAX: Duration = Duration::from_secs(3);
 /// Longest wait for the witness's answer.
 pub const HANDOVER_WAIT_MAX: Duration = Duration::from_millis(1500);
 
-/// Runs steps 1–3; returns the operator's answer.
-pub fn switchover(v: &VolumeShared) -> Result<String, String> {
+/// Runs steps 1–3 for every volume of the group (`members`, the volume named first); returns
+/// the operator's answer. A group switches over as one: every member parks and drains before
+/// the witness is asked, so the peer takes over one point in time.
+pub fn switchover(members: &[&VolumeShared]) -> Result<String, String> {
+    let v = members[0];
     let name = &v.config.name;
     let peer = v.config.peer.as_ref().map_or("-", |p| p.name.as_str());
     if !v.fence.enabled {
         return Err(format!("volume {name} has no witness: a switchover needs one to record the new primary"));
     }
-    if v.fence.is_deposed() {
-        return Err(format!("volume {name}: this node is no longer the primary"));
-    }
-    if !v.queue_stats.iter().all(|q| q.link() == LinkState::Connected) {
-        return Err(format!("volume {name}: the peer {peer} is not connected"));
-    }
-    if v.sync.info().state != SyncState::InSync || v.intent.is_alone() || v.intent.resync_needed() {
-        return Err(format!(
-            "volume {name}: the peer {peer} is not in sync yet (see status); try again after the resync"
-        ));
+    for m in members {
+        let name = &m.config.name;
+        if m.fence.is_deposed() {
+            return Err(format!("volume {name}: this node is no longer the primary"));
+        }
+        if !m.queue_stats.iter().all(|q| q.link() == LinkState::Connected) {
+            return Err(format!("volume {name}: the peer {peer} is not connected"));
+        }
+        if m.sync.info().state != SyncState::InSync || m.intent.is_alone() || m.intent.resync_needed() {
+            return Err(format!(
+                "volume {name}: the peer {peer} is not in sync yet (see status); try again after the resync"
+            ));
+        }
     }
     let start = Instant::now();
-    *v.fence.handover_outcome.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    v.fence.switching.store(true, Ordering::Release);
+    for m in members {
+        *m.fence.handover_outcome.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        m.fence.switching.store(true, Ordering::Release);
+    }
     let sum = |f: fn(&QueueStats) -> &std::sync::atomic::AtomicU64| -> u64 {
-        v.queue_stats.iter().map(|q| QueueStats::get(f(q))).sum()
+        members.iter().flat_map(|m| m.queue_stats.iter()).map(|q| QueueStats::get(f(q))).sum()
     };
     let give_up = |why: String| {
-        v.fence.switching.store(false, Ordering::Release);
-        v.conflicts.wake_all_queues();
+        for m in members {
+            m.fence.switching.store(false, Ordering::Release);
+            m.conflicts.wake_all_queues();
+        }
         Err(why)
     };
     while sum(|q| &q.inflight) > sum(|q| &q.parked) || sum(|q| &q.held) > 0 {
@@ -62,13 +72,21 @@ pub fn switchover(v: &VolumeShared) -> Result<String, String> {
         std::thread::sleep(Duration::from_millis(1));
     }
     let drained = start.elapsed();
+    let others = if members.len() > 1 {
+        format!(
+            " with its group ({})",
+            members[1..].iter().map(|m| m.config.name.as_str()).collect::<Vec<_>>().join(", ")
+        )
+    } else {
+        String::new()
+    };
     v.fence.handover_requested.store(true, Ordering::Release);
     let asked = Instant::now();
     loop {
         if let Some(outcome) = v.fence.handover_outcome.lock().unwrap_or_else(|p| p.into_inner()).take() {
             return match outcome {
                 Ok(epoch) => Ok(format!(
-                    "volume {name}: handed over to {peer} in epoch {epoch} (drained in {} ms, witness answered in {} ms); \
+                    "volume {name}{others}: handed over to {peer} in epoch {epoch} (drained in {} ms, witness answered in {} ms); \
                      this node deletes its device and serves the volume as secondary",
                     drained.as_millis(),
                     asked.elapsed().as_millis()

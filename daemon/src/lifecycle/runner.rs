@@ -21,9 +21,10 @@ use std::time::{Duration, Instant};
 use metroblk_ublk::{Device, QueueTarget};
 
 use super::{Change, Closing, Command, Lifecycle, Phase};
+use crate::config::RoleGroup;
 use crate::config::{Fencing, Role, VolumeConfig, MAX_QUEUES, MAX_QUEUE_DEPTH};
 use crate::control::VolumeHandle;
-use crate::fencing::client::{FenceClient, RoleChange};
+use crate::fencing::client::{FenceClient, Group, RoleChange};
 use crate::fencing::NodeRole;
 use crate::frontend::{self, EngineQueue};
 use crate::peer::listener::{self, Listener};
@@ -37,9 +38,11 @@ pub const START_QUERY_TIMEOUT: Duration = Duration::from_secs(3);
 /// stopped when the role is lost.
 pub const ROLE_LOST_DRAIN_MAX: Duration = Duration::from_secs(3);
 
-/// What the control socket sees of one volume, and its way to the volume's thread.
+/// What the control socket sees of one volume, and its way to its group's thread.
 pub struct VolumeSlot {
     pub name: String,
+    /// The group it changes role with (its own name when in none).
+    pub group: String,
     view: Mutex<SlotView>,
     inputs: mpsc::Sender<Input>,
 }
@@ -65,14 +68,16 @@ impl VolumeSlot {
     pub fn serving(handle: VolumeHandle) -> Arc<VolumeSlot> {
         // No thread runs it: an operator's role change is refused (the receiver is gone).
         let (inputs, _) = mpsc::channel();
+        let name = handle.shared.config.name.clone();
         Arc::new(VolumeSlot {
-            name: handle.shared.config.name.clone(),
+            group: name.clone(),
+            name,
             view: Mutex::new(SlotView::Serving(Arc::new(handle))),
             inputs,
         })
     }
 
-    /// An operator's role change (`promote`, `demote`), for the volume's thread to apply.
+    /// An operator's role change (`promote`, `demote`), for the group's thread to apply.
     pub fn request_change(&self, change: Change) -> Result<(), String> {
         self.inputs
             .send(Input::Operator(change))
@@ -107,9 +112,10 @@ enum Input {
     Stop,
 }
 
-/// One volume's thread and the way to reach it.
-pub struct VolumeRunner {
-    pub slot: Arc<VolumeSlot>,
+/// One group's thread (a lone volume is a group of one) and the way to reach it.
+pub struct GroupRunner {
+    /// One per volume of the group, in config order.
+    pub slots: Vec<Arc<VolumeSlot>>,
     inputs: mpsc::Sender<Input>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// Set once the first open got past its checks (or failed): what `node run` waits for
@@ -126,32 +132,40 @@ pub struct NodeIdentity {
     pub stopping: Arc<AtomicBool>,
 }
 
-impl VolumeRunner {
-    /// Starts the volume's thread: it decides the role at start and opens the volume in it.
-    pub fn spawn(cfg: VolumeConfig, node: NodeIdentity) -> Result<VolumeRunner, String> {
+impl GroupRunner {
+    /// Starts the group's thread: it decides the role at start and opens the volumes in it.
+    pub fn spawn(group: RoleGroup, node: NodeIdentity) -> Result<GroupRunner, String> {
+        assert!(!group.volumes.is_empty(), "a group without volumes");
         let (inputs, rx) = mpsc::channel();
-        let slot = Arc::new(VolumeSlot {
-            name: cfg.name.clone(),
-            view: Mutex::new(SlotView::Opening(cfg.role)),
-            inputs: inputs.clone(),
-        });
+        let slots: Vec<Arc<VolumeSlot>> = group
+            .volumes
+            .iter()
+            .map(|v| {
+                Arc::new(VolumeSlot {
+                    name: v.name.clone(),
+                    group: group.name.clone(),
+                    view: Mutex::new(SlotView::Opening(v.role)),
+                    inputs: inputs.clone(),
+                })
+            })
+            .collect();
         let settled = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (slot, inputs, settled) = (slot.clone(), inputs.clone(), settled.clone());
+            let (slots, inputs, settled) = (slots.clone(), inputs.clone(), settled.clone());
             std::thread::Builder::new()
-                .name(format!("volume-{}", cfg.name))
-                .spawn(move || run(cfg, node, slot, inputs, rx, settled))
+                .name(format!("group-{}", group.name))
+                .spawn(move || run(group, node, slots, inputs, rx, settled))
                 .map_err(|e| format!("cannot start the thread of a volume: {e}"))?
         };
-        Ok(VolumeRunner { slot, inputs, thread: Some(thread), settled })
+        Ok(GroupRunner { slots, inputs, thread: Some(thread), settled })
     }
 
-    /// Asks the volume to stop (close its role and end its thread).
+    /// Asks the group to stop (close its role and end its thread).
     pub fn stop(&self) {
         let _ = self.inputs.send(Input::Stop);
     }
 
-    /// Waits for the volume's thread to end (after [`Self::stop`]).
+    /// Waits for the group's thread to end (after [`Self::stop`]).
     pub fn join(mut self) {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -159,34 +173,60 @@ impl VolumeRunner {
     }
 }
 
-/// A role's open parts.
+/// A role's open parts: every volume of the group in that role, and the group's witness
+/// client.
 enum Parts {
-    Primary { primary: Box<Primary>, client: Option<FenceClient> },
-    Secondary { secondary: Secondary, client: Option<FenceClient> },
+    Primary { primaries: Vec<Primary>, client: Option<FenceClient> },
+    Secondary { secondaries: Vec<Secondary>, client: Option<FenceClient> },
 }
 
 impl Parts {
-    fn shared(&self) -> &Arc<VolumeShared> {
+    fn shared(&self) -> Vec<Arc<VolumeShared>> {
         match self {
-            Parts::Primary { primary, .. } => &primary.volume.shared,
-            Parts::Secondary { secondary, .. } => &secondary.shared,
+            Parts::Primary { primaries, .. } => primaries.iter().map(|p| p.volume.shared.clone()).collect(),
+            Parts::Secondary { secondaries, .. } => secondaries.iter().map(|s| s.shared.clone()).collect(),
+        }
+    }
+
+    /// Each volume's handle, in the group's order.
+    fn handles(&self, role: Role) -> Vec<VolumeHandle> {
+        match self {
+            Parts::Primary { primaries, .. } => primaries
+                .iter()
+                .map(|p| VolumeHandle {
+                    shared: p.volume.shared.clone(),
+                    role,
+                    handoffs: p.volume.handoffs().to_vec(),
+                    ublk_device: Some(p.device.path().display().to_string()),
+                })
+                .collect(),
+            Parts::Secondary { secondaries, .. } => secondaries
+                .iter()
+                .map(|s| VolumeHandle { shared: s.shared.clone(), role, handoffs: Vec::new(), ublk_device: None })
+                .collect(),
         }
     }
 }
 
+fn set_all(slots: &[Arc<VolumeSlot>], view: SlotView) {
+    for s in slots {
+        s.set(view.clone());
+    }
+}
+
 fn run(
-    cfg: VolumeConfig,
+    group: RoleGroup,
     node: NodeIdentity,
-    slot: Arc<VolumeSlot>,
+    slots: Vec<Arc<VolumeSlot>>,
     inputs: mpsc::Sender<Input>,
     rx: mpsc::Receiver<Input>,
     settled: Arc<AtomicBool>,
 ) {
-    let name = cfg.name.clone();
-    let role = match start_role(&cfg, &node.name, &node.config_path) {
+    let name = group.name.clone();
+    let role = match start_role(&group, &node.name, &node.config_path) {
         Ok(r) => r,
         Err(e) => {
-            slot.set(SlotView::Failed(e));
+            set_all(&slots, SlotView::Failed(e));
             settled.store(true, Ordering::Release);
             // Stays until the node stops, so `status` can say why.
             while let Ok(input) = rx.recv() {
@@ -194,7 +234,7 @@ fn run(
                     break;
                 }
             }
-            slot.set(SlotView::Stopped);
+            set_all(&slots, SlotView::Stopped);
             return;
         }
     };
@@ -205,25 +245,27 @@ fn run(
         while let Some(command) = life.poll_command() {
             match command {
                 Command::Open(role) => {
-                    slot.set(SlotView::Opening(role));
+                    set_all(&slots, SlotView::Opening(role));
                     let on_change = {
                         let inputs = inputs.clone();
                         move |c: RoleChange| {
                             let _ = inputs.send(Input::Role(c));
                         }
                     };
-                    match open(&cfg, &node, role, on_change, &settled) {
+                    match open(&group, &node, role, on_change, &settled) {
                         Ok(p) => {
-                            slot.set(SlotView::Serving(Arc::new(handle_of(&p, role))));
+                            for (slot, h) in slots.iter().zip(p.handles(role)) {
+                                slot.set(SlotView::Serving(Arc::new(h)));
+                            }
                             parts = Some(p);
                             life.handle_opened(Instant::now());
                         }
                         Err(e) => {
                             if settled.load(Ordering::Acquire) {
                                 // Not the node's first open: nobody else reports it.
-                                tracing::error!(volume = %name, "cannot open as {role}: {e}");
+                                tracing::error!(group = %name, "cannot open as {role}: {e}");
                             }
-                            slot.set(SlotView::Failed(e));
+                            set_all(&slots, SlotView::Failed(e));
                             life.handle_open_failed();
                         }
                     }
@@ -231,7 +273,9 @@ fn run(
                 }
                 Command::Record(change) => {
                     if let Some(p) = &parts {
-                        record_role_change(p.shared(), change);
+                        for v in p.shared() {
+                            record_role_change(&v, change);
+                        }
                     }
                 }
                 Command::Close { role, how, deadline } => {
@@ -239,14 +283,14 @@ fn run(
                         Phase::Closing { then: super::Then::Open(r), .. } => Some(r),
                         _ => None,
                     };
-                    slot.set(SlotView::Changing { from: role, to });
+                    set_all(&slots, SlotView::Changing { from: role, to });
                     let p = parts.take().expect("a close comes only with open parts");
                     match close(p, how, deadline) {
                         Ok(()) => life.handle_closed(),
                         Err((why, weak)) => {
-                            tracing::error!(volume = %name, "cannot release the {role} role: {why}; the volume serves nothing until the node restarts");
+                            tracing::error!(group = %name, "cannot release the {role} role: {why}; the group serves nothing until the node restarts");
                             leaked.extend(weak);
-                            slot.set(SlotView::Failed(format!("its {role} role could not be released: {why}")));
+                            set_all(&slots, SlotView::Failed(format!("its {role} role could not be released: {why}")));
                             life.handle_close_failed();
                         }
                     }
@@ -255,7 +299,7 @@ fn run(
         }
         match life.phase() {
             Phase::Stopped => {
-                slot.set(SlotView::Stopped);
+                set_all(&slots, SlotView::Stopped);
                 return;
             }
             Phase::Failed | Phase::Serving(_) => {}
@@ -275,90 +319,104 @@ fn run(
                     RoleChange::HandedOver { epoch, .. } => Change::HandedOver { epoch },
                 };
                 if !life.handle_role_change(Instant::now(), change) {
-                    tracing::info!(volume = %name, ?change, phase = ?life.phase(), "a stale role change: ignored");
+                    tracing::info!(group = %name, ?change, phase = ?life.phase(), "a stale role change: ignored");
                 }
             }
             Input::Operator(change) => {
-                tracing::warn!(volume = %name, ?change, "role change asked by the operator");
+                tracing::warn!(group = %name, ?change, "role change asked by the operator");
                 if !life.handle_role_change(Instant::now(), change) {
-                    tracing::warn!(volume = %name, ?change, phase = ?life.phase(), "the operator's role change does not apply now: ignored");
+                    tracing::warn!(group = %name, ?change, phase = ?life.phase(), "the operator's role change does not apply now: ignored");
                 }
             }
         }
     }
 }
 
-fn handle_of(p: &Parts, role: Role) -> VolumeHandle {
-    match p {
-        Parts::Primary { primary, .. } => VolumeHandle {
-            shared: primary.volume.shared.clone(),
-            role,
-            handoffs: primary.volume.handoffs().to_vec(),
-            ublk_device: Some(primary.device.path().display().to_string()),
-        },
-        Parts::Secondary { secondary, .. } => {
-            VolumeHandle { shared: secondary.shared.clone(), role, handoffs: Vec::new(), ublk_device: None }
-        }
-    }
-}
-
-/// Opens the volume's parts in `role`, with its witness client.
+/// Opens every volume of the group in `role`, with the group's witness client. A volume that
+/// cannot be opened fails the group's open (what was opened is closed again): a group serves
+/// as one or not at all.
 fn open(
-    cfg: &VolumeConfig,
+    group: &RoleGroup,
     node: &NodeIdentity,
     role: Role,
     on_change: impl Fn(RoleChange) + Send + 'static,
     settled: &AtomicBool,
 ) -> Result<Parts, String> {
+    let replicated = group.volumes[0].peer.is_some();
+    let record = |members: Vec<Arc<VolumeShared>>| Group { name: group.name.clone(), uuid: group.uuid, members };
     match role {
         Role::Secondary => {
-            let secondary = start_secondary(cfg, &node.name, &node.config_path)?;
-            let client = crate::fencing::client::spawn(secondary.shared.clone(), NodeRole::Secondary, on_change)?;
-            Ok(Parts::Secondary { secondary, client: Some(client) })
+            let mut secondaries = Vec::new();
+            for cfg in &group.volumes {
+                secondaries.push(start_secondary(cfg, &node.name, &node.config_path)?);
+            }
+            let members = secondaries.iter().map(|s| s.shared.clone()).collect();
+            let client = crate::fencing::client::spawn(record(members), NodeRole::Secondary, on_change)?;
+            Ok(Parts::Secondary { secondaries, client: Some(client) })
         }
         Role::Primary => {
-            let mut client = None;
-            let primary = start_primary(cfg, &node.name, &node.config_path, &node.stopping, |shared| {
-                if shared.config.peer.is_some() {
-                    client = Some(crate::fencing::client::spawn(shared.clone(), NodeRole::Primary, on_change)?);
-                }
-                // Past the checks: what follows waits for a lease or the peer.
-                settled.store(true, Ordering::Release);
-                Ok(())
-            })?;
-            Ok(Parts::Primary { primary: Box::new(primary), client })
+            let mut prepared = Vec::new();
+            for cfg in &group.volumes {
+                prepared.push(prepare_primary(cfg, &node.name, &node.config_path)?);
+            }
+            let client = if replicated {
+                let members = prepared.iter().map(|p| p.volume.shared.clone()).collect();
+                Some(crate::fencing::client::spawn(record(members), NodeRole::Primary, on_change)?)
+            } else {
+                None
+            };
+            // Past the checks: what follows waits for a lease or the peer.
+            settled.store(true, Ordering::Release);
+            let mut primaries = Vec::new();
+            for p in prepared {
+                primaries.push(serve_primary(p, &node.stopping)?);
+            }
+            Ok(Parts::Primary { primaries, client })
         }
     }
 }
 
-/// Closes a role's parts and waits until nothing holds the volume any more. On failure,
-/// returns why and the volume that could not be released.
-fn close(parts: Parts, how: Closing, deadline: Instant) -> Result<(), (String, Option<Weak<VolumeShared>>)> {
-    let weak = Arc::downgrade(parts.shared());
+/// Closes a role's parts and waits until nothing holds the group's volumes any more. On
+/// failure, returns why and the volumes that could not be released.
+fn close(parts: Parts, how: Closing, deadline: Instant) -> Result<(), (String, Vec<Weak<VolumeShared>>)> {
+    let weak: Vec<Weak<VolumeShared>> = parts.shared().iter().map(Arc::downgrade).collect();
+    let mut left_for_recovery = false;
     match parts {
-        Parts::Primary { primary, client } => {
+        Parts::Primary { primaries, client } => {
             // The client first: no role change or lease renewal after this point.
             drop(client);
+            // Every volume's I/O is failed or left at once (not one after the other): the
+            // group gives up its role as one.
             match how {
-                Closing::RoleLost => stop_deposed_primary(*primary, deadline).map_err(|e| (e, None))?,
+                Closing::RoleLost => {
+                    let stops: Vec<_> = primaries.into_iter().map(|p| stop_deposed_primary(p, deadline)).collect();
+                    for r in stops {
+                        r.map_err(|e| (e, weak.clone()))?;
+                    }
+                }
                 Closing::Shutdown => {
-                    if !shut_down_primary(*primary) {
-                        // Left for recovery: its threads serve until the process exits.
-                        return Ok(());
+                    for p in primaries {
+                        left_for_recovery |= !shut_down_primary(p);
                     }
                 }
             }
         }
-        Parts::Secondary { secondary, client } => {
+        Parts::Secondary { secondaries, client } => {
             drop(client);
-            let Secondary { shared, listener } = secondary;
-            drop(shared);
-            if let Err(e) = listener.stop(deadline) {
-                return Err((e, Some(weak)));
+            for Secondary { shared, listener } in secondaries {
+                drop(shared);
+                listener.stop(deadline).map_err(|e| (e, weak.clone()))?;
             }
         }
     }
-    wait_released(&weak, deadline).map_err(|e| (e, Some(weak)))
+    if left_for_recovery {
+        // Their threads serve until the process exits.
+        return Ok(());
+    }
+    for w in &weak {
+        wait_released(w, deadline).map_err(|e| (e, weak.clone()))?;
+    }
+    Ok(())
 }
 
 /// Waits until every thread let go of the volume (so the next role can open its files).
@@ -562,20 +620,16 @@ pub struct Primary {
     pub volume: Volume,
 }
 
-/// Opens a volume as primary and serves it as a ublk device: adds the device (or recovers
-/// the one a killed daemon left), opens the engine with as many queues as the device has,
-/// and starts one queue thread per queue driving the engine on libublk's ring.
-///
-/// `before_serving` runs once the engine exists and before the device serves; with a witness
-/// the device is started only once the fence is lifted (a lease, or the peer), so a restarted
-/// primary that may have been replaced serves nothing, not even the kernel's partition scan.
-pub fn start_primary(
-    cfg: &VolumeConfig,
-    node_name: &str,
-    config_path: &Path,
-    stopping: &AtomicBool,
-    before_serving: impl FnOnce(&Arc<VolumeShared>) -> Result<(), String>,
-) -> Result<Primary, String> {
+/// A primary before it serves: the device added (or found for recovery) and the engine open.
+pub struct PreparedPrimary {
+    device: Device,
+    volume: Volume,
+}
+
+/// Opens a volume as primary up to serving: adds the device (or finds the one a killed
+/// daemon left, for recovery) and opens the engine with as many queues as the device has.
+/// Nothing is served yet; [`serve_primary`] starts the queues.
+pub fn prepare_primary(cfg: &VolumeConfig, node_name: &str, config_path: &Path) -> Result<PreparedPrimary, String> {
     let err = |e: &dyn std::fmt::Display| format!("volume {}: {e}", cfg.name);
     // Before the device exists: a node without usable metadata serves nothing, and neither
     // does one whose copy is not up to date.
@@ -625,14 +679,23 @@ pub fn start_primary(
         )));
     }
     let volume = Volume::open_primary_with(cfg, node_name, device.queues(), intent).map_err(|e| e.to_string())?;
-    before_serving(&volume.shared)?;
+    Ok(PreparedPrimary { device, volume })
+}
+
+/// Starts serving a prepared primary's device: one queue thread per queue driving the
+/// engine on libublk's ring. With a witness the device is started only once the fence is
+/// lifted (a lease, or the peer): the witness client must be running already. So a
+/// restarted primary that may have been replaced serves nothing, not even the kernel's
+/// partition scan.
+pub fn serve_primary(p: PreparedPrimary, stopping: &AtomicBool) -> Result<Primary, String> {
+    let PreparedPrimary { mut device, volume } = p;
+    let name = volume.shared.config.name.clone();
     wait_until_unfenced(&volume, stopping);
-    let mut device = device;
     device
         .start(|qid, depth| Box::new(EngineQueue::new(volume.queue(qid, depth))) as Box<dyn QueueTarget>)
-        .map_err(|e| err(&e))?;
+        .map_err(|e| format!("volume {name}: {e}"))?;
     tracing::info!(
-        volume = %cfg.name,
+        volume = %name,
         device = %device.path().display(),
         recovered = device.is_recovery(),
         "primary serving its block device"
@@ -640,17 +703,28 @@ pub fn start_primary(
     Ok(Primary { device, volume })
 }
 
-/// The role a volume starts in. Without a witness, the config's. With one
-/// (`fencing = "witness"`), the witness's record if it answers at start, else the role the
-/// witness last gave this node (kept in the metadata), else the config's preferred role.
-pub fn start_role(cfg: &VolumeConfig, node_name: &str, config_path: &Path) -> Result<Role, String> {
-    let Some(w) = cfg.witness.as_ref().filter(|_| cfg.fencing == Fencing::Witness) else {
-        return Ok(cfg.role);
+/// The role a group starts in. Without a witness, the config's. With one
+/// (`fencing = "witness"`), the witness's record of the group if it answers at start, else
+/// the role the witness last gave this node (kept in each volume's metadata: primary only if
+/// every volume says so), else the config's preferred role. Primary only if every volume's
+/// copy is up to date.
+pub fn start_role(group: &RoleGroup, node_name: &str, config_path: &Path) -> Result<Role, String> {
+    let first = &group.volumes[0];
+    let Some(w) = first.witness.as_ref().filter(|_| first.fencing == Fencing::Witness) else {
+        return Ok(first.role);
     };
-    let metadata = volume::open_metadata(cfg, node_name, config_path).map_err(|e| e.to_string())?;
-    let sb = metadata.superblock();
-    let local = sb.role.unwrap_or(cfg.role);
-    let asked = crate::fencing::client::query_record(cfg, node_name, w, START_QUERY_TIMEOUT);
+    let mut metadata = Vec::new();
+    for cfg in &group.volumes {
+        metadata.push(volume::open_metadata(cfg, node_name, config_path).map_err(|e| e.to_string())?);
+    }
+    let local =
+        if metadata.iter().zip(&group.volumes).all(|(m, c)| m.superblock().role.unwrap_or(c.role) == Role::Primary) {
+            Role::Primary
+        } else {
+            Role::Secondary
+        };
+    let asked =
+        crate::fencing::client::query_record(first, (&group.name, group.uuid), node_name, w, START_QUERY_TIMEOUT);
     let role = match &asked {
         Ok(Some(r)) if r.primary.as_deref() == Some(node_name) => Role::Primary,
         Ok(Some(r)) if r.primary.is_some() => Role::Secondary,
@@ -658,22 +732,30 @@ pub fn start_role(cfg: &VolumeConfig, node_name: &str, config_path: &Path) -> Re
         Ok(Some(_)) => Role::Secondary,
         Ok(None) => local,
         Err(e) => {
-            tracing::warn!(volume = %cfg.name, "the witness did not answer at start ({e}); starting as {local}, the role this node last held");
+            tracing::warn!(group = %group.name, "the witness did not answer at start ({e}); starting as {local}, the role this node last held");
             local
         }
     };
-    if role == Role::Primary && sb.disk_state != volume::disk::DiskState::UpToDate {
-        tracing::warn!(volume = %cfg.name, disk = %sb.disk_state, "this copy is not up to date: starting as secondary");
-        return Ok(Role::Secondary);
+    if role == Role::Primary {
+        if let Some((m, c)) = metadata
+            .iter()
+            .zip(&group.volumes)
+            .find(|(m, _)| m.superblock().disk_state != volume::disk::DiskState::UpToDate)
+        {
+            tracing::warn!(group = %group.name, volume = %c.name, disk = %m.superblock().disk_state, "this copy is not up to date: starting as secondary");
+            return Ok(Role::Secondary);
+        }
     }
     if let Ok(Some(r)) = &asked {
         // The witness's epoch is the current one: a node coming back adopts it at once, so it
         // refuses the deposed primary from the start and shows the epoch it serves in.
-        if role == Role::Secondary && r.epoch > sb.epoch {
-            metadata.update_superblock(|sb| sb.epoch = sb.epoch.max(r.epoch)).map_err(|e| e.to_string())?;
+        for m in &metadata {
+            if role == Role::Secondary && r.epoch > m.superblock().epoch {
+                m.update_superblock(|sb| sb.epoch = sb.epoch.max(r.epoch)).map_err(|e| e.to_string())?;
+            }
         }
     }
-    tracing::info!(volume = %cfg.name, %role, witness = ?asked.as_ref().ok().map(|r| r.as_ref().map(|r| (r.epoch, r.primary.clone()))), "role at start");
+    tracing::info!(group = %group.name, %role, witness = ?asked.as_ref().ok().map(|r| r.as_ref().map(|r| (r.epoch, r.primary.clone()))), "role at start");
     Ok(role)
 }
 

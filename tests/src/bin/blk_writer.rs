@@ -21,6 +21,18 @@
 //! writer die before logging it). Prints `checked N blocks, M acknowledged writes` or each
 //! loss, and exits 1 on a loss.
 //!
+//! `blk_writer dependent DEV_X DEV_Y LOG BLOCKS`: dependent writes across two devices (a
+//! database's log and data, two volumes of one consistency group): for seq = 1, 2, ... it
+//! writes X = the record of `seq` to block `seq % BLOCKS` of DEV_X, and only after that write
+//! completed writes Y, the same record, to the same block of DEV_Y; after Y completed it
+//! appends `seq offset time_ms` to LOG. Both devices are opened O_DIRECT|O_DSYNC. Stops at
+//! the first failed write (exit 3), as `write` does.
+//!
+//! `blk_writer check-dependent DEV_X DEV_Y LOG BLOCKS`: every block among DEV_Y's first
+//! BLOCKS that holds a record has its X on DEV_X (the same block holds that record or a later one: X is always written
+//! first), and every block LOG names holds on DEV_Y the last acknowledged Y or a later one.
+//! Exits 1 on a Y without its X or a lost write.
+//!
 //! `blk_writer stats LOG`: one `KEY VALUE` line each: `acknowledged` (writes), `errors`,
 //! `max_latency_ms` (the slowest acknowledged write) and `max_latency_at_ms` (when it
 //! completed), `threads` (that logged a write) and `stalest_last_ack_ms` (the oldest of the
@@ -215,10 +227,77 @@ fn check(dev: &str, log: &str) -> ! {
     std::process::exit(if lost == 0 && acked > 0 { 0 } else { 1 });
 }
 
+fn dependent(dev_x: &str, dev_y: &str, log: &str, blocks: u64) -> ! {
+    let (x, y) = (open(dev_x, true, true), open(dev_y, true, true));
+    let mut log = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("open the log");
+    let mut buf = Aligned::new();
+    for seq in 1.. {
+        let offset = (seq % blocks) * BLOCK as u64;
+        record(seq, offset, buf.buf());
+        for (f, which) in [(&x, "x"), (&y, "y")] {
+            match f.write_at(buf.buf(), offset) {
+                Ok(n) if n == BLOCK => {}
+                r => {
+                    let why = r.map_or_else(|e| e.raw_os_error().unwrap_or(0).to_string(), |n| format!("short:{n}"));
+                    let _ = writeln!(log, "error {seq} {which}:{why} {}", now_ms());
+                    std::process::exit(3);
+                }
+            }
+        }
+        writeln!(log, "{seq} {offset} {}", now_ms()).expect("log");
+    }
+    unreachable!()
+}
+
+fn check_dependent(dev_x: &str, dev_y: &str, log: &str, blocks: u64) -> ! {
+    let (x, y) = (open(dev_x, false, false), open(dev_y, false, false));
+    let size = blocks * BLOCK as u64;
+    let (mut bx, mut by) = (Aligned::new(), Aligned::new());
+    let (mut ys, mut orphans) = (0u64, 0u64);
+    for offset in (0..size).step_by(BLOCK) {
+        y.read_exact_at(by.buf(), offset).unwrap_or_else(|e| panic!("read {dev_y} at {offset}: {e}"));
+        let Some((sy, _)) = parse(by.buf()) else { continue };
+        ys += 1;
+        x.read_exact_at(bx.buf(), offset).unwrap_or_else(|e| panic!("read {dev_x} at {offset}: {e}"));
+        match parse(bx.buf()) {
+            Some((sx, o)) if o == offset && sx >= sy => {}
+            found => {
+                orphans += 1;
+                if orphans <= 10 {
+                    println!("ORPHAN: {dev_y} at {offset} holds write {sy}, but {dev_x} there holds {found:?}");
+                }
+            }
+        }
+    }
+    let mut last = std::collections::BTreeMap::<u64, u64>::new();
+    for line in std::io::BufReader::new(std::fs::File::open(log).expect("open the log")).lines() {
+        let line = line.expect("read the log");
+        let mut w = line.split_whitespace();
+        let (Some(Ok(seq)), Some(Ok(offset))) = (w.next().map(str::parse::<u64>), w.next().map(str::parse::<u64>))
+        else {
+            continue;
+        };
+        last.insert(offset, seq);
+    }
+    let mut lost = 0u64;
+    for (&offset, &seq) in &last {
+        y.read_exact_at(by.buf(), offset).unwrap_or_else(|e| panic!("read {dev_y} at {offset}: {e}"));
+        if !matches!(parse(by.buf()), Some((s, o)) if o == offset && s >= seq) {
+            lost += 1;
+            if lost <= 10 {
+                println!("LOST: {dev_y} at {offset} should hold write {seq} or later");
+            }
+        }
+    }
+    println!("{ys} dependent writes on {dev_y}, {orphans} without their write on {dev_x}, {lost} acknowledged lost");
+    std::process::exit(if orphans == 0 && lost == 0 && ys > 0 { 0 } else { 1 });
+}
+
 fn usage() -> ! {
     eprintln!(
         "usage: blk_writer write DEV LOG BLOCKS [--control DIR] [--threads N] [--dsync] \
-         | blk_writer check DEV LOG | blk_writer stats LOG"
+         | blk_writer check DEV LOG | blk_writer stats LOG | blk_writer dependent DEV_X DEV_Y LOG BLOCKS \
+         | blk_writer check-dependent DEV_X DEV_Y LOG BLOCKS"
     );
     std::process::exit(2);
 }
@@ -254,6 +333,8 @@ fn main() {
             write(&a)
         }
         [_, "check", dev, log] => check(dev, log),
+        [_, "dependent", x, y, log, blocks] => dependent(x, y, log, blocks.parse().expect("BLOCKS")),
+        [_, "check-dependent", x, y, log, blocks] => check_dependent(x, y, log, blocks.parse().expect("BLOCKS")),
         [_, "stats", log] => stats(log),
         _ => usage(),
     }
