@@ -29,8 +29,9 @@
 //! the first failed write (exit 3), as `write` does.
 //!
 //! `blk_writer check-dependent DEV_X DEV_Y LOG BLOCKS`: every block among DEV_Y's first
-//! BLOCKS that holds a record has its X on DEV_X (the same block holds that record or a later one: X is always written
-//! first), and every block LOG names holds on DEV_Y the last acknowledged Y or a later one.
+//! BLOCKS that holds a record has its X on DEV_X (the same block holds that record or a
+//! later one: X is always written first), and every block LOG names holds on DEV_Y the last
+//! acknowledged Y or a later one.
 //! Exits 1 on a Y without its X or a lost write.
 //!
 //! `blk_writer stats LOG`: one `KEY VALUE` line each: `acknowledged` (writes), `errors`,
