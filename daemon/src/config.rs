@@ -370,6 +370,9 @@ pub enum Keys {
 
 /// UUIDv5 namespace for volume uuids derived from the volume name, so that two nodes whose
 /// configs name the same volume agree on its uuid without an extra field.
+/// Most volumes in one consistency group (Tintri's service-group limit is 16).
+pub const GROUP_VOLUMES_MAX: usize = 64;
+
 /// UUIDv5 namespace of consistency groups' witness records (both nodes derive the same from
 /// the group's name).
 const GROUP_UUID_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6d65_7472_6f62_6c6b_0000_0000_0000_0002);
@@ -729,6 +732,9 @@ fn check_groups(raw: Vec<RawGroup>, volumes: &[VolumeConfig]) -> Result<Vec<Grou
                     ),
                 ));
             }
+        }
+        if g.volumes.len() > GROUP_VOLUMES_MAX {
+            return Err((f("volumes"), format!("{me} has {} volumes, more than {GROUP_VOLUMES_MAX}", g.volumes.len())));
         }
         // A group changes role as one across exactly two nodes, under one witness record:
         // its volumes must name the same peer, the same witness and the same fencing.

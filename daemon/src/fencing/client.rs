@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use metroblk_protocol::witness::{self as wire, Reply, Request, VolumeId};
 use metroblk_witness::client::Client;
 
+use super::group::{group_facts, GroupAlone, VolumeFacts};
 use super::lease::LeaseClock;
 use super::{Answer, Ask, Fence, NodeRole};
 use crate::volume::disk::DiskState;
@@ -141,25 +142,25 @@ fn set_info(g: &Group, f: impl Fn(&mut super::shared::WitnessInfo)) {
     }
 }
 
-/// What the client keeps per member of its group.
+/// What the client keeps per member of its group for the alert and the secondary's view.
 #[derive(Default)]
 struct Member {
     links_seen: bool,
     alerted: bool,
-    /// Made up to date by a resync since the group last went alone (its own going alone is
-    /// revoked meanwhile, unless its writes are held again).
-    in_sync: bool,
 }
 
-/// The group's disk state as the witness hears it: its worst member's.
-fn group_disk_state(g: &Group) -> DiskState {
-    let rank = |d: DiskState| match d {
-        DiskState::UpToDate => 0,
-        DiskState::Outdated => 1,
-        DiskState::Inconsistent => 2,
-        DiskState::Failed => 3,
-    };
-    g.members.iter().map(|v| v.disk.state()).max_by_key(|d| rank(*d)).unwrap_or(DiskState::UpToDate)
+/// Each member's facts now (the decisions on them are `group.rs`'s, pure).
+fn facts(g: &Group, role: NodeRole, now: Instant, members: &mut [Member]) -> Vec<VolumeFacts> {
+    g.members
+        .iter()
+        .zip(members.iter_mut())
+        .map(|(v, m)| VolumeFacts {
+            peer_present: peer_present(v, role, now, &mut m.links_seen),
+            disk: v.disk.state(),
+            writes_held: v.queue_stats.iter().any(|q| QueueStats::get(&q.held) > 0),
+            epoch: v.epoch(),
+        })
+        .collect()
 }
 
 fn run(g: Group, role: NodeRole, on_change: &dyn Fn(RoleChange), stop: Arc<std::sync::atomic::AtomicBool>) {
@@ -191,17 +192,16 @@ fn run(g: Group, role: NodeRole, on_change: &dyn Fn(RoleChange), stop: Arc<std::
     });
     let id = volume_id(&g);
     let mut members: Vec<Member> = g.members.iter().map(|_| Member::default()).collect();
+    let mut alone = GroupAlone::new(g.members.len());
     let mut last_query = Instant::now();
     let mut was_present = None;
-    let mut was_alone = false;
     while !stop.load(Ordering::Acquire) {
         let now = Instant::now();
-        let mut present = true;
-        for (v, m) in g.members.iter().zip(members.iter_mut()) {
-            let here = peer_present(v, fence.role(), now, &mut m.links_seen);
-            present &= here;
+        let each = facts(&g, fence.role(), now, &mut members);
+        let group = group_facts(&each);
+        for ((v, m), f) in g.members.iter().zip(members.iter_mut()).zip(&each) {
             // The out-of-sync alert (with or without a witness), per volume.
-            let missing = v.fence.note_peer(here, now);
+            let missing = v.fence.note_peer(f.peer_present, now);
             if missing >= v.config.out_of_sync_alert && !v.config.out_of_sync_alert.is_zero() {
                 if !m.alerted {
                     tracing::warn!(
@@ -212,60 +212,49 @@ fn run(g: Group, role: NodeRole, on_change: &dyn Fn(RoleChange), stop: Arc<std::
                     );
                     m.alerted = true;
                 }
-            } else if here {
+            } else if f.peer_present {
                 m.alerted = false;
             }
         }
-        if was_present != Some(present) {
-            fence.handle_peer_link(present);
-            if present {
+        if was_present != Some(group.peer_present) {
+            fence.handle_peer_link(group.peer_present);
+            if group.peer_present {
                 for v in &g.members {
                     v.fence.on_peer_connected();
                 }
             }
-            was_present = Some(present);
+            was_present = Some(group.peer_present);
         }
         let Some(link) = link.as_mut() else {
             std::thread::sleep(TICK);
             continue;
         };
-        if g.members.iter().any(|v| v.disk.is_failed()) {
+        if group.disk_failed {
             fence.handle_disk_failed();
         }
-        fence.handle_up_to_date(g.members.iter().all(|v| v.disk.state() == DiskState::UpToDate));
-        fence.handle_writes_held(g.members.iter().any(|v| v.queue_stats.iter().any(|q| QueueStats::get(&q.held) > 0)));
-        for v in &g.members {
-            fence.observe_epoch(v.epoch());
-        }
-        // A new spell of going alone: every member must be resynced again before the
-        // witness hears the peer is up to date.
-        if fence.alone_allowed() && !was_alone {
-            for m in members.iter_mut() {
-                m.in_sync = false;
-            }
-        }
-        was_alone = fence.alone_allowed();
-        let mut resynced = false;
-        for (v, m) in g.members.iter().zip(members.iter_mut()) {
+        fence.handle_up_to_date(group.up_to_date);
+        fence.handle_writes_held(group.writes_held);
+        fence.observe_epoch(group.epoch);
+        alone.handle_alone_allowed(fence.alone_allowed());
+        let mut tell = false;
+        for (i, v) in g.members.iter().enumerate() {
             let Some(mark) = v.fence.take_peer_in_sync() else { continue };
             // Going alone ends here for this member (this thread alone grants and revokes
             // it with a witness); then, Dekker-style with `WriteIntent::begin_alone`: a write
             // that completed alone since the copy began is not on the peer, so the witness
             // must not hear it is up to date: resync again instead.
             v.intent.revoke_alone();
-            if v.intent.alone_attempts() == mark {
-                m.in_sync = true;
-                resynced = true;
-            } else {
+            let clean = v.intent.alone_attempts() == mark;
+            if !clean {
                 tracing::info!(volume = %v.config.name, "a write completed alone during the resync: resyncing again before the witness hears the peer is up to date");
-                m.in_sync = false;
                 v.intent.set_resync_needed(true);
                 v.sync.restart.store(true, Ordering::Release);
             }
+            // The witness's record is the group's: it hears the peer is up to date only once
+            // every member is.
+            tell |= alone.handle_resynced(i, clean);
         }
-        // The witness's record is the group's: it hears the peer is up to date only once
-        // every member is.
-        if resynced && members.iter().all(|m| m.in_sync) {
+        if tell {
             fence.handle_peer_in_sync();
         }
         if g.members.iter().any(|v| v.fence.handover_requested.swap(false, Ordering::AcqRel)) {
@@ -289,7 +278,7 @@ fn run(g: Group, role: NodeRole, on_change: &dyn Fn(RoleChange), stop: Arc<std::
             };
             let before = fence.role();
             fence.handle_answer(Instant::now(), answer.clone());
-            publish(&g, &fence, &mut members);
+            publish(&g, &fence, &mut alone);
             let outcome = |r: Result<u64, String>| {
                 for v in &g.members {
                     *v.fence.handover_outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(r.clone());
@@ -326,7 +315,7 @@ fn run(g: Group, role: NodeRole, on_change: &dyn Fn(RoleChange), stop: Arc<std::
                 _ => {}
             }
         } else {
-            publish(&g, &fence, &mut members);
+            publish(&g, &fence, &mut alone);
             // A secondary keeps its witness link warm (and its status true): when its primary
             // goes, the Promote goes out on an open connection.
             if fence.role() == NodeRole::Secondary && now >= last_query + lease / super::lease::RENEWALS_PER_LEASE {
@@ -345,6 +334,16 @@ fn run(g: Group, role: NodeRole, on_change: &dyn Fn(RoleChange), stop: Arc<std::
     }
 }
 
+/// The group's disk state as the witness hears it: its worst member's.
+fn group_disk(g: &Group) -> DiskState {
+    let each: Vec<VolumeFacts> = g
+        .members
+        .iter()
+        .map(|v| VolumeFacts { peer_present: true, disk: v.disk.state(), writes_held: false, epoch: 0 })
+        .collect();
+    group_facts(&each).disk
+}
+
 fn request(fence: &Fence, ask: Ask, id: &VolumeId, g: &Group) -> Request {
     let (epoch, lease_ms, drift_ppm) =
         (fence.epoch(), fence.lease().lease().as_millis() as u64, fence.lease().drift_ppm());
@@ -353,8 +352,8 @@ fn request(fence: &Fence, ask: Ask, id: &VolumeId, g: &Group) -> Request {
         Ask::Lease => Request::Lease { volume, epoch, lease_ms, drift_ppm },
         Ask::Outdate => Request::Outdate { volume, epoch, lease_ms, drift_ppm },
         Ask::PeerUpToDate => Request::PeerUpToDate { volume, epoch },
-        Ask::Promote => Request::Promote { volume, epoch, disk_state: group_disk_state(g), lease_ms, drift_ppm },
-        Ask::Resign => Request::Resign { volume, epoch, disk_state: group_disk_state(g) },
+        Ask::Promote => Request::Promote { volume, epoch, disk_state: group_disk(g), lease_ms, drift_ppm },
+        Ask::Resign => Request::Resign { volume, epoch, disk_state: group_disk(g) },
         Ask::Handover => Request::Handover {
             volume,
             epoch,
@@ -401,13 +400,13 @@ fn answer_of(g: &Group, fence: &Fence, ask: Ask, reply: Reply) -> Answer {
 
 /// Hands the machine's outcome to every member's queues: one lease, one epoch, one fence for
 /// the group.
-fn publish(g: &Group, fence: &Fence, members: &mut [Member]) {
-    for (v, m) in g.members.iter().zip(members.iter_mut()) {
-        publish_member(v, fence, m);
+fn publish(g: &Group, fence: &Fence, alone: &mut GroupAlone) {
+    for (i, v) in g.members.iter().enumerate() {
+        publish_member(v, fence, || alone.may_go_alone(i, v.queue_stats.iter().any(|q| QueueStats::get(&q.held) > 0)));
     }
 }
 
-fn publish_member(v: &VolumeShared, fence: &Fence, m: &mut Member) {
+fn publish_member(v: &VolumeShared, fence: &Fence, may_go_alone: impl FnOnce() -> bool) {
     match fence.role() {
         NodeRole::Deposed => {
             if !v.fence.is_deposed() {
@@ -420,13 +419,9 @@ fn publish_member(v: &VolumeShared, fence: &Fence, m: &mut Member) {
             v.fence.set_lease_until(fence.lease().valid_until());
             // The witness recorded the peer outdated in this epoch, and no resync since made
             // it up to date: writes may complete alone (while the lease runs: the queues check
-            // it). This thread alone changes the permission. A member already resynced while
-            // others still go alone is allowed again only if its writes are held once more
-            // (it then needs a resync again).
-            let held = v.queue_stats.iter().any(|q| QueueStats::get(&q.held) > 0);
-            if fence.alone_allowed() && (!m.in_sync || held) {
+            // it). This thread alone changes the permission (`group.rs` decides per member).
+            if may_go_alone() {
                 if !v.intent.alone_allowed() {
-                    m.in_sync = false;
                     v.intent.allow_alone();
                     v.intent.may_complete_alone();
                     v.conflicts.wake_all_queues();

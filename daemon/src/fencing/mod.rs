@@ -24,6 +24,7 @@
 //! two never serve in one epoch.
 
 pub mod client;
+pub mod group;
 pub mod lease;
 pub mod shared;
 pub mod switchover;
