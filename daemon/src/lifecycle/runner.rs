@@ -6,7 +6,8 @@
 //! A volume's parts in each role:
 //! - primary: its ublk device (added, or recovered after a crash; with a witness started only
 //!   once unfenced), the engine (queues, links dialled per queue, sync source, write-intent
-//!   writer) and its witness client;
+//!   writer), its witness client, and a listener that answers only the exchange of a peer
+//!   that is primary too (so two primaries report their split brain);
 //! - secondary: the listener with the links it serves (data and sync) and its witness client.
 //!
 //! Closing a role ends every thread that holds the volume and then waits until the last
@@ -161,8 +162,16 @@ impl VolumeRunner {
 
 /// A role's open parts.
 enum Parts {
-    Primary { primary: Box<Primary>, client: Option<FenceClient> },
-    Secondary { secondary: Secondary, client: Option<FenceClient> },
+    /// `exchange`: the listener that answers a peer that is primary too (the exchange only).
+    Primary {
+        primary: Box<Primary>,
+        client: Option<FenceClient>,
+        exchange: Option<Listener>,
+    },
+    Secondary {
+        secondary: Secondary,
+        client: Option<FenceClient>,
+    },
 }
 
 impl Parts {
@@ -201,6 +210,9 @@ fn run(
     let mut life = Lifecycle::new(role);
     let mut parts: Option<Parts> = None;
     let mut leaked: Vec<Weak<VolumeShared>> = Vec::new();
+    // The operator's `resync --discard-local` demoted this primary: the secondary it opens
+    // as next drops its changes.
+    let mut discard_local = false;
     loop {
         while let Some(command) = life.poll_command() {
             match command {
@@ -212,7 +224,8 @@ fn run(
                             let _ = inputs.send(Input::Role(c));
                         }
                     };
-                    match open(&cfg, &node, role, on_change, &settled) {
+                    let opened = open(&cfg, &node, role, on_change, &settled, std::mem::take(&mut discard_local));
+                    match opened {
                         Ok(p) => {
                             slot.set(SlotView::Serving(Arc::new(handle_of(&p, role))));
                             parts = Some(p);
@@ -230,6 +243,7 @@ fn run(
                     settled.store(true, Ordering::Release);
                 }
                 Command::Record(change) => {
+                    discard_local = matches!(change, Change::DemotedByOperator { discard_local: true });
                     if let Some(p) = &parts {
                         record_role_change(p.shared(), change);
                     }
@@ -309,10 +323,18 @@ fn open(
     role: Role,
     on_change: impl Fn(RoleChange) + Send + 'static,
     settled: &AtomicBool,
+    discard_local: bool,
 ) -> Result<Parts, String> {
     match role {
         Role::Secondary => {
             let secondary = start_secondary(cfg, &node.name, &node.config_path)?;
+            if discard_local {
+                // `resync --discard-local` on the primary that became this secondary: its
+                // first exchange drops this copy's changes (a restart forgets it; the
+                // exchange then reports the split brain again, and the operator repeats it).
+                secondary.shared.sync.discard_local.store(true, Ordering::Release);
+                tracing::warn!(volume = %cfg.name, "this node's changes are dropped at the first exchange: it resyncs from the peer");
+            }
             let client = crate::fencing::client::spawn(secondary.shared.clone(), NodeRole::Secondary, on_change)?;
             Ok(Parts::Secondary { secondary, client: Some(client) })
         }
@@ -326,7 +348,19 @@ fn open(
                 settled.store(true, Ordering::Release);
                 Ok(())
             })?;
-            Ok(Parts::Primary { primary: Box::new(primary), client })
+            // Two nodes that both hold the volume as primary (an operator promoted one while
+            // the other went on alone) must still meet and report the split brain: each
+            // dials the other's listen address, so a primary answers there too.
+            let exchange = if cfg.peer.is_some() {
+                listener::start_serving(primary.volume.shared.clone(), listener::Serving::PrimaryExchange)
+                    .map_err(
+                        |e| tracing::warn!(volume = %cfg.name, "{e}; a peer that is primary too will not be answered"),
+                    )
+                    .ok()
+            } else {
+                None
+            };
+            Ok(Parts::Primary { primary: Box::new(primary), client, exchange })
         }
     }
 }
@@ -336,7 +370,12 @@ fn open(
 fn close(parts: Parts, how: Closing, deadline: Instant) -> Result<(), (String, Option<Weak<VolumeShared>>)> {
     let weak = Arc::downgrade(parts.shared());
     match parts {
-        Parts::Primary { primary, client } => {
+        Parts::Primary { primary, client, exchange } => {
+            if let Some(l) = exchange {
+                if let Err(e) = l.stop(deadline) {
+                    tracing::error!(volume = %primary.volume.shared.config.name, "{e}");
+                }
+            }
             // The client first: no role change or lease renewal after this point.
             drop(client);
             match how {
@@ -490,7 +529,13 @@ fn record_role_change(v: &VolumeShared, change: Change) {
                 sb.disk_state = volume::disk::DiskState::UpToDate;
             }
         }
-        Change::DemotedByOperator => sb.role = Some(Role::Secondary),
+        Change::DemotedByOperator { discard_local } => {
+            sb.role = Some(Role::Secondary);
+            if discard_local {
+                // The operator dropped this copy's changes: it misses the peer's.
+                sb.disk_state = volume::disk::DiskState::Outdated;
+            }
+        }
     });
     match r {
         Ok(sb) => {
