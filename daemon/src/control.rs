@@ -302,6 +302,9 @@ fn volume_command(r: &ControlRequest, volumes: &[Arc<VolumeSlot>]) -> Result<Str
             if r.checksum && h.role != Role::Primary {
                 return Err(format!("volume {name} is secondary here; run resync --checksum on the primary"));
             }
+            if r.discard_local && h.role == Role::Primary {
+                return discard_local_on_primary(slot, &h);
+            }
             if let Some(rate) = r.rate {
                 v.sync.rate_bps.store(rate, Ordering::Relaxed);
             }
@@ -413,7 +416,7 @@ fn operator_role_change(r: &ControlRequest, slot: &VolumeSlot, h: &VolumeHandle)
                  --force demotes anyway (promote the peer only after a resync from here)"
             ));
         }
-        Change::DemotedByOperator
+        Change::DemotedByOperator { discard_local: false }
     };
     slot.request_change(change)?;
     Ok(format!(
@@ -423,6 +426,31 @@ fn operator_role_change(r: &ControlRequest, slot: &VolumeSlot, h: &VolumeHandle)
         } else {
             "its device is deleted; becoming secondary"
         }
+    ))
+}
+
+/// `resync --discard-local` on a primary (the split-brain runbook, no witness): this node's
+/// changes are dropped, so it stops serving them: the volume's thread demotes it (its device
+/// deleted) and the secondary it becomes is resynced from the peer, whose changes win.
+fn discard_local_on_primary(slot: &VolumeSlot, h: &VolumeHandle) -> Result<String, String> {
+    let v = &h.shared;
+    let name = &v.config.name;
+    if v.fence.enabled {
+        return Err(format!(
+            "volume {name} is primary here and has a witness, which decides the roles; run --discard-local on the \
+             secondary"
+        ));
+    }
+    if let Some(dev) = h.ublk_device.as_deref().filter(|d| device_in_use(d)) {
+        return Err(format!(
+            "volume {name}: {dev} is in use (mounted or held open exclusively); its data is about to be dropped: stop \
+             its users and unmount it first"
+        ));
+    }
+    slot.request_change(crate::lifecycle::Change::DemotedByOperator { discard_local: true })?;
+    Ok(format!(
+        "volume {name}: this node's changes will be dropped: its device is deleted, it becomes secondary and is \
+         resynced from the peer"
     ))
 }
 

@@ -7,7 +7,8 @@
 //! that the link carries ordinary frames: WRITE (a region's copy), FLUSH, PING, and SYNC_DONE.
 //!
 //! Layout (little-endian, 404 bytes): magic `MBLKSYNC`, generation (16), history (8 × 16),
-//! history length, disk state, flags (bit 0: discard local changes; bit 1: full resync asked),
+//! history length, disk state, flags (bit 0: discard local changes; bit 1: full resync asked;
+//! bit 2: the sender serves the volume as primary),
 //! reserved (5), region count, bitmap bytes that follow, reserved (8).
 
 use zerocopy::little_endian::U64;
@@ -24,6 +25,7 @@ pub const SYNC_BITMAP_BYTES_MAX: u64 = 64 << 20;
 
 const FLAG_DISCARD_LOCAL: u8 = 1;
 const FLAG_FULL: u8 = 2;
+const FLAG_PRIMARY: u8 = 4;
 
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
@@ -56,6 +58,9 @@ pub struct SyncHello {
     pub discard_local: bool,
     /// The operator asked for a full resync.
     pub full: bool,
+    /// The sender serves the volume as primary (the dialer always; a listener that does is
+    /// the other half of two primaries: a split brain of roles).
+    pub primary: bool,
     /// Regions of the volume (both must agree).
     pub regions: u64,
     /// Bytes of dirty bitmap that follow the hello (one bit per region, LSB first).
@@ -87,7 +92,9 @@ impl SyncHello {
             history,
             history_len: self.history.len() as u8,
             disk_state: self.disk_state,
-            flags: if self.discard_local { FLAG_DISCARD_LOCAL } else { 0 } | if self.full { FLAG_FULL } else { 0 },
+            flags: if self.discard_local { FLAG_DISCARD_LOCAL } else { 0 }
+                | if self.full { FLAG_FULL } else { 0 }
+                | if self.primary { FLAG_PRIMARY } else { 0 },
             reserved: [0; 5],
             regions: U64::new(self.regions),
             bitmap_bytes: U64::new(self.bitmap_bytes),
@@ -108,7 +115,7 @@ impl SyncHello {
         if crate::DiskState::from_code(w.disk_state).is_none() {
             return Err(SyncHelloError::DiskState(w.disk_state));
         }
-        if w.flags & !(FLAG_DISCARD_LOCAL | FLAG_FULL) != 0 {
+        if w.flags & !(FLAG_DISCARD_LOCAL | FLAG_FULL | FLAG_PRIMARY) != 0 {
             return Err(SyncHelloError::Flags(w.flags));
         }
         if w.bitmap_bytes.get() > SYNC_BITMAP_BYTES_MAX {
@@ -120,6 +127,7 @@ impl SyncHello {
             disk_state: w.disk_state,
             discard_local: w.flags & FLAG_DISCARD_LOCAL != 0,
             full: w.flags & FLAG_FULL != 0,
+            primary: w.flags & FLAG_PRIMARY != 0,
             regions: w.regions.get(),
             bitmap_bytes: w.bitmap_bytes.get(),
         })
@@ -138,6 +146,7 @@ mod tests {
             disk_state: 2,
             discard_local: true,
             full: false,
+            primary: true,
             regions: 1024,
             bitmap_bytes: 4096,
         };

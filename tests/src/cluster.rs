@@ -233,6 +233,7 @@ fn fresh_sync_hello(cfg: &metroblk::config::VolumeConfig) -> (metroblk_protocol:
         disk_state: 0,
         discard_local: false,
         full: false,
+        primary: false,
         regions,
         bitmap_bytes: bitmap.len() as u64,
     };

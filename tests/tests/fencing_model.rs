@@ -32,10 +32,12 @@
 //!   held and the epoch, then `poll_ask`; the request goes to the witness if the node's link to
 //!   it is up and it is alive, else the node is answered `Unreachable` (a timeout);
 //! * the witness's reply is mapped to an [`Answer`] exactly as `client.rs` `answer_of` does;
-//! * a role change (promoted, deposed, resigned) is recorded in the metadata as `node.rs`
-//!   `record_role_change` does and the node restarts (re-exec) through `start_role`: the
-//!   witness's record if it answers, else the metadata's role, never primary when not up to
-//!   date. A restart is a fresh `Fence::new` from the metadata, so are crash restarts;
+//! * a role change (promoted, deposed, resigned) is recorded in the metadata as
+//!   `lifecycle/runner.rs` `record_role_change` does and the group reopens in the new role in
+//!   the running node (a fresh `Fence::new` from the metadata, no witness query; a primary
+//!   whose copy is not up to date fails to open, modelled as a crash). A crash restart goes
+//!   through `start_role`: the witness's record if it answers, else the metadata's role, never
+//!   primary when not up to date;
 //! * the link between the nodes carries replication only between a primary and a secondary
 //!   whose epoch is not above the primary's (the handshake), both alive with working disks; a
 //!   secondary adopts the primary's epoch from it. A write completes when the fence's I/O mode
@@ -276,7 +278,7 @@ fn index_of(name: &str) -> usize {
     NAMES.iter().position(|n| *n == name).expect("one of the two nodes")
 }
 
-/// `node.rs` `start_role` and the fresh fence of `client.rs` `run`.
+/// A crash restart: `lifecycle/runner.rs` `start_role` and the fresh fence of `client.rs` `run`.
 fn restart(s: &mut State, i: usize) {
     let asked = reachable(s, i).then(|| s.witness.record(VOLUME)).flatten();
     let n = &mut s.nodes[i];
@@ -295,8 +297,25 @@ fn restart(s: &mut State, i: usize) {
     n.flight = None;
 }
 
-/// Feeds an answer to node `i`'s fence, then does what `client.rs` `run` and `node.rs` do with
-/// the outcome (publish the epoch, record a role change and restart).
+/// `lifecycle/runner.rs` after a role change: the group reopens in the change's target role,
+/// in the running node, with a fresh fence from the metadata (no witness query). A primary
+/// whose copy is not up to date fails to open and serves nothing until the node restarts:
+/// modelled as a crash (a later restart goes through `start_role`).
+fn reopen(s: &mut State, i: usize, primary: bool) {
+    let n = &mut s.nodes[i];
+    n.held = None;
+    n.flight = None;
+    if primary && n.meta.disk != DiskState::UpToDate {
+        n.alive = false;
+        return;
+    }
+    let role = if primary { NodeRole::Primary } else { NodeRole::Secondary };
+    n.fence =
+        Fence::new(role, n.meta.epoch.max(1), lease_clock(), n.meta.disk == DiskState::UpToDate, n.meta.peer_outdated);
+}
+
+/// Feeds an answer to node `i`'s fence, then does what `client.rs` `run` and the lifecycle do
+/// with the outcome (publish the epoch, record a role change and reopen in the new role).
 fn answer(s: &mut State, i: usize, ask: Ask, answer: Answer) {
     let now = instant(s.now);
     let acked = s.acked;
@@ -307,8 +326,8 @@ fn answer(s: &mut State, i: usize, ask: Ask, answer: Answer) {
     match (before, n.fence.role(), ask) {
         (NodeRole::Secondary, NodeRole::Primary, _) => {
             let epoch = n.fence.take_promotion().expect("a promotion");
-            // Its disk may have failed since the witness granted (checked there): then
-            // `start_role` keeps it secondary. Its data cannot have fallen behind.
+            // Its disk may have failed since the witness granted (checked there): then its
+            // primary role fails to open. Its data cannot have fallen behind.
             if n.data & acked != acked {
                 s.bad_promotion = true;
             }
@@ -317,18 +336,18 @@ fn answer(s: &mut State, i: usize, ask: Ask, answer: Answer) {
             n.meta.epoch = n.meta.epoch.max(epoch);
             n.meta.primary = true;
             n.meta.peer_outdated = true;
-            restart(s, i);
+            reopen(s, i, true);
         }
         (NodeRole::Primary, NodeRole::Deposed, Ask::Resign) => {
             n.meta.primary = false;
             n.meta.disk = DiskState::Failed;
-            restart(s, i);
+            reopen(s, i, false);
         }
         (NodeRole::Primary, NodeRole::Deposed, Ask::Handover) => unreachable!("no switchover in the model"),
         (NodeRole::Primary, NodeRole::Deposed, _) => {
             n.meta.primary = false;
             n.meta.disk = DiskState::Outdated;
-            restart(s, i);
+            reopen(s, i, false);
         }
         _ => {}
     }

@@ -172,7 +172,10 @@ fn run(g: Group, role: NodeRole, on_change: &dyn Fn(RoleChange), stop: Arc<std::
             return;
         }
     };
-    let witness = g.first().config.witness.clone();
+    // A witness configured under another fencing mode (`none`, `hold`) arbitrates nothing:
+    // its section is ignored, or its decisions would hold writes that mode lets go on alone.
+    let witness =
+        g.first().config.witness.clone().filter(|_| g.first().config.fencing == crate::config::Fencing::Witness);
     let (lease, drift_ppm) =
         witness.as_ref().map_or((crate::config::WITNESS_LEASE_DEFAULT, 0), |w| (w.lease, w.drift_ppm));
     let mut fence = Fence::new(

@@ -51,8 +51,10 @@ pub enum Change {
     /// An operator's `metroblk promote` (no witness): primary in the next epoch, a new
     /// generation; `forced`: even though this copy is not up to date.
     PromotedByOperator { forced: bool },
-    /// An operator's `metroblk demote` (no witness): secondary, the copy as it is.
-    DemotedByOperator,
+    /// An operator's `metroblk demote` (no witness): secondary, the copy as it is; or
+    /// `resync --discard-local` on a primary (`discard_local`): secondary, outdated, its
+    /// changes dropped at the first exchange (resynced from the peer).
+    DemotedByOperator { discard_local: bool },
 }
 
 impl Change {

@@ -6,7 +6,8 @@
 //! A volume's parts in each role:
 //! - primary: its ublk device (added, or recovered after a crash; with a witness started only
 //!   once unfenced), the engine (queues, links dialled per queue, sync source, write-intent
-//!   writer) and its witness client;
+//!   writer), its witness client, and a listener that answers only the exchange of a peer
+//!   that is primary too (so two primaries report their split brain);
 //! - secondary: the listener with the links it serves (data and sync) and its witness client.
 //!
 //! Closing a role ends every thread that holds the volume and then waits until the last
@@ -176,8 +177,16 @@ impl GroupRunner {
 /// A role's open parts: every volume of the group in that role, and the group's witness
 /// client.
 enum Parts {
-    Primary { primaries: Vec<Primary>, client: Option<FenceClient> },
-    Secondary { secondaries: Vec<Secondary>, client: Option<FenceClient> },
+    /// `exchanges`: the listeners that answer a peer that is primary too (the exchange only).
+    Primary {
+        primaries: Vec<Primary>,
+        client: Option<FenceClient>,
+        exchanges: Vec<Listener>,
+    },
+    Secondary {
+        secondaries: Vec<Secondary>,
+        client: Option<FenceClient>,
+    },
 }
 
 impl Parts {
@@ -241,6 +250,9 @@ fn run(
     let mut life = Lifecycle::new(role);
     let mut parts: Option<Parts> = None;
     let mut leaked: Vec<Weak<VolumeShared>> = Vec::new();
+    // The operator's `resync --discard-local` demoted this primary: the secondary it opens
+    // as next drops its changes.
+    let mut discard_local = false;
     loop {
         while let Some(command) = life.poll_command() {
             match command {
@@ -252,7 +264,8 @@ fn run(
                             let _ = inputs.send(Input::Role(c));
                         }
                     };
-                    match open(&group, &node, role, on_change, &settled) {
+                    let opened = open(&group, &node, role, on_change, &settled, std::mem::take(&mut discard_local));
+                    match opened {
                         Ok(p) => {
                             for (slot, h) in slots.iter().zip(p.handles(role)) {
                                 slot.set(SlotView::Serving(Arc::new(h)));
@@ -272,6 +285,7 @@ fn run(
                     settled.store(true, Ordering::Release);
                 }
                 Command::Record(change) => {
+                    discard_local = matches!(change, Change::DemotedByOperator { discard_local: true });
                     if let Some(p) = &parts {
                         for v in p.shared() {
                             record_role_change(&v, change);
@@ -341,6 +355,7 @@ fn open(
     role: Role,
     on_change: impl Fn(RoleChange) + Send + 'static,
     settled: &AtomicBool,
+    discard_local: bool,
 ) -> Result<Parts, String> {
     let replicated = group.volumes[0].peer.is_some();
     let record = |members: Vec<Arc<VolumeShared>>| Group { name: group.name.clone(), uuid: group.uuid, members };
@@ -348,7 +363,15 @@ fn open(
         Role::Secondary => {
             let mut secondaries = Vec::new();
             for cfg in &group.volumes {
-                secondaries.push(start_secondary(cfg, &node.name, &node.config_path)?);
+                let secondary = start_secondary(cfg, &node.name, &node.config_path)?;
+                if discard_local {
+                    // `resync --discard-local` on the primary that became this secondary: its
+                    // first exchange drops this copy's changes (a restart forgets it; the
+                    // exchange then reports the split brain again, and the operator repeats it).
+                    secondary.shared.sync.discard_local.store(true, Ordering::Release);
+                    tracing::warn!(volume = %cfg.name, "this node's changes are dropped at the first exchange: it resyncs from the peer");
+                }
+                secondaries.push(secondary);
             }
             let members = secondaries.iter().map(|s| s.shared.clone()).collect();
             let client = crate::fencing::client::spawn(record(members), NodeRole::Secondary, on_change)?;
@@ -371,7 +394,21 @@ fn open(
             for p in prepared {
                 primaries.push(serve_primary(p, &node.stopping)?);
             }
-            Ok(Parts::Primary { primaries, client })
+            // Two nodes that both hold the volume as primary (an operator promoted one while
+            // the other went on alone) must still meet and report the split brain: each
+            // dials the other's listen address, so a primary answers there too.
+            let exchanges = primaries
+                .iter()
+                .filter(|p| p.volume.shared.config.peer.is_some())
+                .filter_map(|p| {
+                    listener::start_serving(p.volume.shared.clone(), listener::Serving::PrimaryExchange)
+                        .map_err(|e| {
+                            tracing::warn!(volume = %p.volume.shared.config.name, "{e}; a peer that is primary too will not be answered")
+                        })
+                        .ok()
+                })
+                .collect();
+            Ok(Parts::Primary { primaries, client, exchanges })
         }
     }
 }
@@ -382,7 +419,12 @@ fn close(parts: Parts, how: Closing, deadline: Instant) -> Result<(), (String, V
     let weak: Vec<Weak<VolumeShared>> = parts.shared().iter().map(Arc::downgrade).collect();
     let mut left_for_recovery = false;
     match parts {
-        Parts::Primary { primaries, client } => {
+        Parts::Primary { primaries, client, exchanges } => {
+            for l in exchanges {
+                if let Err(e) = l.stop(deadline) {
+                    tracing::error!("{e}");
+                }
+            }
             // The client first: no role change or lease renewal after this point.
             drop(client);
             // Every volume's I/O is failed or left at once (not one after the other): the
@@ -548,7 +590,13 @@ fn record_role_change(v: &VolumeShared, change: Change) {
                 sb.disk_state = volume::disk::DiskState::UpToDate;
             }
         }
-        Change::DemotedByOperator => sb.role = Some(Role::Secondary),
+        Change::DemotedByOperator { discard_local } => {
+            sb.role = Some(Role::Secondary);
+            if discard_local {
+                // The operator dropped this copy's changes: it misses the peer's.
+                sb.disk_state = volume::disk::DiskState::Outdated;
+            }
+        }
     });
     match r {
         Ok(sb) => {

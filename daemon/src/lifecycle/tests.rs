@@ -28,7 +28,7 @@ const STEPS: [Step; 10] = [
     Step::Change(Change::Resigned),
     Step::Change(Change::HandedOver { epoch: 2 }),
     Step::Change(Change::PromotedByOperator { forced: false }),
-    Step::Change(Change::DemotedByOperator),
+    Step::Change(Change::DemotedByOperator { discard_local: true }),
     Step::Stop,
     Step::Stop,
 ];

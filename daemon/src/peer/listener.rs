@@ -137,13 +137,33 @@ impl RateLimitedLog {
     }
 }
 
+/// Whom a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serving {
+    /// A secondary: the primary's data links and sync link.
+    Secondary,
+    /// A primary: only the exchange of a sync link from a peer that is primary too, so that
+    /// both report the split brain (`resync::target::answer_as_primary`). Data links are
+    /// refused, and nothing a peer sends is ever applied.
+    PrimaryExchange,
+}
+
 /// Binds the volume's listen address and serves links from the primary on background threads.
 pub fn start(v: Arc<VolumeShared>) -> Result<Listener, String> {
+    start_serving(v, Serving::Secondary)
+}
+
+/// [`start`], for a secondary or (the exchange only) a primary.
+pub fn start_serving(v: Arc<VolumeShared>, serving: Serving) -> Result<Listener, String> {
     let listener = TcpListener::bind(v.config.listen)
         .map_err(|e| format!("volume {}: cannot listen on {}: {e}", v.config.name, v.config.listen))?;
     let local_addr = listener.local_addr().map_err(|e| e.to_string())?;
-    tracing::info!(volume = %v.config.name, %local_addr, "secondary: waiting for the primary");
-    v.queue_stats[0].set_link(LinkState::Connecting);
+    if serving == Serving::Secondary {
+        tracing::info!(volume = %v.config.name, %local_addr, "secondary: waiting for the primary");
+        v.queue_stats[0].set_link(LinkState::Connecting);
+    } else {
+        tracing::info!(volume = %v.config.name, %local_addr, "primary: answering a peer that is primary too (the exchange only)");
+    }
     let socket = listener.try_clone().map_err(|e| format!("volume {}: {e}", v.config.name))?;
     let stopping = Arc::new(AtomicBool::new(false));
     let threads = Arc::new(AtomicUsize::new(0));
@@ -157,6 +177,7 @@ pub fn start(v: Arc<VolumeShared>) -> Result<Listener, String> {
         threads: threads.clone(),
         sync_links: sync_links.clone(),
         sync_link_ids: Arc::new(AtomicU64::new(0)),
+        serving,
     };
     let count = ThreadCount::enter(&threads);
     std::thread::Builder::new()
@@ -179,6 +200,7 @@ struct Accepting {
     threads: Arc<AtomicUsize>,
     sync_links: Arc<Mutex<Vec<(u64, TcpStream)>>>,
     sync_link_ids: Arc<AtomicU64>,
+    serving: Serving,
 }
 
 fn accept_loop(v: Arc<VolumeShared>, listener: TcpListener, a: Accepting) {
@@ -305,6 +327,23 @@ fn accept_one(v: Arc<VolumeShared>, mut stream: TcpStream, from: SocketAddr, a: 
     let _ = stream.set_read_timeout(None);
     let _ = stream.set_write_timeout(None);
     if a.stopping.load(Ordering::Acquire) {
+        return;
+    }
+    if a.serving == Serving::PrimaryExchange {
+        if peer.queue != metroblk_protocol::SYNC_QUEUE {
+            tracing::warn!(volume = %v.config.name, "refused a data link from {from}: this node is primary");
+            return;
+        }
+        let id = a.sync_link_ids.fetch_add(1, Ordering::Relaxed);
+        if let Ok(second) = stream.try_clone() {
+            a.sync_links.lock().unwrap_or_else(|p| p.into_inner()).push((id, second));
+        }
+        if a.stopping.load(Ordering::Acquire) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+        let why = crate::resync::target::answer_as_primary(&v, stream);
+        a.sync_links.lock().unwrap_or_else(|p| p.into_inner()).retain(|(i, _)| *i != id);
+        tracing::info!(volume = %v.config.name, peer = %peer.node_name, "sync link from a peer that is primary too: {why}");
         return;
     }
     if peer.queue == metroblk_protocol::SYNC_QUEUE {

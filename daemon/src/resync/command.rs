@@ -53,6 +53,11 @@ pub fn change_role(config: &Path, volume: &str, promote: bool, force: bool) -> R
     let answer = control::request(&socket, &req)?;
     let text = answer.get("ok").and_then(|v| v.as_str()).unwrap_or("requested").to_string();
     let want = if promote { crate::config::Role::Primary } else { crate::config::Role::Secondary };
+    wait_for_role(&socket, volume, want, text)
+}
+
+/// Waits until `volume` serves as `want` (after an operator's role change), or says why not.
+fn wait_for_role(socket: &Path, volume: &str, want: crate::config::Role, text: String) -> Result<String, String> {
     let deadline = std::time::Instant::now() + crate::lifecycle::CLOSE_MAX + ROLE_CHANGE_OPEN_MAX;
     loop {
         let status = control::query_status(&socket.to_path_buf())?;
@@ -87,7 +92,13 @@ pub fn resync(config: &Path, volume: &str, args: &ResyncArgs) -> Result<(), Stri
         force: false,
     };
     let answer = control::request(&socket, &req)?;
-    println!("{}", answer.get("ok").and_then(|v| v.as_str()).unwrap_or("requested"));
+    let text = answer.get("ok").and_then(|v| v.as_str()).unwrap_or("requested").to_string();
+    if args.discard_local && text.contains("becomes secondary") {
+        // A primary is demoted first (its device deleted), then resynced from the peer.
+        println!("{}", wait_for_role(&socket, volume, crate::config::Role::Secondary, text)?);
+    } else {
+        println!("{text}");
+    }
     if !args.wait {
         return Ok(());
     }

@@ -8,6 +8,11 @@
 //!    both bitmaps is copied.
 //! 3. One side's generation in the other's history: the newer side is the source.
 //! 4. Neither: split brain. Refused until an operator discards one side's changes.
+//! 5. Both nodes serve the volume as primary (an operator promoted one while the other went on
+//!    alone, without a witness): never a copy, whatever the facts (a primary's copy is what
+//!    its applications read). Split brain where the generations diverged; otherwise refused,
+//!    saying that one of them must be demoted. The answering primary only reports this and
+//!    closes the link (`target::answer_as_primary`).
 //!
 //! A `failed`, `inconsistent` or `outdated` node is never a source; a resync whose only
 //! possible source is such a node is refused, as is (until roles can change at run time) one
@@ -25,7 +30,15 @@ pub struct CopyFacts {
     pub dirty: bool,
     pub discard_local: bool,
     pub full: bool,
+    /// The node serves the volume as primary (the dialer always does).
+    pub primary: bool,
 }
+
+/// What status and the log say about a split brain, on both nodes.
+pub const SPLIT_BRAIN_TEXT: &str =
+    "split brain: both nodes went on alone and their data diverged; pick the node whose \
+     changes are to be dropped and run metroblk resync VOL --discard-local on it (a primary there is demoted and \
+     resynced from the peer)";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -43,8 +56,12 @@ fn usable_source(s: DiskState) -> bool {
     s == DiskState::UpToDate
 }
 
-/// Decides from the primary's and the secondary's facts.
+/// Decides from the primary's and the secondary's facts. `primary` is the dialer's; if the
+/// other node serves as primary too, see [`both_primary`].
 pub fn decide(primary: &CopyFacts, secondary: &CopyFacts) -> Decision {
+    if secondary.primary {
+        return both_primary(primary, secondary);
+    }
     let full = primary.full || secondary.full;
     let from_primary = |why_not: &str| {
         if usable_source(primary.disk_state) {
@@ -99,6 +116,21 @@ pub fn decide(primary: &CopyFacts, secondary: &CopyFacts) -> Decision {
     Decision::SplitBrain
 }
 
+/// Both nodes serve the volume as primary: nothing is copied either way. The same answer
+/// whichever of the two is passed first.
+pub fn both_primary(a: &CopyFacts, b: &CopyFacts) -> Decision {
+    let diverged =
+        a.generation != b.generation && !a.history.contains(&b.generation) && !b.history.contains(&a.generation);
+    if diverged {
+        return Decision::SplitBrain;
+    }
+    Decision::Refused(
+        "both nodes serve this volume as primary (their data has not diverged); demote one with metroblk demote, \
+         or drop its changes with metroblk resync VOL --discard-local on it"
+            .into(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,6 +145,47 @@ mod tests {
             dirty,
             discard_local: false,
             full: false,
+            primary: false,
+        }
+    }
+
+    /// Two primaries (one promoted by an operator while the other went on alone): split brain
+    /// on both nodes, never a copy either way, whatever else the facts say.
+    #[test]
+    fn two_primaries_never_copy_and_report_the_split_brain_on_both_sides() {
+        use DiskState::*;
+        let primary = |g, h: &[usize], d, discard| {
+            let mut f = facts(g, h, d, true);
+            f.primary = true;
+            f.discard_local = discard;
+            f
+        };
+        // The runbook's case: alpha went on alone (1 after 0), beta was promoted (2 after 0).
+        let (alpha, beta) = (primary(1, &[0], UpToDate, false), primary(2, &[0], UpToDate, false));
+        assert_eq!(decide(&alpha, &beta), Decision::SplitBrain);
+        assert_eq!(decide(&beta, &alpha), Decision::SplitBrain);
+        // Once alpha is demoted with --discard-local, it answers as a secondary: beta copies.
+        let mut demoted = facts(1, &[0], Outdated, true);
+        demoted.discard_local = true;
+        assert_eq!(decide(&beta, &demoted), Decision::PrimaryToSecondary { full: false });
+        // One side's data descends from the other's: still no copy, and the text says what to do.
+        let d = decide(&primary(1, &[0], UpToDate, false), &primary(0, &[], UpToDate, false));
+        assert!(matches!(&d, Decision::Refused(t) if t.contains("both nodes serve this volume as primary")), "{d:?}");
+        // Over small facts: symmetric, and never a copy.
+        let histories: [&[usize]; 3] = [&[], &[0], &[1, 0]];
+        for (ag, bg) in [(0, 0), (0, 1), (1, 2), (2, 3), (3, 1)] {
+            for ah in histories {
+                for bh in histories {
+                    for ds in [UpToDate, Outdated, Inconsistent, Failed] {
+                        for (adl, bdl) in [(false, false), (true, false), (false, true)] {
+                            let (a, b) = (primary(ag, ah, ds, adl), primary(bg, bh, UpToDate, bdl));
+                            let (ab, ba) = (decide(&a, &b), decide(&b, &a));
+                            assert_eq!(ab, ba, "{a:?} {b:?}");
+                            assert!(matches!(ab, Decision::SplitBrain | Decision::Refused(_)), "{ab:?}");
+                        }
+                    }
+                }
+            }
         }
     }
 

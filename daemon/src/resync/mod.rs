@@ -223,8 +223,15 @@ impl SyncShared {
 }
 
 /// This node's sync hello and its dirty bitmap (bytes, LSB first).
-/// `full`: ask for a full resync (an operator's `--full`, or an attached disk).
-pub fn local_hello(intent: &WriteIntent, disk: DiskState, sync: &SyncShared, full: bool) -> (SyncHello, Vec<u8>) {
+/// `full`: ask for a full resync (an operator's `--full`, or an attached disk); `primary`:
+/// this node serves the volume as primary.
+pub fn local_hello(
+    intent: &WriteIntent,
+    disk: DiskState,
+    sync: &SyncShared,
+    full: bool,
+    primary: bool,
+) -> (SyncHello, Vec<u8>) {
     let sb = intent.superblock();
     let dirty = intent.dirty();
     let mut bitmap = Vec::with_capacity(dirty.words() * 8);
@@ -237,6 +244,7 @@ pub fn local_hello(intent: &WriteIntent, disk: DiskState, sync: &SyncShared, ful
         disk_state: disk.code(),
         discard_local: sync.discard_local.load(Ordering::Acquire),
         full,
+        primary,
         regions: intent.regions(),
         bitmap_bytes: bitmap.len() as u64,
     };
@@ -252,6 +260,7 @@ pub fn facts(h: &SyncHello, bitmap: &[u8]) -> CopyFacts {
         dirty: bitmap.iter().any(|b| *b != 0),
         discard_local: h.discard_local,
         full: h.full,
+        primary: h.primary,
     }
 }
 

@@ -209,14 +209,13 @@ impl<'a> SyncLink<'a> {
         let name = &v.config.name;
         let alone_before = self.completed_alone();
         let attempts_before = v.intent.alone_attempts();
-        let (ours, our_bitmap) = local_hello(&v.intent, v.disk.state(), &v.sync, full);
+        let (ours, our_bitmap) = local_hello(&v.intent, v.disk.state(), &v.sync, full, true);
         send_hello(&mut self.s, &ours, &our_bitmap)?;
         let (theirs, their_bitmap) = read_hello(&mut self.r, v.intent.regions())?;
         let decision = decide(&facts(&ours, &our_bitmap), &facts(&theirs, &their_bitmap));
         match decision {
             Decision::SplitBrain => {
-                let text = "split brain: both nodes went on alone and their data diverged; pick the node whose \
-                            changes are to be dropped and run metroblk resync --discard-local on it";
+                let text = super::decide::SPLIT_BRAIN_TEXT;
                 tracing::error!(volume = %name, "{text}");
                 v.sync.set_admitted(false);
                 v.sync.set_state(SyncState::SplitBrain, Some(text.into()));

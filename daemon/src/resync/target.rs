@@ -46,7 +46,7 @@ fn serve_inner(v: &VolumeShared, s: &mut TcpStream) -> Result<(), String> {
     let name = &v.config.name;
     let (theirs, their_bitmap) = read_hello(s, v.intent.regions())?;
     let full = v.sync.full_requested();
-    let (ours, our_bitmap) = local_hello(&v.intent, v.disk.state(), &v.sync, full);
+    let (ours, our_bitmap) = local_hello(&v.intent, v.disk.state(), &v.sync, full, false);
     let decision = decide(&facts(&theirs, &their_bitmap), &facts(&ours, &our_bitmap));
     // Decided before answering: by the time the primary knows, data links are let in here.
     match &decision {
@@ -56,8 +56,7 @@ fn serve_inner(v: &VolumeShared, s: &mut TcpStream) -> Result<(), String> {
     send_hello(s, &ours, &our_bitmap)?;
     match decision {
         Decision::SplitBrain => {
-            let text = "split brain: both nodes went on alone and their data diverged; run metroblk resync \
-                        --discard-local on the node whose changes are to be dropped";
+            let text = super::decide::SPLIT_BRAIN_TEXT;
             tracing::error!(volume = %name, "{text}");
             v.sync.set_state(SyncState::SplitBrain, Some(text.into()));
             return Err("split brain".into());
@@ -83,6 +82,41 @@ fn serve_inner(v: &VolumeShared, s: &mut TcpStream) -> Result<(), String> {
         }
     }
     apply(v, s, &theirs)
+}
+
+/// A primary answers a sync link from a peer that is primary too (two primaries: a split
+/// brain of roles): the exchange only, so that both nodes see and report it. Nothing that
+/// follows the exchange is ever read, let alone applied: a primary's copy is its
+/// applications' data. Returns why the link ended.
+pub fn answer_as_primary(v: &VolumeShared, mut s: TcpStream) -> String {
+    let name = &v.config.name;
+    let r = (|| -> Result<String, String> {
+        s.set_read_timeout(Some(SYNC_LINK_TIMEOUT))
+            .and_then(|()| s.set_write_timeout(Some(SYNC_LINK_TIMEOUT)))
+            .map_err(|e| format!("sync link: {e}"))?;
+        let (theirs, their_bitmap) = read_hello(&mut s, v.intent.regions())?;
+        let (ours, our_bitmap) = local_hello(&v.intent, v.disk.state(), &v.sync, false, true);
+        let decision = decide(&facts(&theirs, &their_bitmap), &facts(&ours, &our_bitmap));
+        send_hello(&mut s, &ours, &our_bitmap)?;
+        v.sync.set_admitted(false);
+        Ok(match decision {
+            Decision::SplitBrain => {
+                tracing::error!(volume = %name, "{}", super::decide::SPLIT_BRAIN_TEXT);
+                v.sync.set_state(SyncState::SplitBrain, Some(super::decide::SPLIT_BRAIN_TEXT.into()));
+                "split brain".to_string()
+            }
+            Decision::Refused(text) => {
+                tracing::error!(volume = %name, "both nodes are primary: {text}");
+                v.sync.set_state(SyncState::Refused, Some(text.clone()));
+                text
+            }
+            // `decide` never copies between two primaries; should that ever change, this
+            // node still applies nothing.
+            other => format!("the exchange said {other:?}, but this node is primary: nothing is applied"),
+        })
+    })();
+    let _ = s.shutdown(std::net::Shutdown::Both);
+    r.unwrap_or_else(|e| e)
 }
 
 /// Applies the frames of the sync link in order, acking each after it is done.
