@@ -95,6 +95,8 @@ wait_for 60 "beta to lose alpha's links" eval '! vol_is beta link_state connecte
 wait_for 30 "beta to serve vol0" serves beta
 DEVB=$(dev_of beta)
 step "beta promoted $(( $(now_ms) - T_CUT )) ms after the cut, epoch $(vol_field beta epoch), device $DEVB: $(tr '\n' ' ' < "$W/promote.txt")"
+# The promotion raised the epoch above the old primary's: its writes are refused here.
+[ "$(vol_field beta epoch)" -gt "$(vol_field alpha epoch)" ]
 start_writer "$DEVB" "$W/wb.log" 2
 WB=$WPID
 sleep 2

@@ -581,7 +581,7 @@ fn record_role_change(v: &VolumeShared, change: Change) {
         Change::PromotedByOperator { forced } => {
             // A higher epoch: the old primary's writes, should it still be running, are
             // refused here (the fencing token) and a new line of history starts.
-            sb.epoch += 1;
+            sb.epoch = sb.epoch.max(1) + 1;
             sb.role = Some(Role::Primary);
             sb.new_generation(uuid::Uuid::new_v4());
             sb.peer_disk_state = Some(volume::disk::DiskState::Outdated);
