@@ -327,7 +327,25 @@ fn volume_command(r: &ControlRequest, volumes: &[Arc<VolumeSlot>]) -> Result<Str
                 format!("volume {name}: resync requested (the primary starts it at its next exchange)")
             })
         }
-        "promote" | "demote" => operator_role_change(r, slot, &h),
+        "promote" | "demote" => {
+            // The change applies to the whole group: every member must allow it.
+            let mut change = None;
+            for other in volumes.iter().filter(|s| s.group == slot.group) {
+                let oh = if other.name == slot.name { h.clone() } else { other.handle()? };
+                change = Some(operator_role_change(r, &oh)?);
+            }
+            let change = change.expect("the named volume is in its own group");
+            slot.request_change(change)?;
+            Ok(format!(
+                "volume {name}{}: {}; status shows the new role",
+                if slot.group != slot.name { format!(" (group {})", slot.group) } else { String::new() },
+                if r.command == "promote" {
+                    "becoming primary (epoch + 1, a new generation)"
+                } else {
+                    "its device is deleted; becoming secondary"
+                }
+            ))
+        }
         "switchover" => {
             if h.role != Role::Primary {
                 return Err(format!("volume {name} is secondary here; run switchover on the primary"));
@@ -357,8 +375,9 @@ fn volume_command(r: &ControlRequest, volumes: &[Arc<VolumeSlot>]) -> Result<Str
 }
 
 /// `promote` and `demote` without a witness (the disaster-recovery runbook, or a planned move
-/// by hand): checked here, applied by the volume's thread (`lifecycle/`).
-fn operator_role_change(r: &ControlRequest, slot: &VolumeSlot, h: &VolumeHandle) -> Result<String, String> {
+/// by hand): checked here for one volume of the group, applied by the group's thread
+/// (`lifecycle/`).
+fn operator_role_change(r: &ControlRequest, h: &VolumeHandle) -> Result<crate::lifecycle::Change, String> {
     use crate::lifecycle::Change;
     let v = &h.shared;
     let name = &v.config.name;
@@ -418,15 +437,7 @@ fn operator_role_change(r: &ControlRequest, slot: &VolumeSlot, h: &VolumeHandle)
         }
         Change::DemotedByOperator { discard_local: false }
     };
-    slot.request_change(change)?;
-    Ok(format!(
-        "volume {name}: {}; status shows the new role",
-        if r.command == "promote" {
-            "becoming primary (epoch + 1, a new generation)"
-        } else {
-            "its device is deleted; becoming secondary"
-        }
-    ))
+    Ok(change)
 }
 
 /// `resync --discard-local` on a primary (the split-brain runbook, no witness): this node's
