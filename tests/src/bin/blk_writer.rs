@@ -1,7 +1,7 @@
 //! The writer and checker of the failover tests, run against a block device like any user's
 //! program (O_DIRECT, 4 KiB writes, one at a time per thread).
 //!
-//! `blk_writer write DEV LOG BLOCKS [--control DIR] [--threads N] [--dsync]`: writes blocks
+//! `blk_writer write DEV LOG BLOCKS [--control DIR] [--threads N] [--dsync] [--interval-ms MS]`: writes blocks
 //! with a record of a sequence number (seq = 1, 2, ..., shared by all threads) until killed
 //! or until a write fails. With one thread (the default) the write of `seq` goes to block
 //! `seq % BLOCKS`; with N threads, thread `t`'s k-th write goes to block `(t + N*k) % BLOCKS`
@@ -10,6 +10,8 @@
 //! LOG (time: CLOCK_REALTIME, ms; latency: the write call's duration), so LOG lists exactly
 //! the acknowledged writes. A failed write appends `error seq errno time_ms` and the process
 //! exits 3. `--dsync` opens the device O_DIRECT|O_DSYNC (every write is FUA).
+//! `--interval-ms MS` makes each thread sleep MS after each acknowledged write (a light,
+//! paced writer: many of them can run at once under TCG).
 //!
 //! With `--control DIR` (one thread only) the writer can be quiesced like an application
 //! around a planned switchover: while `DIR/pause` exists it finishes its write in flight,
@@ -104,6 +106,7 @@ struct WriteArgs<'a> {
     control: Option<&'a str>,
     threads: u64,
     dsync: bool,
+    interval: std::time::Duration,
 }
 
 fn write(a: &WriteArgs) -> ! {
@@ -144,6 +147,9 @@ fn write_thread(
             Ok(n) if n == BLOCK => {
                 let us = start.elapsed().as_micros();
                 append(format!("{seq} {offset} {} {us} {thread}\n", now_ms()));
+                if !a.interval.is_zero() {
+                    std::thread::sleep(a.interval);
+                }
             }
             Ok(n) => {
                 append(format!("error {seq} short:{n} {}\n", now_ms()));
@@ -218,7 +224,7 @@ fn check(dev: &str, log: &str) -> ! {
 fn usage() -> ! {
     eprintln!(
         "usage: blk_writer write DEV LOG BLOCKS [--control DIR] [--threads N] [--dsync] \
-         | blk_writer check DEV LOG | blk_writer stats LOG"
+         [--interval-ms MS] | blk_writer check DEV LOG | blk_writer stats LOG"
     );
     std::process::exit(2);
 }
@@ -235,6 +241,7 @@ fn main() {
                 control: None,
                 threads: 1,
                 dsync: false,
+                interval: std::time::Duration::ZERO,
             };
             let mut opts = opts.iter();
             while let Some(o) = opts.next() {
@@ -248,6 +255,10 @@ fn main() {
                         opts.next();
                     }
                     ("--dsync", _) => a.dsync = true,
+                    ("--interval-ms", Some(ms)) => {
+                        a.interval = std::time::Duration::from_millis(ms.parse().expect("--interval-ms MS"));
+                        opts.next();
+                    }
                     _ => usage(),
                 }
             }
