@@ -1,7 +1,7 @@
 //! The writer and checker of the failover tests, run against a block device like any user's
 //! program (O_DIRECT, 4 KiB writes, one at a time per thread).
 //!
-//! `blk_writer write DEV LOG BLOCKS [--control DIR] [--threads N] [--dsync]`: writes blocks
+//! `blk_writer write DEV LOG BLOCKS [--control DIR] [--threads N] [--dsync] [--interval-ms MS]`: writes blocks
 //! with a record of a sequence number (seq = 1, 2, ..., shared by all threads) until killed
 //! or until a write fails. With one thread (the default) the write of `seq` goes to block
 //! `seq % BLOCKS`; with N threads, thread `t`'s k-th write goes to block `(t + N*k) % BLOCKS`
@@ -10,6 +10,8 @@
 //! LOG (time: CLOCK_REALTIME, ms; latency: the write call's duration), so LOG lists exactly
 //! the acknowledged writes. A failed write appends `error seq errno time_ms` and the process
 //! exits 3. `--dsync` opens the device O_DIRECT|O_DSYNC (every write is FUA).
+//! `--interval-ms MS` makes each thread sleep MS after each acknowledged write (a light,
+//! paced writer: many of them can run at once under TCG).
 //!
 //! With `--control DIR` (one thread only) the writer can be quiesced like an application
 //! around a planned switchover: while `DIR/pause` exists it finishes its write in flight,
@@ -117,6 +119,7 @@ struct WriteArgs<'a> {
     control: Option<&'a str>,
     threads: u64,
     dsync: bool,
+    interval: std::time::Duration,
 }
 
 fn write(a: &WriteArgs) -> ! {
@@ -157,6 +160,9 @@ fn write_thread(
             Ok(n) if n == BLOCK => {
                 let us = start.elapsed().as_micros();
                 append(format!("{seq} {offset} {} {us} {thread}\n", now_ms()));
+                if !a.interval.is_zero() {
+                    std::thread::sleep(a.interval);
+                }
             }
             Ok(n) => {
                 append(format!("error {seq} short:{n} {}\n", now_ms()));
@@ -297,8 +303,8 @@ fn check_dependent(dev_x: &str, dev_y: &str, log: &str, blocks: u64) -> ! {
 fn usage() -> ! {
     eprintln!(
         "usage: blk_writer write DEV LOG BLOCKS [--control DIR] [--threads N] [--dsync] \
-         | blk_writer check DEV LOG | blk_writer stats LOG | blk_writer dependent DEV_X DEV_Y LOG BLOCKS \
-         | blk_writer check-dependent DEV_X DEV_Y LOG BLOCKS"
+         [--interval-ms MS] | blk_writer check DEV LOG | blk_writer stats LOG \
+         | blk_writer dependent DEV_X DEV_Y LOG BLOCKS | blk_writer check-dependent DEV_X DEV_Y LOG BLOCKS"
     );
     std::process::exit(2);
 }
@@ -315,6 +321,7 @@ fn main() {
                 control: None,
                 threads: 1,
                 dsync: false,
+                interval: std::time::Duration::ZERO,
             };
             let mut opts = opts.iter();
             while let Some(o) = opts.next() {
@@ -328,6 +335,10 @@ fn main() {
                         opts.next();
                     }
                     ("--dsync", _) => a.dsync = true,
+                    ("--interval-ms", Some(ms)) => {
+                        a.interval = std::time::Duration::from_millis(ms.parse().expect("--interval-ms MS"));
+                        opts.next();
+                    }
                     _ => usage(),
                 }
             }
