@@ -404,6 +404,8 @@ fn answer_of(g: &Group, fence: &Fence, ask: Ask, reply: Reply) -> Answer {
 /// Hands the machine's outcome to every member's queues: one lease, one epoch, one fence for
 /// the group.
 fn publish(g: &Group, fence: &Fence, alone: &mut GroupAlone) {
+    // The answer just handled may have changed the permission (an Outdate granted).
+    alone.handle_alone_allowed(fence.alone_allowed());
     for (i, v) in g.members.iter().enumerate() {
         publish_member(v, fence, || alone.may_go_alone(i, v.queue_stats.iter().any(|q| QueueStats::get(&q.held) > 0)));
     }
