@@ -399,7 +399,11 @@ writer_ok vol0 "$WPID" "$W/w.log"
 step "alpha fenced: $N writes acknowledged, the writer's next ones parked ($(vol_field alpha vol0 requests_in_flight) in flight)"
 K0=$(now_ms)
 kill -TERM "$PID_alpha"
-wait_for 10 "alpha to exit after SIGTERM" not_running "$PID_alpha"
+# On failure, each thread of the stuck node and where it waits.
+wait_for 10 "alpha to exit after SIGTERM" not_running "$PID_alpha" || {
+    for t in /proc/"$PID_alpha"/task/*; do echo "thread $(cat "$t/comm"): $(cat "$t/wchan")"; done
+    false
+}
 K1=$(now_ms)
 RC=0; wait "$PID_alpha" || RC=$?
 step "alpha exited with status $RC $(( K1 - K0 )) ms after SIGTERM"

@@ -35,6 +35,9 @@ use crate::volume::{self, Volume, VolumeShared};
 /// How long a starting volume waits for the witness's record before it falls back to the
 /// role in its metadata.
 pub const START_QUERY_TIMEOUT: Duration = Duration::from_secs(3);
+/// At shutdown, in-flight I/O is given this long to complete before the device is left for
+/// recovery instead of stopped.
+pub const SHUTDOWN_DRAIN_MAX: Duration = Duration::from_secs(2);
 /// A primary's in-flight I/O is given this long to drain (or fail) before its device is
 /// stopped when the role is lost.
 pub const ROLE_LOST_DRAIN_MAX: Duration = Duration::from_secs(3);
@@ -509,8 +512,10 @@ fn stop_deposed_primary(p: Primary, deadline: Instant) -> Result<(), String> {
 }
 
 /// Stops and deletes the primary's device at shutdown, except when that would hurt:
-/// - requests wait for the peer (held) or were parked while fenced: stopping would fail them
-///   (the driver ends what is left of a stopped device with errors), or wait for ever;
+/// - requests wait for the peer (held), were parked while fenced, are still in flight after
+///   [`SHUTDOWN_DRAIN_MAX`], or could be parked (a witness-fenced volume without a lease):
+///   stopping would fail them (the driver ends what is left of a stopped device with errors),
+///   or wait for ever;
 /// - the device is in use (mounted, or held by device mapper, md, swap): deleting it would
 ///   pull it from under its user.
 ///
@@ -522,12 +527,36 @@ fn shut_down_primary(p: Primary) -> bool {
     let sum = |f: fn(&QueueStats) -> &std::sync::atomic::AtomicU64| -> u64 {
         p.volume.shared.queue_stats.iter().map(|q| QueueStats::get(f(q))).sum()
     };
-    let (held, parked) = (sum(|q| &q.held), sum(|q| &q.parked));
-    let why = if held > 0 || parked > 0 {
-        Some(format!(
-            "requests wait for peer {} ({held} held, {parked} parked while fenced or switching)",
-            p.volume.shared.config.peer.as_ref().map_or("-", |p| p.name.as_str())
-        ))
+    let v = &p.volume.shared;
+    let peer = v.config.peer.as_ref().map_or("-", |p| p.name.as_str());
+    // STOP_DEV waits for every request the kernel handed the queues: it is issued only once
+    // none is in flight and none can be parked for good (a witness-fenced volume without a
+    // lease parks what arrives). A request that is neither held nor parked yet may still be
+    // waiting for a peer that is gone (its link loss not yet detected): the drain is bounded.
+    let drain_until = Instant::now() + SHUTDOWN_DRAIN_MAX;
+    let why = loop {
+        let (held, parked, inflight) = (sum(|q| &q.held), sum(|q| &q.parked), sum(|q| &q.inflight));
+        if held > 0 || parked > 0 {
+            break Some(format!(
+                "requests wait for peer {peer} ({held} held, {parked} parked while fenced or switching)"
+            ));
+        }
+        if v.fence.enabled && !v.fence.lease_valid(Instant::now()) {
+            break Some("the volume holds no lease (I/O arriving now would be parked)".to_string());
+        }
+        if inflight == 0 {
+            break None;
+        }
+        if Instant::now() >= drain_until {
+            break Some(format!(
+                "{inflight} requests in flight did not complete within {} ms (the peer {peer} may be gone)",
+                SHUTDOWN_DRAIN_MAX.as_millis()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let why = if why.is_some() {
+        why
     } else if p.device.in_use() {
         Some("the device is in use (mounted or held open exclusively)".to_string())
     } else {
