@@ -57,7 +57,8 @@ fn run(body: &str, alpha_extra: &str, steps: &[&str]) {
 /// Site A (the primary) is cut from B and from the witness: A stops serving within one lease,
 /// B is promoted within two, with every write A acknowledged. Then A returns: it learns it
 /// was replaced, deletes its device (its suspended writer gets EIO, having never succeeded
-/// after the fence), restarts as secondary, and is resynced from B: identical copies.
+/// after the fence), becomes secondary in its running node, and is resynced from B:
+/// identical copies.
 const DATA_CENTRE_PARTITION: &str = r#"
 start_all
 start_writer "$DEV_A" "$W/w.log"
