@@ -467,11 +467,7 @@ fn discard_local_on_primary(slot: &VolumeSlot, h: &VolumeHandle) -> Result<Strin
 
 /// Whether something holds the block device exclusively (a mounted filesystem, device mapper).
 fn device_in_use(path: &str) -> bool {
-    use std::os::unix::fs::OpenOptionsExt;
-    match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL | libc::O_CLOEXEC).open(path) {
-        Ok(_) => false,
-        Err(e) => e.raw_os_error() == Some(libc::EBUSY),
-    }
+    metroblk_ublk::device_in_use(Path::new(path))
 }
 
 /// Sends one request to a running node and returns its answer.

@@ -9,6 +9,7 @@
 //!   `src/bin/write_load.rs` runs one as a process a test can kill.
 
 pub mod cluster;
+pub mod model_clock;
 pub mod netns;
 pub mod ublk_env;
 pub mod ublk_script;

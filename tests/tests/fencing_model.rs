@@ -57,42 +57,19 @@
 //! means something. A lost message is noticed within the step (the real timeout is at most a
 //! third of a lease; the lease counts from the request, so a late answer only shortens it).
 
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use metroblk::fencing::lease::LeaseClock;
 use metroblk::fencing::{Answer, Ask, Fence, Io, NodeRole};
 use metroblk_protocol::witness::{DiskState, Reply, Request, VolumeId};
+use metroblk_tests::model_clock::{base, instant, lease_clock, A, B, DRIFT_PPM, LEASE_MS, NAMES, STEP_MS};
 use metroblk_witness::registry::Registry;
 use stateright::{Checker, Model, Property};
 
-/// One step of the global clock.
-const STEP_MS: u64 = 250;
-const LEASE_MS: u64 = 1000;
-/// The configured clock drift bound (1 %).
-const DRIFT_PPM: u32 = 10_000;
-const NAMES: [&str; 2] = ["alpha", "beta"];
 const VOLUME: &str = "vol0";
 const UUID: &str = "6d657472-6f62-6c6b-0000-000000000001";
-const A: usize = 0;
-const B: usize = 1;
-
-/// The fixed origin of every `Instant` in the model, so states stay deterministic.
-fn base() -> Instant {
-    static BASE: OnceLock<Instant> = OnceLock::new();
-    *BASE.get_or_init(Instant::now)
-}
-
-fn instant(step: u8) -> Instant {
-    base() + Duration::from_millis(step as u64 * STEP_MS)
-}
 
 fn volume() -> VolumeId {
     VolumeId::new(VOLUME, UUID, NAMES[A], NAMES[B])
-}
-
-fn lease_clock() -> LeaseClock {
-    LeaseClock::new(Duration::from_millis(LEASE_MS), DRIFT_PPM)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -29,39 +29,19 @@
 //! are: at most one write in flight. Data per node and volume is the highest sequence number
 //! applied (writes to one volume are in order, each supersedes the one before).
 
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use metroblk::fencing::group::{group_facts, GroupAlone, VolumeFacts};
-use metroblk::fencing::lease::LeaseClock;
 use metroblk::fencing::{Answer, Ask, Fence, Io, NodeRole};
 use metroblk_protocol::witness::{DiskState, Reply, Request, VolumeId};
+use metroblk_tests::model_clock::{instant, lease_clock, A, B, DRIFT_PPM, LEASE_MS, NAMES, STEP_MS};
 use metroblk_witness::registry::Registry;
 use stateright::{Checker, Model, Property};
 
-const STEP_MS: u64 = 250;
-const LEASE_MS: u64 = 1000;
-const DRIFT_PPM: u32 = 10_000;
-const NAMES: [&str; 2] = ["alpha", "beta"];
 const GROUP: &str = "db";
 const UUID: &str = "6d657472-6f62-6c6b-0000-000000000002";
-const A: usize = 0;
-const B: usize = 1;
 /// Volumes in the group.
 const VOLUMES: usize = 2;
-
-fn base() -> Instant {
-    static BASE: OnceLock<Instant> = OnceLock::new();
-    *BASE.get_or_init(Instant::now)
-}
-
-fn instant(step: u8) -> Instant {
-    base() + Duration::from_millis(step as u64 * STEP_MS)
-}
-
-fn lease_clock() -> LeaseClock {
-    LeaseClock::new(Duration::from_millis(LEASE_MS), DRIFT_PPM)
-}
 
 /// Links: each volume's replication link between the sites, then each node's to the witness.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

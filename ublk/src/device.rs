@@ -485,11 +485,7 @@ impl Device {
     /// Whether something holds the block device exclusively: a mounted filesystem, a device
     /// mapper or md member, a swap area. Stopping the device would pull it from under them.
     pub fn in_use(&self) -> bool {
-        use std::os::unix::fs::OpenOptionsExt;
-        match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL | libc::O_CLOEXEC).open(self.path()) {
-            Ok(_) => false,
-            Err(e) => e.raw_os_error() == Some(libc::EBUSY),
-        }
+        device_in_use(&self.path())
     }
 
     /// Clean shutdown: STOP_DEV (waits for the requests in flight, which the queues keep
@@ -522,6 +518,16 @@ impl Device {
         self.finished = true;
         self.ctrl.disown();
         tracing::info!(dev_id = self.dev_id, "leaving the ublk device in place for recovery");
+    }
+}
+
+/// Whether something holds the block device at `path` exclusively (see [`Device::in_use`]):
+/// an exclusive open is refused with EBUSY while it is mounted or claimed.
+pub fn device_in_use(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL | libc::O_CLOEXEC).open(path) {
+        Ok(_) => false,
+        Err(e) => e.raw_os_error() == Some(libc::EBUSY),
     }
 }
 

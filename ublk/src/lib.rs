@@ -24,7 +24,9 @@ pub mod error;
 pub mod signals;
 pub mod target;
 
-pub use device::{delete_orphan, serve, Device, DeviceParams, DEFAULT_DEPTH, DEFAULT_MAX_IO_BYTES, QUEUES_DEFAULT};
+pub use device::{
+    delete_orphan, device_in_use, serve, Device, DeviceParams, DEFAULT_DEPTH, DEFAULT_MAX_IO_BYTES, QUEUES_DEFAULT,
+};
 pub use driver::{check_driver, UBLK_CONTROL};
 pub use error::Error;
 pub use signals::TermSignals;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use metroblk_protocol::witness::{self as wire, Reply, Request, VolumeId};
 use metroblk_witness::client::Client;
 
-use super::group::{group_facts, GroupAlone, VolumeFacts};
+use super::group::{group_facts, worst_disk, GroupAlone, VolumeFacts};
 use super::lease::LeaseClock;
 use super::{Answer, Ask, Fence, NodeRole};
 use crate::volume::disk::DiskState;
@@ -339,12 +339,7 @@ fn run(g: Group, role: NodeRole, on_change: &dyn Fn(RoleChange), stop: Arc<std::
 
 /// The group's disk state as the witness hears it: its worst member's.
 fn group_disk(g: &Group) -> DiskState {
-    let each: Vec<VolumeFacts> = g
-        .members
-        .iter()
-        .map(|v| VolumeFacts { peer_present: true, disk: v.disk.state(), writes_held: false, epoch: 0 })
-        .collect();
-    group_facts(&each).disk
+    worst_disk(g.members.iter().map(|v| v.disk.state()))
 }
 
 fn request(fence: &Fence, ask: Ask, id: &VolumeId, g: &Group) -> Request {

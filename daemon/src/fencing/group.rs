@@ -60,8 +60,13 @@ pub fn group_facts(volumes: &[VolumeFacts]) -> GroupFacts {
         up_to_date: volumes.iter().all(|v| v.disk == DiskState::UpToDate),
         writes_held: volumes.iter().any(|v| v.writes_held),
         epoch: volumes.iter().map(|v| v.epoch).max().unwrap_or(0),
-        disk: volumes.iter().map(|v| v.disk).max_by_key(|d| disk_rank(*d)).unwrap_or(DiskState::UpToDate),
+        disk: worst_disk(volumes.iter().map(|v| v.disk)),
     }
+}
+
+/// The worst of the volumes' disk states: what the witness hears of the group.
+pub fn worst_disk(disks: impl Iterator<Item = DiskState>) -> DiskState {
+    disks.max_by_key(|d| disk_rank(*d)).unwrap_or(DiskState::UpToDate)
 }
 
 /// Which volumes have been resynced since the group last started going alone.
