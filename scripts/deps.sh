@@ -8,10 +8,18 @@
 #                      the QEMU VM that has ublk_drv when this kernel does not (tests/vm)
 #   fio, e2fsprogs, xfsprogs, util-linux, iproute2, jq
 #                      the workloads, filesystems and network namespaces of the demo and tests
+#   prometheus         the Prometheus server and promtool that scrape and check `/metrics` (tests/ops.rs)
+#   systemd, man-db    systemd-analyze, which verifies the unit files and the man pages they name
+#   dpkg-dev, binutils, lintian
+#                      scripts/deb.sh (dpkg-shlibdeps, strip) and the check of its package
+#   open-iscsi, sg3-utils, libiscsi-bin, nvme-cli, arping
+#                      the hosts of the export tests: iSCSI and NVMe/TCP initiators, SCSI
+#                      commands (INQUIRY, VPD, COMPARE AND WRITE, UNMAP), who answers ARP
 set -euo pipefail
 
 METROBLK_DEBIAN_PACKAGES=(libclang-dev qemu-system-x86 busybox-static cpio kmod xz-utils fio e2fsprogs
-    xfsprogs iproute2 util-linux jq)
+    xfsprogs iproute2 util-linux jq prometheus systemd man-db
+    dpkg-dev binutils lintian open-iscsi sg3-utils libiscsi-bin nvme-cli arping)
 
 metroblk_install_deps() {
     local need=() pkg

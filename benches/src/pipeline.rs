@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types, IoUring};
 use metroblk::config::NodeConfig;
-use metroblk::volume::{QueueDriver, ReqKind, Request, Volume};
+use metroblk::lifecycle::parts::PrimaryEngine;
+use metroblk::volume::{QueueDriver, ReqKind, Request};
 
 const VOLUME: u64 = 1 << 30;
 /// Write sizes measured by default: a database page, and the large writes of a filesystem's
@@ -363,7 +364,7 @@ fn bench_mirror_with(
     let secondary = cfg("s", "p", "secondary", pb, pa);
     let _sec = SecondaryProcess::start(&secondary.path);
     let primary = cfg("p", "s", "primary", pa, pb);
-    let vol = Volume::open_primary(&primary.volumes[0], "p", 1).expect("primary");
+    let vol = PrimaryEngine::open(&primary.volumes[0], "p", 1).expect("primary");
     let queue = vol.queue(0, depth as u16);
     let queue = if variant.order_conflicts { queue } else { queue.without_conflict_ordering_for_benchmark() };
     let queue = if variant.write_intent { queue } else { queue.without_write_intent_for_benchmark() };

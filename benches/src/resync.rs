@@ -22,8 +22,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use metroblk::config::NodeConfig;
+use metroblk::lifecycle::parts::PrimaryEngine;
 use metroblk::resync::SyncState;
-use metroblk::volume::{QueueDriver, ReqKind, Request, Volume};
+use metroblk::volume::{QueueDriver, ReqKind, Request};
 
 const REGION: u64 = 64 << 10;
 
@@ -49,7 +50,7 @@ fn configs(dir: &Path, size: u64) -> (NodeConfig, NodeConfig) {
 
 /// Waits until the primary's sync link reports in sync with `bytes` more resynced than
 /// `before`; returns the time it took from `t0`.
-fn wait_resynced(vol: &Volume, drv: &mut QueueDriver, before: u64, bytes: u64, t0: Instant) -> Duration {
+fn wait_resynced(vol: &PrimaryEngine, drv: &mut QueueDriver, before: u64, bytes: u64, t0: Instant) -> Duration {
     let deadline = t0 + Duration::from_secs(600);
     loop {
         drv.poll(Some(Duration::from_millis(1)), |_, _| {}).unwrap();
@@ -118,7 +119,7 @@ fn main() {
     // The secondary's file exists from the start (as after an earlier full sync), all zeros.
     std::fs::File::create(d.join("s.img")).unwrap().set_len(size).unwrap();
     let p = primary.volumes[0].clone();
-    let vol = Volume::open_primary(&p, "p", 1).expect("primary");
+    let vol = PrimaryEngine::open(&p, "p", 1).expect("primary");
     let mut drv = QueueDriver::new(vol.queue(0, 32)).unwrap();
     // 1 % of the regions, one 64 KiB write each, while alone.
     let regions = size / REGION;

@@ -8,6 +8,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use metroblk_tls::{TlsKeys, TlsSetup, Transport};
 use serde::Deserialize;
 
 /// Smallest and largest dirty-bitmap region (design: power of two, 4 KiB .. 64 MiB).
@@ -60,6 +61,37 @@ pub enum IoMode {
     Buffered,
     /// O_DIRECT: bypasses the page cache (buffers must be 4 KiB aligned).
     Direct,
+}
+
+/// Whether WRITE payloads between the nodes carry a crc32c (`payload_checksum`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PayloadChecksum {
+    /// Every WRITE and resync copy carries a crc32c, checked before anything is written: a
+    /// corruption the network's own checksums miss (a bad NIC, memory, a middlebox) is caught.
+    Crc32c,
+    /// No payload checksum (TCP's 16-bit sum, or TLS, protects the data): the sender's CPU
+    /// never reads the payload, which zero copy needs. A receiver set to `crc32c` refuses it.
+    None,
+}
+
+impl PayloadChecksum {
+    /// Whether WRITE payloads this node sends carry a crc32c.
+    pub fn sends_crc(self) -> bool {
+        self == PayloadChecksum::Crc32c
+    }
+
+    /// A frame's payload may be applied under this setting: a node set to `crc32c` refuses
+    /// an unchecked one, so a mismatch of the two nodes' settings is a refusal in one line,
+    /// never a silent downgrade.
+    pub fn admits(self, frame: &metroblk_protocol::Frame) -> Result<(), String> {
+        if frame.unchecked() && self == PayloadChecksum::Crc32c {
+            return Err("the peer sends payloads without a checksum (payload_checksum = \"none\" there, \
+                        \"crc32c\" here); set payload_checksum the same on both nodes"
+                .into());
+        }
+        Ok(())
+    }
 }
 
 /// Where each ublk queue's thread may run.
@@ -132,6 +164,10 @@ struct RawGroup {
 struct RawNode {
     name: String,
     control_socket: PathBuf,
+    /// `ADDRESS:PORT` serving Prometheus metrics on `/metrics` (none: not served).
+    metrics_listen: Option<String>,
+    /// A command `metroblk events` runs per event (through `sh -c`).
+    on_event: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -147,6 +183,7 @@ struct RawVolume {
     listen: String,
     role: Role,
     io_mode: Option<IoMode>,
+    payload_checksum: Option<PayloadChecksum>,
     queues: Option<u16>,
     queue_affinity: Option<QueueAffinity>,
     depth: Option<u16>,
@@ -159,6 +196,7 @@ struct RawVolume {
     resync_rate: Option<ByteSize>,
     peer: Option<RawPeer>,
     witness: Option<RawWitness>,
+    export: Option<crate::export::config::RawExport>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -170,6 +208,11 @@ struct RawWitness {
     /// The same as a duration: "5s", "1500ms", "1m", or whole seconds.
     lease: Option<DurationText>,
     drift_ppm: Option<u32>,
+    /// "tcp" (default) or "tls"; TLS keys from the authkey unless all three files are set.
+    transport: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
 }
 
 /// A duration written as whole seconds or a string with a unit ("5s", "1500ms", "1m").
@@ -207,6 +250,19 @@ struct RawPeer {
     address: String,
     authkey_file: PathBuf,
     allow_from: Option<Vec<String>>,
+    /// "tcp" (default) or "tls"; TLS keys from the authkey unless all three files are set.
+    transport: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
+}
+
+/// A link's transport and TLS keys (`[volume.peer]`, `[volume.witness]`).
+struct RawTls {
+    transport: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
 }
 
 /// A validated node configuration.
@@ -215,6 +271,10 @@ pub struct NodeConfig {
     pub path: PathBuf,
     pub name: String,
     pub control_socket: PathBuf,
+    /// Where `/metrics` is served (`metrics.rs`); `None`: nowhere.
+    pub metrics_listen: Option<SocketAddr>,
+    /// The hook `metroblk events` runs per event (`events.rs`).
+    pub on_event: Option<String>,
     pub volumes: Vec<VolumeConfig>,
     /// Consistency groups (`[[group]]`); a volume in none is a group of one ([`Self::group_of`]).
     pub groups: Vec<GroupConfig>,
@@ -242,6 +302,9 @@ pub struct VolumeConfig {
     pub listen: SocketAddr,
     pub role: Role,
     pub io_mode: IoMode,
+    /// Whether the payloads this node sends carry a crc32c, and whether it accepts ones that
+    /// do not.
+    pub payload_checksum: PayloadChecksum,
     pub queues: u16,
     pub queue_affinity: QueueAffinity,
     pub depth: u16,
@@ -262,6 +325,8 @@ pub struct VolumeConfig {
     pub peer: Option<PeerConfig>,
     /// The authkey read from `peer.authkey_file` (never logged; empty when standalone).
     pub authkey: Vec<u8>,
+    /// `[volume.export]`: the iSCSI or NVMe/TCP target hosts reach the primary through.
+    pub export: Option<crate::export::config::ExportConfig>,
 }
 
 /// What a primary does when it loses its peer (design: "Losing the peer").
@@ -308,6 +373,9 @@ pub struct WitnessConfig {
     pub authkey: Vec<u8>,
     pub lease: std::time::Duration,
     pub drift_ppm: u32,
+    /// The witness link's transport; with TLS, its configs (None with `Keys::Skip`).
+    pub transport: Transport,
+    pub tls: Option<TlsSetup>,
 }
 
 #[derive(Debug, Clone)]
@@ -317,6 +385,9 @@ pub struct PeerConfig {
     pub authkey_file: PathBuf,
     /// Source addresses the listener accepts links from (default: the peer's address only).
     pub allow_from: Vec<AddrRange>,
+    /// The data and sync links' transport; with TLS, their configs (None with `Keys::Skip`).
+    pub transport: Transport,
+    pub tls: Option<TlsSetup>,
 }
 
 /// An address or a CIDR range (`10.0.0.0/8`, `fd00::/8`, `192.0.2.7`).
@@ -501,7 +572,16 @@ impl NodeConfig {
                             out
                         }
                     };
-                    (Some(PeerConfig { name: p.name, address, authkey_file, allow_from }), authkey)
+                    let (transport, tls) = link_tls(
+                        path,
+                        RawTls { transport: p.transport, tls_cert: p.tls_cert, tls_key: p.tls_key, tls_ca: p.tls_ca },
+                        &authkey,
+                        PEER_TLS_LABEL,
+                        &p.name,
+                        keys,
+                        &|x| f(&format!("peer.{x}")),
+                    )?;
+                    (Some(PeerConfig { name: p.name, address, authkey_file, allow_from, transport, tls }), authkey)
                 }
             };
             let witness = match v.witness {
@@ -545,7 +625,17 @@ impl NodeConfig {
                             "a witness arbitrates between two nodes: add [volume.peer]".into(),
                         ));
                     }
-                    Some(WitnessConfig { address, authkey_file, authkey, lease, drift_ppm })
+                    // Certificate files: the witness's certificate names its IP address.
+                    let (transport, tls) = link_tls(
+                        path,
+                        RawTls { transport: w.transport, tls_cert: w.tls_cert, tls_key: w.tls_key, tls_ca: w.tls_ca },
+                        &authkey,
+                        WITNESS_TLS_LABEL,
+                        &address.ip().to_string(),
+                        keys,
+                        &|x| f(&format!("witness.{x}")),
+                    )?;
+                    Some(WitnessConfig { address, authkey_file, authkey, lease, drift_ppm, transport, tls })
                 }
             };
             let fencing = match (v.fencing, &witness) {
@@ -618,6 +708,13 @@ impl NodeConfig {
                     ));
                 }
             }
+            let export = match v.export {
+                Some(raw) => Some(
+                    crate::export::config::parse(raw, &v.name, path)
+                        .map_err(|(field, m)| err(&f(&format!("export.{field}")), m))?,
+                ),
+                None => None,
+            };
             files.push((backing_id, metadata_id));
             volumes.push(VolumeConfig {
                 name: v.name,
@@ -630,6 +727,7 @@ impl NodeConfig {
                 listen,
                 role: v.role,
                 io_mode: v.io_mode.unwrap_or(IoMode::Buffered),
+                payload_checksum: v.payload_checksum.unwrap_or(PayloadChecksum::Crc32c),
                 queues,
                 queue_affinity: v.queue_affinity.unwrap_or(QueueAffinity::SingleCpu),
                 depth,
@@ -643,13 +741,28 @@ impl NodeConfig {
                 resync_rate_bps: v.resync_rate.map_or(0, |r| r.0),
                 peer,
                 authkey,
+                export,
             });
         }
+        let exports: Vec<_> = volumes.iter().filter_map(|v| v.export.as_ref().map(|e| (v.name.as_str(), e))).collect();
+        crate::export::config::check_distinct(&exports).map_err(|(i, m)| {
+            let index = volumes.iter().position(|v| v.name == exports[i].0).unwrap_or(0);
+            err(&format!("volume[{index}].export"), m)
+        })?;
         let groups = check_groups(raw.group, &volumes).map_err(|(field, m)| err(&field, m))?;
+        let metrics_listen = match &raw.node.metrics_listen {
+            None => None,
+            Some(s) => Some(s.parse::<SocketAddr>().map_err(|_| {
+                err("node.metrics_listen", format!("'{s}' is not an address like 127.0.0.1:9942 or [::]:9942"))
+            })?),
+        };
+        let on_event = raw.node.on_event.filter(|c| !c.trim().is_empty());
         Ok(NodeConfig {
             path: path.to_path_buf(),
             name: raw.node.name,
             control_socket: resolve(path, &raw.node.control_socket),
+            metrics_listen,
+            on_event,
             volumes,
             groups,
         })
@@ -898,6 +1011,42 @@ fn check_name(name: &str) -> Result<(), String> {
 /// An authkey: the file's content, trimmed, at least 16 bytes (a placeholder like "secret"
 /// is refused), in a file only its owner can read. One rule for the peer's and the
 /// witness's keys, on nodes and witness alike (`metroblk_witness::config::read_authkey`).
+/// What the peer links derive their TLS keys for (`metroblk_tls::keys`).
+pub const PEER_TLS_LABEL: &str = "metroblk-peer";
+pub use metroblk_witness::config::WITNESS_TLS_LABEL;
+
+/// A link section's transport and, for TLS with keys read, its rustls configs. Certificate
+/// files are read here, so a bad one is a config error naming its field.
+fn link_tls(
+    path: &Path,
+    raw: RawTls,
+    authkey: &[u8],
+    label: &str,
+    peer_name: &str,
+    keys: Keys,
+    field: &dyn Fn(&str) -> String,
+) -> Result<(Transport, Option<TlsSetup>), ConfigError> {
+    let err = |f: &str, message: String| ConfigError { file: path.to_path_buf(), field: field(f), message };
+    let transport = match &raw.transport {
+        None => Transport::Tcp,
+        Some(t) => Transport::parse(t).map_err(|m| err("transport", m))?,
+    };
+    let r = |p: Option<PathBuf>| p.map(|p| resolve(path, &p));
+    let files = (r(raw.tls_cert), r(raw.tls_key), r(raw.tls_ca));
+    if transport == Transport::Tcp {
+        if files != (None, None, None) {
+            return Err(err("tls_cert", "certificates need transport = \"tls\"".into()));
+        }
+        return Ok((transport, None));
+    }
+    let tls_keys = TlsKeys::from_fields(authkey, files.0, files.1, files.2).map_err(|(f, m)| err(f, m))?;
+    let setup = match keys {
+        Keys::Skip => None,
+        Keys::Read => Some(TlsSetup::new(&tls_keys, label, peer_name).map_err(|m| err("tls_cert", m))?),
+    };
+    Ok((transport, setup))
+}
+
 fn read_authkey(path: &Path) -> Result<Vec<u8>, String> {
     metroblk_witness::config::read_authkey(path)
 }
@@ -945,11 +1094,23 @@ authkey_file = "key"
         assert_eq!(v.block_size, 512);
         assert_eq!(v.depth, 128);
         assert_eq!(v.queue_affinity, QueueAffinity::SingleCpu);
+        assert_eq!(v.payload_checksum, PayloadChecksum::Crc32c);
+        let unchecked =
+            good(dir.path()).replace("role = \"primary\"", "role = \"primary\"\npayload_checksum = \"none\"");
+        assert_eq!(NodeConfig::parse(&path, &unchecked).unwrap().volumes[0].payload_checksum, PayloadChecksum::None);
         assert_eq!(v.backing_file, dir.path().join("vol0.img"));
         let spread =
             good(dir.path()).replace("role = \"primary\"", "role = \"primary\"\nqueue_affinity = \"queue-cpus\"");
         assert_eq!(NodeConfig::parse(&path, &spread).unwrap().volumes[0].queue_affinity, QueueAffinity::QueueCpus);
         assert_eq!(v.authkey, b"0123456789abcdef0123");
+        assert_eq!((c.metrics_listen, c.on_event.as_deref()), (None, None));
+        let ops = good(dir.path()).replace(
+            "control_socket = \"alpha.sock\"",
+            "control_socket = \"alpha.sock\"\nmetrics_listen = \"[::1]:9942\"\non_event = \"logger -t mb\"",
+        );
+        let o = NodeConfig::parse(&path, &ops).unwrap();
+        assert_eq!(o.metrics_listen, Some("[::1]:9942".parse().unwrap()));
+        assert_eq!(o.on_event.as_deref(), Some("logger -t mb"));
         // Both nodes derive the same uuid from the name.
         assert_eq!(v.uuid, uuid::Uuid::new_v5(&VOLUME_UUID_NAMESPACE, b"vol0"));
     }
@@ -967,13 +1128,57 @@ authkey_file = "key"
             ("role = \"primary\"", "role = \"primary\"\nregion_size = \"3KiB\"", "volume[0].region_size"),
             ("role = \"primary\"", "role = \"primary\"\ncolour = 1", "unknown field `colour`"),
             ("role = \"primary\"", "role = \"primary\"\nqueue_affinity = \"cpu0\"", "unknown variant `cpu0`"),
+            ("role = \"primary\"", "role = \"primary\"\npayload_checksum = \"md5\"", "unknown variant `md5`"),
             ("name = \"beta\"", "name = \"alpha\"", "the peer has this node's own name"),
+            (
+                "control_socket = \"alpha.sock\"",
+                "control_socket = \"alpha.sock\"\nmetrics_listen = \"localhost\"",
+                "node.metrics_listen: 'localhost' is not an address",
+            ),
         ];
         for (from, to, want) in cases {
             let text = good(dir.path()).replace(from, to);
             let e = NodeConfig::parse(&path, &text).unwrap_err().to_string();
             assert!(e.contains(want), "{e:?} should contain {want:?}");
             assert!(e.starts_with(&path.display().to_string()), "{e}");
+            assert!(!e.contains('\n'), "one line: {e:?}");
+        }
+    }
+
+    #[test]
+    fn transport_tls_derives_keys_from_the_authkey_or_takes_all_three_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alpha.toml");
+        let p = &NodeConfig::parse(&path, &good(dir.path())).unwrap().volumes[0];
+        assert_eq!(p.peer.as_ref().unwrap().transport, Transport::Tcp, "the default");
+        let tls = good(dir.path()).replace("authkey_file = \"key\"", "authkey_file = \"key\"\ntransport = \"tls\"");
+        let c = NodeConfig::parse(&path, &tls).unwrap();
+        let peer = c.volumes[0].peer.as_ref().unwrap();
+        assert_eq!(peer.transport, Transport::Tls);
+        assert!(peer.tls.is_some());
+        assert!(NodeConfig::parse_with(&path, &tls, Keys::Skip).unwrap().volumes[0]
+            .peer
+            .as_ref()
+            .unwrap()
+            .tls
+            .is_none());
+        let cases = [
+            ("transport = \"tls\"", "transport = \"ssl\"", "volume[0].peer.transport: 'ssl' is not a transport"),
+            (
+                "transport = \"tls\"",
+                "transport = \"tls\"\ntls_cert = \"c.pem\"",
+                "volume[0].peer.tls_key: set tls_cert",
+            ),
+            ("transport = \"tls\"", "tls_cert = \"c.pem\"", "volume[0].peer.tls_cert: certificates need transport"),
+            (
+                "transport = \"tls\"",
+                "transport = \"tls\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\ntls_ca = \"ca.pem\"",
+                "volume[0].peer.tls_cert: ",
+            ),
+        ];
+        for (from, to, want) in cases {
+            let e = NodeConfig::parse(&path, &tls.replace(from, to)).unwrap_err().to_string();
+            assert!(e.contains(want), "{e:?} should contain {want:?}");
             assert!(!e.contains('\n'), "one line: {e:?}");
         }
     }

@@ -13,8 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Role;
-use crate::lifecycle::runner::{SlotView, VolumeSlot};
-use crate::peer::connector::LinkHandoff;
+use crate::lifecycle::runner::{SlotView, VolumeHandle, VolumeSlot};
 use crate::volume::stats::{LinkState, QueueStats};
 use crate::volume::VolumeShared;
 
@@ -91,6 +90,11 @@ pub struct VolumeStatus {
     pub link_rtt_us: Option<f64>,
     pub last_link_error: Option<String>,
     pub ublk_device: Option<String>,
+    /// How the primary's device moves a write's data (null without a device): `zero-copy`
+    /// (the request's pages registered by ublk, written and sent from there; the kernel
+    /// offers it and `payload_checksum = "none"`) or `copy` (into a buffer of ours first).
+    #[serde(default)]
+    pub write_path: Option<String>,
     /// The current generation (a line of data history).
     pub generation: String,
     /// Regions marked in the write-intent bitmap, and what they cover: the bytes that may
@@ -139,15 +143,22 @@ pub struct VolumeStatus {
     pub peer_missing_s: u64,
 }
 
-/// What the control socket reports on, per volume.
-pub struct VolumeHandle {
-    pub shared: Arc<VolumeShared>,
-    pub role: Role,
-    pub handoffs: Vec<Arc<LinkHandoff>>,
-    pub ublk_device: Option<String>,
+/// The status of one volume, with the texts that only an operator reads (the disk's and the
+/// link's last errors, the generation).
+pub fn volume_status(h: &VolumeHandle) -> VolumeStatus {
+    let mut s = volume_figures(h);
+    let v = &h.shared;
+    s.disk_error = v.disk.reason();
+    s.last_link_error = h.handoffs.iter().find_map(|h| h.last_error()).or_else(|| s.sync_message.clone());
+    s.generation = v.intent.superblock().generation.to_string();
+    s
 }
 
-pub fn volume_status(h: &VolumeHandle) -> VolumeStatus {
+/// The status of one volume without `disk_error`, `last_link_error` and `generation`: what
+/// `/metrics` reads (`metrics.rs`). It loads atomics and takes only control-plane locks (the
+/// sync link's info, the witness client's info), never one a queue, replica or bitmap writer
+/// thread takes (the disk's error text, a link handoff, the superblock).
+pub fn volume_figures(h: &VolumeHandle) -> VolumeStatus {
     let v = &h.shared;
     let c = &v.config;
     let sum = |f: fn(&QueueStats) -> &std::sync::atomic::AtomicU64| -> u64 {
@@ -182,7 +193,7 @@ pub fn volume_status(h: &VolumeHandle) -> VolumeStatus {
         size: c.size,
         role: h.role,
         disk_state: v.disk.state().to_string(),
-        disk_error: v.disk.reason(),
+        disk_error: None,
         link_state,
         epoch: v.epoch(),
         peer: c.peer.as_ref().map(|p| p.name.clone()).unwrap_or_else(|| "-".into()),
@@ -199,9 +210,12 @@ pub fn volume_status(h: &VolumeHandle) -> VolumeStatus {
         reconnects: sum(|q| &q.reconnects),
         conflict_waits: sum(|q| &q.conflict_waits),
         link_rtt_us,
-        last_link_error: h.handoffs.iter().find_map(|h| h.last_error()).or_else(|| sync.message.clone()),
+        last_link_error: None,
         ublk_device: h.ublk_device.clone(),
-        generation: v.intent.superblock().generation.to_string(),
+        write_path: h.ublk_device.is_some().then(|| {
+            if v.zero_copy.load(std::sync::atomic::Ordering::Relaxed) { "zero-copy" } else { "copy" }.to_string()
+        }),
+        generation: String::new(),
         dirty_regions: v.intent.dirty_regions(),
         out_of_sync_bytes: (v.intent.dirty_regions() * v.intent.region_size()).min(c.size),
         alone: v.intent.is_alone(),
@@ -309,6 +323,9 @@ fn volume_command(r: &ControlRequest, volumes: &[Arc<VolumeSlot>]) -> Result<Str
                 v.sync.rate_bps.store(rate, Ordering::Relaxed);
             }
             if r.discard_local {
+                // Kept in the metadata until the resync from the peer completes: a restart
+                // before it does not bring the dropped changes back.
+                v.intent.update_superblock(|sb| sb.discard_local = true).map_err(|e| format!("volume {name}: {e}"))?;
                 v.sync.discard_local.store(true, Ordering::Release);
             }
             v.sync.request(crate::resync::Requested { full: r.full, checksum: r.checksum });
@@ -399,7 +416,7 @@ fn operator_role_change(r: &ControlRequest, h: &VolumeHandle) -> Result<crate::l
             return Err(format!("volume {name}: the primary {peer} is connected; demote it there first"));
         }
         let disk = v.disk.state();
-        if disk != crate::volume::disk::DiskState::UpToDate && !r.force {
+        if disk != metroblk_protocol::DiskState::UpToDate && !r.force {
             return Err(format!(
                 "volume {name}: this copy is {disk}: it misses writes; --force makes it the data from now on (what the \
                  peer has beyond it is dropped at the next resync)"
@@ -599,7 +616,7 @@ pub fn render(s: &NodeStatus) -> String {
             v.flushes
         );
         if let Some(d) = &v.ublk_device {
-            out += &format!("    device {d}\n");
+            out += &format!("    device {d}  write path {}\n", v.write_path.as_deref().unwrap_or("-"));
         }
         if let Some(e) = &v.disk_error {
             out += &format!("    disk error: {e}\n");

@@ -6,6 +6,10 @@
 //! target-I/O layout, so every engine completion comes back through
 //! [`QueueTarget::complete`] untranslated. Nothing here allocates or locks per request.
 
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
 use metroblk_ublk::{BlockIo, BlockOp, DeviceParams, QueueTarget, SqeSink};
 
 use crate::config::VolumeConfig;
@@ -14,6 +18,8 @@ use crate::volume::{Queue, ReqKind, Request, MAX_IO_BYTES};
 
 /// Target SQEs the engine can have in flight per request tag: its local I/O.
 pub const ENGINE_SQES_PER_TAG: u16 = 1;
+/// The same in zero copy: its local I/O and its frame's two linked sends (header, payload).
+pub const ENGINE_SQES_PER_TAG_ZERO_COPY: u16 = 3;
 /// Target SQEs the engine can have in flight per queue: a send and a receive on the peer
 /// socket, the link hand-off eventfd read and the tick timeout.
 pub const ENGINE_SQES_PER_QUEUE: u16 = 4;
@@ -69,6 +75,8 @@ impl QueueTarget for EngineQueue {
     }
 
     fn submit(&mut self, sink: &mut dyn SqeSink, tag: u16, io: BlockIo) -> Result<(), i32> {
+        // The queue moves a zero-copy request's data by its tag (`Queue`'s `zero_copy`).
+        debug_assert!(io.buf_index.is_none() || (io.buf_index == Some(tag) && self.queue.zero_copy()));
         let req = Request { kind: kind(io.op), offset: io.offset, len: io.len, fua: io.fua, buf: io.buf };
         self.queue.submit(&mut Sink(sink), tag, req).map_err(|e| {
             tracing::debug!(tag, "request refused: {e}");
@@ -76,9 +84,16 @@ impl QueueTarget for EngineQueue {
         })
     }
 
-    fn complete(&mut self, sink: &mut dyn SqeSink, user_data: u64, res: i32, done: &mut dyn FnMut(u16, i32)) {
+    fn complete(
+        &mut self,
+        sink: &mut dyn SqeSink,
+        user_data: u64,
+        res: i32,
+        cqe_flags: u32,
+        done: &mut dyn FnMut(u16, i32),
+    ) {
         debug_assert_ne!(user_data & UD_ENGINE, 0);
-        self.queue.handle_completion(&mut Sink(sink), user_data, res, &mut |tag, r| done(tag, r));
+        self.queue.handle_completion(&mut Sink(sink), user_data, res, cqe_flags, &mut |tag, r| done(tag, r));
     }
 
     fn end_batch(&mut self, sink: &mut dyn SqeSink, done: &mut dyn FnMut(u16, i32)) {
@@ -97,7 +112,10 @@ pub fn device_params(cfg: &VolumeConfig, node_name: &str, dev_id: i32) -> Device
     p.depth = cfg.depth;
     p.max_io_bytes = MAX_REQUEST_BYTES;
     p.owner_tag = owner_tag(cfg, node_name);
-    p.target_sqes_per_tag = ENGINE_SQES_PER_TAG;
+    // Zero copy only where the payload need not be read: the crc32c of a WRITE would take a
+    // copy of it (`UBLK_F_USER_COPY`), which is what zero copy saves.
+    p.zero_copy = !cfg.payload_checksum.sends_crc();
+    p.target_sqes_per_tag = if p.zero_copy { ENGINE_SQES_PER_TAG_ZERO_COPY } else { ENGINE_SQES_PER_TAG };
     p.target_sqes_per_queue = ENGINE_SQES_PER_QUEUE;
     p
 }
@@ -115,6 +133,47 @@ pub fn owner_tag(cfg: &VolumeConfig, node_name: &str) -> u64 {
     h.max(1)
 }
 
+/// `<metadata_file>.ublk-id`: the ublk id the driver picked for this volume on this node.
+pub fn ublk_id_file(cfg: &VolumeConfig) -> PathBuf {
+    let mut name = cfg.metadata_file.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "metadata".into());
+    name.push(".ublk-id");
+    cfg.metadata_file.with_file_name(name)
+}
+
+/// The remembered id, or `None` when there is none yet.
+pub fn read_ublk_id(path: &Path) -> Result<Option<i32>, String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: cannot read: {e}", path.display())),
+    };
+    let line = text.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#')).unwrap_or("");
+    match line.parse::<i32>() {
+        Ok(id) if id >= 0 => Ok(Some(id)),
+        _ => Err(format!(
+            "{}: '{line}' is not a ublk device id (delete the file to let the driver pick one)",
+            path.display()
+        )),
+    }
+}
+
+/// Remembers `id` crash-safely (write a temporary file, fsync, rename, fsync the directory).
+pub fn write_ublk_id(path: &Path, id: i32, volume: &str) -> Result<(), String> {
+    let fail = |e: std::io::Error| format!("{}: cannot record the ublk device id: {e}", path.display());
+    let tmp = path.with_extension("ublk-id.tmp");
+    let mut f =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(fail)?;
+    writeln!(f, "# ublk device id of volume {volume} on this node; a restarted node recovers /dev/ublkb{id}")
+        .and_then(|()| writeln!(f, "{id}"))
+        .and_then(|()| f.sync_all())
+        .map_err(fail)?;
+    std::fs::rename(&tmp, path).map_err(fail)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(fail)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,5 +185,17 @@ mod tests {
         assert_eq!(kind(BlockOp::Flush), ReqKind::Flush);
         assert_eq!(kind(BlockOp::Discard), ReqKind::Discard);
         assert_eq!(kind(BlockOp::WriteZeroes), ReqKind::WriteZeroes);
+    }
+
+    #[test]
+    fn ublk_id_file_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vol0.meta.ublk-id");
+        assert_eq!(read_ublk_id(&path).unwrap(), None);
+        write_ublk_id(&path, 7, "vol0").unwrap();
+        assert_eq!(read_ublk_id(&path).unwrap(), Some(7));
+        std::fs::write(&path, "seven\n").unwrap();
+        let e = read_ublk_id(&path).unwrap_err();
+        assert!(e.contains("is not a ublk device id") && !e.contains('\n'), "{e}");
     }
 }

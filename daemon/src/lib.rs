@@ -10,15 +10,20 @@
 //! - `control`: the control socket and the `status` report.
 //! - `metadata`: the metadata file (superblock and dirty bitmap), crash-safe; `create-md`.
 
+pub mod backing;
 pub mod bitmap;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod events;
+pub mod export;
 pub mod fencing;
 pub mod frontend;
 pub mod lifecycle;
 pub mod metadata;
+pub mod metrics;
 pub mod node;
 pub mod peer;
 pub mod resync;
+pub mod systemd;
 pub mod volume;

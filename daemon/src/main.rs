@@ -36,6 +36,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the state of every volume of a running node, then one line per change (role,
+    /// link, disk, sync, fence, resync progress, alerts, verify results) until interrupted.
+    /// Runs the node's `on_event` hook per change.
+    Events {
+        /// The node's config file (its control socket and hook are read from it).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Initialise the metadata file (superblock and dirty bitmap) of a volume on this node.
     /// Refuses to overwrite an existing one unless --force.
     CreateMd {
@@ -158,6 +169,18 @@ enum Command {
         /// Use the VM even if this kernel has ublk_drv.
         #[arg(long)]
         vm: bool,
+        /// Also export the volume over iSCSI (LIO, service address 192.0.2.100 on lo) and log
+        /// this machine's open-iscsi in to it; with --scripted, instead of the filesystem
+        /// showcase, a host writes through the export across a planned switchover to site B.
+        /// Needs open-iscsi.
+        #[arg(long)]
+        export: bool,
+    },
+    /// Write the man pages or the shell completions (for packaging).
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        what: Generate,
     },
     /// Run or manage a witness: the third site that decides which node may serve a volume
     /// when the nodes lose each other.
@@ -165,6 +188,14 @@ enum Command {
         #[command(subcommand)]
         cmd: metroblk_witness::cli::WitnessCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum Generate {
+    /// One roff man page per command and subcommand (metroblk.1, metroblk-node-run.1, ...).
+    Man { dir: PathBuf },
+    /// Completions for bash (metroblk.bash), zsh (_metroblk) and fish (metroblk.fish).
+    Completions { dir: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -180,6 +211,24 @@ enum NodeCommand {
         #[arg(long, short)]
         config: PathBuf,
     },
+}
+
+fn generate(what: Generate) -> Result<(), String> {
+    use clap::CommandFactory;
+    let (Generate::Man { dir } | Generate::Completions { dir }) = &what;
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let fail = |e: std::io::Error| format!("{}: {e}", dir.display());
+    let mut cmd = Cli::command();
+    match what {
+        Generate::Man { .. } => clap_mangen::generate_to(cmd, dir).map_err(fail),
+        Generate::Completions { .. } => {
+            use clap_complete::Shell;
+            for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+                clap_complete::generate_to(shell, &mut cmd, "metroblk", dir).map_err(fail)?;
+            }
+            Ok(())
+        }
+    }
 }
 
 fn init_logging() {
@@ -226,6 +275,8 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             Ok(())
         }
+        Command::Events { config, json } => metroblk::events::run(&config, json),
+        Command::Generate { what } => generate(what),
         Command::CreateMd { config, volume, force } => {
             println!("{}", metroblk::metadata::create_md_command(&config, &volume, force)?);
             Ok(())
@@ -259,8 +310,8 @@ fn run(cli: Cli) -> Result<(), String> {
             println!("{}", metroblk::resync::command::resume_alone(&config, &volume)?);
             Ok(())
         }
-        Command::Demo { dir, scripted, vm } => {
-            metroblk::demo::run(metroblk::demo::DemoOptions { dir, scripted, force_vm: vm })
+        Command::Demo { dir, scripted, vm, export } => {
+            metroblk::demo::run(metroblk::demo::DemoOptions { dir, scripted, force_vm: vm, export })
         }
         Command::Witness { cmd } => {
             if matches!(cmd, metroblk_witness::cli::WitnessCommand::Run { .. }) {

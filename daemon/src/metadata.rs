@@ -58,7 +58,7 @@ use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::config::{Role, MAX_REGION_SIZE, MIN_REGION_SIZE};
-use crate::volume::disk::DiskState;
+use metroblk_protocol::DiskState;
 
 /// First eight bytes of each superblock slot.
 pub const MAGIC: [u8; 8] = *b"MBLKMETA";
@@ -106,7 +106,10 @@ struct WireSuperblock {
     node_name: [u8; NODE_NAME_MAX],
     /// [`ROLE_UNKNOWN`], or the role the witness last gave this node (0 primary, 1 secondary).
     role: u8,
-    reserved: [u8; 85],
+    /// 1: this copy's changes are dropped at the next exchange (`resync --discard-local`).
+    /// Was reserved (zero) before: older files read as 0.
+    discard_local: u8,
+    reserved: [u8; 84],
     crc: U32,
 }
 
@@ -143,6 +146,10 @@ pub struct Superblock {
     /// The role the witness last gave this node (a promotion, a deposition); None: the
     /// config's preferred role applies.
     pub role: Option<Role>,
+    /// An operator dropped this copy's changes (`resync --discard-local`): the next exchange
+    /// resyncs it from the peer whatever the generations say. Cleared when that resync
+    /// completes, so a restart in between does not forget the operator's decision.
+    pub discard_local: bool,
 }
 
 impl Superblock {
@@ -163,6 +170,7 @@ impl Superblock {
             clean_shutdown: true,
             full_resync: false,
             role: None,
+            discard_local: false,
         }
     }
 
@@ -327,6 +335,7 @@ fn encode(sb: &Superblock, seq: u64) -> [u8; BLOCK_BYTES] {
         peer_disk_state: sb.peer_disk_state.map(DiskState::code).unwrap_or(PEER_UNKNOWN),
         clean_shutdown: sb.clean_shutdown as u8,
         full_resync: sb.full_resync as u8,
+        discard_local: sb.discard_local as u8,
         node_name_len: sb.node_name.len() as u8,
         node_name,
         role: match sb.role {
@@ -334,7 +343,7 @@ fn encode(sb: &Superblock, seq: u64) -> [u8; BLOCK_BYTES] {
             Some(Role::Primary) => ROLE_PRIMARY,
             Some(Role::Secondary) => ROLE_SECONDARY,
         },
-        reserved: [0; 85],
+        reserved: [0; 84],
         crc: U32::new(0),
     };
     w.crc = U32::new(crc32c::crc32c(&w.as_bytes()[..SB_LEN - 4]));
@@ -401,6 +410,9 @@ fn decode(buf: &[u8; BLOCK_BYTES]) -> Slot {
     if w.full_resync > 1 {
         return Slot::Invalid(format!("full-resync flag {}", w.full_resync));
     }
+    if w.discard_local > 1 {
+        return Slot::Invalid(format!("discard-local flag {}", w.discard_local));
+    }
     let role = match w.role {
         ROLE_UNKNOWN => None,
         ROLE_PRIMARY => Some(Role::Primary),
@@ -427,6 +439,7 @@ fn decode(buf: &[u8; BLOCK_BYTES]) -> Slot {
             clean_shutdown: w.clean_shutdown == 1,
             full_resync: w.full_resync == 1,
             role,
+            discard_local: w.discard_local == 1,
         },
     )
 }
@@ -473,7 +486,7 @@ impl<I: MetaIo> MetadataFile<I> {
         let mut best: Option<(u64, Superblock)> = None;
         for s in &slots {
             if let Slot::Valid(seq, sb) = s {
-                if best.as_ref().map_or(true, |(b, _)| seq > b) {
+                if best.as_ref().is_none_or(|(b, _)| seq > b) {
                     best = Some((*seq, sb.clone()));
                 }
             }
@@ -697,7 +710,7 @@ pub fn attach_command(config: &Path, volume: &str) -> Result<String, String> {
         ));
     }
     // The backing file must be usable again: open it as the node will, and read it.
-    let file = crate::volume::open_backing_file(v).map_err(|e| e.to_string())?;
+    let file = crate::backing::open(v).map_err(|e| e.to_string())?;
     let mut block = vec![0u8; 4096.min(v.size as usize)];
     FileExt::read_exact_at(&file, &mut block, 0)
         .map_err(|e| format!("{}: still unreadable: {e}", v.backing_file.display()))?;

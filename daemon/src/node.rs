@@ -17,16 +17,13 @@
 //! under a mounted filesystem. The id is the volume's `ublk_id`, or, when the driver picked
 //! it, the one remembered in `<metadata_file>.ublk-id`.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use metroblk_ublk::TermSignals;
 
-use crate::config::{NodeConfig, VolumeConfig};
+use crate::config::NodeConfig;
 use crate::control;
 use crate::lifecycle::runner::{GroupRunner, NodeIdentity, SlotView};
 
@@ -65,9 +62,17 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
     for why in &failed {
         tracing::error!(node = %cfg.name, "{why}; the other volumes serve");
     }
-    control::serve(&cfg.control_socket, cfg.name.clone(), Arc::new(slots))?;
+    let slots = Arc::new(slots);
+    control::serve(&cfg.control_socket, cfg.name.clone(), slots.clone())?;
+    if let Some(addr) = cfg.metrics_listen {
+        let bound = crate::metrics::serve(addr, cfg.name.clone(), slots.clone())?;
+        tracing::info!(node = %cfg.name, "metrics on http://{bound}/metrics");
+    }
     tracing::info!(node = %cfg.name, control = %cfg.control_socket.display(), "node running");
+    crate::systemd::spawn_watchdog(cfg.control_socket.clone())?;
+    crate::systemd::ready(&format!("{} of {} volume(s) open", slots.len() - failed.len(), slots.len()));
     let signal = signals.wait();
+    crate::systemd::stopping();
     stopping.store(true, Ordering::Release);
     tracing::info!(node = %cfg.name, signal, "shutting down");
     // Every volume closes at once; each is bounded by lifecycle::CLOSE_MAX.
@@ -79,62 +84,4 @@ pub fn run(cfg: NodeConfig) -> Result<(), String> {
     }
     let _ = std::fs::remove_file(&cfg.control_socket);
     Ok(())
-}
-
-/// `<metadata_file>.ublk-id`: the ublk id the driver picked for this volume on this node.
-pub fn ublk_id_file(cfg: &VolumeConfig) -> PathBuf {
-    let mut name = cfg.metadata_file.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "metadata".into());
-    name.push(".ublk-id");
-    cfg.metadata_file.with_file_name(name)
-}
-
-/// The remembered id, or `None` when there is none yet.
-pub fn read_ublk_id(path: &Path) -> Result<Option<i32>, String> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("{}: cannot read: {e}", path.display())),
-    };
-    let line = text.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#')).unwrap_or("");
-    match line.parse::<i32>() {
-        Ok(id) if id >= 0 => Ok(Some(id)),
-        _ => Err(format!(
-            "{}: '{line}' is not a ublk device id (delete the file to let the driver pick one)",
-            path.display()
-        )),
-    }
-}
-
-/// Remembers `id` crash-safely (write a temporary file, fsync, rename, fsync the directory).
-pub fn write_ublk_id(path: &Path, id: i32, volume: &str) -> Result<(), String> {
-    let fail = |e: std::io::Error| format!("{}: cannot record the ublk device id: {e}", path.display());
-    let tmp = path.with_extension("ublk-id.tmp");
-    let mut f =
-        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(fail)?;
-    writeln!(f, "# ublk device id of volume {volume} on this node; a restarted node recovers /dev/ublkb{id}")
-        .and_then(|()| writeln!(f, "{id}"))
-        .and_then(|()| f.sync_all())
-        .map_err(fail)?;
-    std::fs::rename(&tmp, path).map_err(fail)?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(fail)?;
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ublk_id_file_round_trips() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("vol0.meta.ublk-id");
-        assert_eq!(read_ublk_id(&path).unwrap(), None);
-        write_ublk_id(&path, 7, "vol0").unwrap();
-        assert_eq!(read_ublk_id(&path).unwrap(), Some(7));
-        std::fs::write(&path, "seven\n").unwrap();
-        let e = read_ublk_id(&path).unwrap_err();
-        assert!(e.contains("is not a ublk device id") && !e.contains('\n'), "{e}");
-    }
 }

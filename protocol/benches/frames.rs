@@ -6,7 +6,7 @@ use metroblk_protocol::{decode_header, verify_payload, Frame, Geometry, HEADER_L
 
 fn frames(c: &mut Criterion) {
     let payload = vec![0xA5u8; 4096];
-    let frame = Frame::write(42, 7, 1 << 20, &payload, false);
+    let frame = Frame::write(42, 7, 1 << 20, &payload, false, true);
     let geo = Geometry { volume_size: 1 << 30, block_size: 4096, max_payload: MAX_PAYLOAD };
     let mut header = [0u8; HEADER_LEN];
     frame.encode(&mut header);

@@ -7,12 +7,12 @@
 //! |--------|---------------|-------------------------------------------------------------------|
 //! | 0..2   | `magic`       | [`FRAME_MAGIC`]; a mismatch means the stream is out of sync       |
 //! | 2      | `kind`        | [`FrameKind`]                                                     |
-//! | 3      | `flags`       | [`FLAG_FUA`]; every other bit must be zero                        |
+//! | 3      | `flags`       | [`FLAG_FUA`], [`FLAG_UNCHECKED`]; every other bit must be zero    |
 //! | 4..8   | `length`      | payload bytes (WRITE, ERROR) or byte range (DISCARD, WRITE_ZEROES)|
 //! | 8..16  | `seq`         | request sequence number; an ack carries the seq it answers        |
 //! | 16..24 | `epoch`       | the sender's epoch (the fencing token), on requests               |
 //! | 24..32 | `offset`      | byte offset into the volume                                       |
-//! | 32..36 | `payload_crc` | crc32c of the payload (0 when there is none)                      |
+//! | 32..36 | `payload_crc` | crc32c of the payload (0 when there is none, or it is unchecked)  |
 //! | 36..40 | `status`      | 0 or a negative errno on acks; the error code on ERROR            |
 //!
 //! [`decode_header`] checks everything that can be checked from the header alone against the local
@@ -39,10 +39,14 @@ pub const HASH_LEN: usize = 32;
 pub const MAX_HASH_RANGE: u32 = 64 << 20;
 /// Force unit access: the receiver acks only after the data is durable. Allowed on WRITE and FLUSH.
 pub const FLAG_FUA: u8 = 1;
+/// The WRITE's payload carries no crc32c (`payload_checksum = "none"` on the sender):
+/// `payload_crc` is 0 and the receiver checks nothing but the length. Allowed on WRITE only;
+/// whether a receiver accepts it is its own setting's decision, not the frame's.
+pub const FLAG_UNCHECKED: u8 = 2;
 
 /// Flag bits this version understands; the decoder rejects any other bit so that a future flag
 /// is never silently ignored by an old receiver.
-const KNOWN_FLAGS: u8 = FLAG_FUA;
+const KNOWN_FLAGS: u8 = FLAG_FUA | FLAG_UNCHECKED;
 
 /// The header as it lies on the wire. Byte-order types make the layout independent of the host.
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -144,7 +148,8 @@ impl FrameKind {
     /// Flag bits that mean something on this kind.
     fn allowed_flags(self) -> u8 {
         match self {
-            FrameKind::Write | FrameKind::Flush => FLAG_FUA,
+            FrameKind::Write => FLAG_FUA | FLAG_UNCHECKED,
+            FrameKind::Flush => FLAG_FUA,
             _ => 0,
         }
     }
@@ -181,14 +186,29 @@ impl Frame {
     }
 
     /// A WRITE of `payload` at `offset`. The caller keeps `payload.len()` within the peer's
-    /// `max_payload`; the crc32c is computed here.
-    pub fn write(seq: u64, epoch: u64, offset: u64, payload: &[u8], fua: bool) -> Frame {
+    /// `max_payload`; the crc32c is computed here when `checked`, else the frame says
+    /// [`FLAG_UNCHECKED`].
+    pub fn write(seq: u64, epoch: u64, offset: u64, payload: &[u8], fua: bool, checked: bool) -> Frame {
         Frame {
-            flags: if fua { FLAG_FUA } else { 0 },
+            flags: if fua { FLAG_FUA } else { 0 } | if checked { 0 } else { FLAG_UNCHECKED },
             length: len_u32(payload.len()),
             epoch,
             offset,
-            payload_crc: crc32c::crc32c(payload),
+            payload_crc: if checked { crc32c::crc32c(payload) } else { 0 },
+            ..Frame::bare(FrameKind::Write, seq)
+        }
+    }
+
+    /// A WRITE of `length` bytes without a payload checksum (`FLAG_UNCHECKED`), built
+    /// without the payload: a sender in zero copy cannot read it (the bytes are in pages the
+    /// kernel registered for the socket and the file, not in our memory).
+    pub fn write_unchecked(seq: u64, epoch: u64, offset: u64, length: u32, fua: bool) -> Frame {
+        Frame {
+            flags: if fua { FLAG_FUA } else { 0 } | FLAG_UNCHECKED,
+            length,
+            epoch,
+            offset,
+            payload_crc: 0,
             ..Frame::bare(FrameKind::Write, seq)
         }
     }
@@ -254,6 +274,11 @@ impl Frame {
     /// Whether the sender asked for force-unit-access semantics.
     pub fn fua(&self) -> bool {
         self.flags & FLAG_FUA != 0
+    }
+
+    /// Whether the payload travels without a crc32c ([`FLAG_UNCHECKED`]).
+    pub fn unchecked(&self) -> bool {
+        self.flags & FLAG_UNCHECKED != 0
     }
 
     /// Bytes that follow the header on the wire: `length` for WRITE and ERROR, 0 otherwise
@@ -395,13 +420,14 @@ pub fn decode_header(buf: &[u8; HEADER_LEN], geo: &Geometry) -> Result<Frame, Fr
 }
 
 /// Checks a payload read after `frame`'s header: its length must be `frame.payload_len()` and,
-/// for kinds that carry one, its crc32c must match the header.
+/// for kinds that carry one, its crc32c must match the header (unless the frame says
+/// [`FLAG_UNCHECKED`]; the receiver decides beforehand whether it accepts that).
 pub fn verify_payload(frame: &Frame, payload: &[u8]) -> Result<(), FrameError> {
     let expected = frame.payload_len();
     if payload.len() != expected {
         return Err(FrameError::BadPayloadLen { expected, actual: payload.len() });
     }
-    if frame.kind.has_payload() {
+    if frame.kind.has_payload() && !frame.unchecked() {
         let actual = crc32c::crc32c(payload);
         if actual != frame.payload_crc {
             return Err(FrameError::BadCrc { expected: frame.payload_crc, actual });
@@ -453,10 +479,10 @@ mod tests {
     #[test]
     fn every_kind_round_trips() {
         let data = vec![0x5Au8; 8192];
-        let w = Frame::write(1, 7, 4096, &data, false);
+        let w = Frame::write(1, 7, 4096, &data, false, true);
         roundtrip(w);
         verify_payload(&w, &data).unwrap();
-        let wf = Frame::write(2, 7, 0, &data[..4096], true);
+        let wf = Frame::write(2, 7, 0, &data[..4096], true, true);
         assert!(wf.fua());
         roundtrip(wf);
         roundtrip(Frame::write_ack(3, 0));
@@ -480,7 +506,7 @@ mod tests {
 
     #[test]
     fn payload_len_only_for_write_and_error() {
-        assert_eq!(Frame::write(0, 0, 0, &[0; 512], false).payload_len(), 512);
+        assert_eq!(Frame::write(0, 0, 0, &[0; 512], false, true).payload_len(), 512);
         assert_eq!(Frame::discard(0, 0, 0, 4096).payload_len(), 0);
         assert_eq!(Frame::write_zeroes(0, 0, 0, 4096).payload_len(), 0);
         assert_eq!(Frame::error(1, b"abc").payload_len(), 3);
@@ -507,7 +533,7 @@ mod tests {
 
     #[test]
     fn rejects_unknown_flags() {
-        let mut b = enc(&Frame::write(1, 1, 0, &[0; 4096], true));
+        let mut b = enc(&Frame::write(1, 1, 0, &[0; 4096], true, true));
         b[3] = FLAG_FUA | 0x80;
         assert_eq!(decode_header(&b, &GEO), Err(FrameError::UnknownFlags(0x81)));
     }
@@ -524,7 +550,7 @@ mod tests {
 
     #[test]
     fn rejects_too_long() {
-        let mut f = Frame::write(1, 1, 0, &[], false);
+        let mut f = Frame::write(1, 1, 0, &[], false, true);
         f.length = MAX_PAYLOAD + 4096;
         let geo = Geometry { volume_size: 1 << 30, ..GEO };
         assert_eq!(
@@ -542,7 +568,7 @@ mod tests {
 
     #[test]
     fn rejects_zero_and_unexpected_length() {
-        let mut f = Frame::write(1, 1, 0, &[], false);
+        let mut f = Frame::write(1, 1, 0, &[], false, true);
         f.length = 0;
         assert_eq!(decode_header(&enc(&f), &GEO), Err(FrameError::ZeroLength { kind: FrameKind::Write }));
         for mut f in
@@ -555,12 +581,12 @@ mod tests {
 
     #[test]
     fn rejects_out_of_range() {
-        let f = Frame::write(1, 1, (1 << 20) - 4096, &[0; 8192], false);
+        let f = Frame::write(1, 1, (1 << 20) - 4096, &[0; 8192], false, true);
         let err = decode_header(&enc(&f), &GEO).unwrap_err();
         assert_eq!(err, FrameError::OutOfRange { offset: (1 << 20) - 4096, length: 8192, volume_size: 1 << 20 });
         assert_eq!(err.to_string(), "request at offset 1044480 length 8192 ends past the volume end (1048576)");
         // Exactly at the end is fine.
-        let ok = Frame::write(1, 1, (1 << 20) - 8192, &[0; 8192], false);
+        let ok = Frame::write(1, 1, (1 << 20) - 8192, &[0; 8192], false, true);
         assert_eq!(decode_header(&enc(&ok), &GEO), Ok(ok));
     }
 
@@ -576,7 +602,7 @@ mod tests {
 
     #[test]
     fn rejects_misaligned_offset() {
-        let f = Frame::write(1, 1, 512, &[0; 4096], false);
+        let f = Frame::write(1, 1, 512, &[0; 4096], false, true);
         let err = decode_header(&enc(&f), &GEO).unwrap_err();
         assert_eq!(err, FrameError::Misaligned { offset: 512, length: 4096, block_size: 4096 });
         assert!(err.to_string().contains("offset is not a multiple"));
@@ -593,14 +619,14 @@ mod tests {
     #[test]
     fn zero_block_size_does_not_divide_by_zero() {
         let geo = Geometry { block_size: 0, ..GEO };
-        let f = Frame::write(1, 1, 3, &[1, 2, 3], false);
+        let f = Frame::write(1, 1, 3, &[1, 2, 3], false, true);
         assert_eq!(decode_header(&enc(&f), &geo), Ok(f));
     }
 
     #[test]
     fn rejects_bad_crc() {
         let data = vec![7u8; 4096];
-        let f = Frame::write(1, 1, 0, &data, false);
+        let f = Frame::write(1, 1, 0, &data, false, true);
         let mut bad = data.clone();
         bad[100] ^= 1;
         assert!(matches!(
@@ -612,9 +638,31 @@ mod tests {
     }
 
     #[test]
+    fn an_unchecked_write_carries_no_crc_and_only_its_length_is_checked() {
+        let data = vec![7u8; 4096];
+        let f = Frame::write(1, 1, 0, &data, true, false);
+        assert!(f.unchecked() && f.fua());
+        assert_eq!(f.payload_crc, 0);
+        // Zero copy builds the same frame from the length alone.
+        assert_eq!(Frame::write_unchecked(1, 1, 0, 4096, true), f);
+        assert_eq!(decode_header(&enc(&f), &GEO), Ok(f));
+        let mut changed = data.clone();
+        changed[100] ^= 1;
+        assert_eq!(verify_payload(&f, &changed), Ok(()));
+        assert!(matches!(verify_payload(&f, &data[..4095]), Err(FrameError::BadPayloadLen { .. })));
+        // Only a WRITE may be unchecked: an ERROR's text, say, is always checked.
+        let mut b = enc(&Frame::flush(1, 1));
+        b[3] = FLAG_UNCHECKED;
+        assert_eq!(
+            decode_header(&b, &GEO),
+            Err(FrameError::FlagsNotAllowed { kind: FrameKind::Flush, flags: FLAG_UNCHECKED })
+        );
+    }
+
+    #[test]
     fn rejects_wrong_payload_len() {
         let data = vec![7u8; 4096];
-        let f = Frame::write(1, 1, 0, &data, false);
+        let f = Frame::write(1, 1, 0, &data, false, true);
         assert_eq!(verify_payload(&f, &data[..4095]), Err(FrameError::BadPayloadLen { expected: 4096, actual: 4095 }));
         assert_eq!(
             verify_payload(&Frame::flush(1, 1), &[0]),

@@ -48,8 +48,11 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 pub const PEER_MAGIC: [u8; 8] = *b"MBLKPEER";
 /// Peer protocol version; both sides must speak the same one. v2: the hello carries a link
 /// session number. v3: a resync may send a range that reads as zeros as a WRITE_ZEROES frame,
-/// which a v2 node would answer with "unexpected frame" halfway through a resync.
-pub const PEER_PROTOCOL_VERSION: u16 = 3;
+/// which a v2 node would answer with "unexpected frame" halfway through a resync. v4: the
+/// sync hello's flag bit 2 (the sender serves as primary, so two primaries report their split
+/// brain), which a v3 node refuses as an unknown flag after the handshake: the version
+/// mismatch says it before.
+pub const PEER_PROTOCOL_VERSION: u16 = 4;
 /// Longest node name a hello can carry, in bytes.
 pub const MAX_NODE_NAME: usize = 64;
 /// Longest verdict reason, in bytes.
@@ -327,6 +330,13 @@ fn check_compat(peer: &HelloInfo, local: &HelloInfo, expected_peer: &str) -> Res
 
 fn verdict(code: u32, reason: &str) -> Vec<u8> {
     WireVerdict { code: U32::new(code), reason: pad_text::<REASON_LEN>(reason) }.as_bytes().to_vec()
+}
+
+/// A refusal a listener sends in place of its answer to a hello, before any authentication:
+/// the dialer reads it as [`HandshakeError::Rejected`] with `reason`. Only for what any
+/// stranger may learn anyway (the transport the listener speaks).
+pub fn refusal_verdict(reason: &str) -> Vec<u8> {
+    verdict(V_OTHER, reason)
 }
 
 /// Ok(()) for an ok verdict, Rejected(reason) otherwise.
@@ -926,7 +936,7 @@ mod tests {
         let mut raw = encode_hello(&info("a", 1)).unwrap();
         raw[8..10].copy_from_slice(&7u16.to_le_bytes());
         let want = HandshakeError::VersionMismatch { local: PEER_PROTOCOL_VERSION, peer: 7 };
-        assert_eq!(want.to_string(), "peer protocol version mismatch: local 3, peer 7");
+        assert_eq!(want.to_string(), "peer protocol version mismatch: local 4, peer 7");
         listener_refuses(&raw, want.clone());
         let mut raw = encode_hello(&info("b", 2)).unwrap();
         raw[8..10].copy_from_slice(&7u16.to_le_bytes());

@@ -19,11 +19,11 @@ pub mod witness;
 
 pub use disk_state::DiskState;
 pub use frame::{
-    decode_header, verify_payload, Frame, FrameError, FrameKind, Geometry, FLAG_FUA, FRAME_MAGIC, HASH_LEN, HEADER_LEN,
-    MAX_ERROR_TEXT, MAX_HASH_RANGE, MAX_PAYLOAD,
+    decode_header, verify_payload, Frame, FrameError, FrameKind, Geometry, FLAG_FUA, FLAG_UNCHECKED, FRAME_MAGIC,
+    HASH_LEN, HEADER_LEN, MAX_ERROR_TEXT, MAX_HASH_RANGE, MAX_PAYLOAD,
 };
 pub use handshake::{
-    printable, run_handshake, Handshake, HandshakeError, HelloInfo, Role, MAX_NODE_NAME, PEER_MAGIC,
+    printable, refusal_verdict, run_handshake, Handshake, HandshakeError, HelloInfo, Role, MAX_NODE_NAME, PEER_MAGIC,
     PEER_PROTOCOL_VERSION, REFUSED_BEFORE_AUTH,
 };
 pub use sync::{SyncHello, SyncHelloError, SYNC_BITMAP_BYTES_MAX, SYNC_HELLO_LEN, SYNC_QUEUE};

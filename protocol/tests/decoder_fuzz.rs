@@ -1,8 +1,8 @@
 //! Property tests: no input makes a decoder panic, and every valid frame survives the wire.
 
 use metroblk_protocol::{
-    decode_header, verify_payload, Frame, FrameKind, Geometry, Handshake, HelloInfo, Role, FLAG_FUA, HEADER_LEN,
-    MAX_ERROR_TEXT, MAX_PAYLOAD,
+    decode_header, verify_payload, Frame, FrameKind, Geometry, Handshake, HelloInfo, Role, FLAG_FUA, FLAG_UNCHECKED,
+    HEADER_LEN, MAX_ERROR_TEXT, MAX_PAYLOAD,
 };
 use proptest::prelude::*;
 
@@ -36,7 +36,7 @@ fn valid_frame() -> impl Strategy<Value = (Frame, Vec<u8>)> {
         (any::<u64>(), any::<u64>(), sector.clone(), 1usize..=64, any::<bool>(), any::<u8>()).prop_map(
             |(seq, epoch, s, n, fua, fill)| {
                 let data = vec![fill; n * 512];
-                (Frame::write(seq, epoch, s * 512, &data, fua), data)
+                (Frame::write(seq, epoch, s * 512, &data, fua, true), data)
             }
         ),
         (any::<u64>(), any::<i32>()).prop_map(|(s, st)| (Frame::write_ack(s, st), vec![])),
@@ -77,7 +77,7 @@ proptest! {
         buf[0..2].copy_from_slice(&0xB10Cu16.to_le_bytes());
         buf[2] = 1 + bytes[2] % 9;
         if let Ok(f) = decode_header(&buf, &geo) {
-            prop_assert!(f.flags & !FLAG_FUA == 0);
+            prop_assert!(f.flags & !(FLAG_FUA | FLAG_UNCHECKED) == 0);
             let _ = verify_payload(&f, &tail);
         }
     }

@@ -89,8 +89,21 @@ pub struct PairConfigs {
 }
 
 pub fn pair_configs(dir: &Path, size: u64) -> PairConfigs {
-    let (alpha_port, beta_port) = (free_port(), free_port());
-    let spec = |name, peer, role, listen_port, peer_port| NodeSpec {
+    site_pair_configs(dir, size, "", "", None)
+}
+
+/// The configs of alpha (primary) and beta (secondary) of `vol0` in `dir`, each with its
+/// extra volume lines; `ips`: listen on these addresses (site A, site B, as `netns::Sites`
+/// makes them) instead of loopback.
+pub fn site_pair_configs(
+    dir: &Path,
+    size: u64,
+    alpha_extra: &str,
+    beta_extra: &str,
+    ips: Option<(&str, &str)>,
+) -> PairConfigs {
+    let (pa, pb) = (free_port(), free_port());
+    let spec = |name, peer, role, listen_port, peer_port, extra| NodeSpec {
         name,
         peer,
         role,
@@ -98,14 +111,19 @@ pub fn pair_configs(dir: &Path, size: u64) -> PairConfigs {
         listen_port,
         peer_port,
         key: TEST_KEY,
-        extra: "",
+        extra,
     };
-    PairConfigs {
-        alpha: write_config(dir, &spec("alpha", "beta", "primary", alpha_port, beta_port)),
-        beta: write_config(dir, &spec("beta", "alpha", "secondary", beta_port, alpha_port)),
-        alpha_port,
-        beta_port,
+    let alpha = write_config(dir, &spec("alpha", "beta", "primary", pa, pb, alpha_extra));
+    let beta = write_config(dir, &spec("beta", "alpha", "secondary", pb, pa, beta_extra));
+    if let Some((a, b)) = ips {
+        for (path, me, peer) in [(&alpha, a, b), (&beta, b, a)] {
+            let t = std::fs::read_to_string(path).unwrap();
+            let t = t.replacen("listen = \"127.0.0.1:", &format!("listen = \"{me}:"), 1);
+            let t = t.replacen("address = \"127.0.0.1:", &format!("address = \"{peer}:"), 1);
+            std::fs::write(path, t).unwrap();
+        }
     }
+    PairConfigs { alpha, beta, alpha_port: pa, beta_port: pb }
 }
 
 /// The hello node `node` sends for `cfg`'s volume, for tests that speak the peer protocol

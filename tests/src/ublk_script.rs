@@ -213,6 +213,25 @@ check_secondary_copy() {
 }
 "#;
 
+/// Shell helpers of the three-site scenarios (after the prelude, with `Opts::sites`):
+/// `start_all` (the witness, beta, then alpha with its device and lease; `$DEV_A`),
+/// `promoted NODE`, `leased NODE`, `in_sync_as PRIMARY SECONDARY`.
+pub const SITE_HELPERS: &str = r#"
+promoted() { field_is "$1" role primary && [ -b "$(status_field "$1" ublk_device)" ]; }
+leased() { [ "$(status_field "$1" lease_left_ms)" -gt 0 ] 2>/dev/null; }
+in_sync_as() { # PRIMARY SECONDARY
+    field_is "$1" sync_state in-sync && field_is "$2" disk_state up-to-date && field_is "$1" alone false
+}
+start_all() {
+    start_witness
+    start beta ""
+    start alpha ""
+    wait_device alpha
+    wait_for 30 "alpha's lease" leased alpha
+    DEV_A=$DEV
+}
+"#;
+
 /// How a body runs: the volume size (a `size` value of the config), extra config lines for
 /// the primary's volume and for both nodes' volumes, and where the nodes run.
 #[derive(Debug, Clone, Copy)]

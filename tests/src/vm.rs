@@ -84,6 +84,32 @@ const PREPARE_ALLOWANCE: Duration = Duration::from_secs(900);
 
 static VM_LOCK: Mutex<()> = Mutex::new(());
 
+/// One VM at a time on the machine, across test processes too: two TCG VMs on a small machine
+/// slow each other until their timeouts fire, which reads as a product failure.
+const VM_LOCK_FILE: &str = "/tmp/metroblk-vm.lock";
+
+/// Takes the machine-wide VM lock (blocking); it is released when the file is dropped.
+fn lock_machine_wide() -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(VM_LOCK_FILE)
+        .with_context(|| format!("cannot open the VM lock file {VM_LOCK_FILE}"))?;
+    loop {
+        // SAFETY: flock on a descriptor this function owns; no memory is passed.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if rc == 0 {
+            return Ok(file);
+        }
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            return Err(err).with_context(|| format!("cannot lock {VM_LOCK_FILE}"));
+        }
+    }
+}
+
 /// Runs `script` (bash) as root in a fresh VM with default options; see [`run_script_with`].
 pub fn run_script(script: &str, timeout: Duration) -> Result<VmRun> {
     run_script_with(script, &VmOptions::new(timeout))
@@ -128,7 +154,9 @@ pub fn run_script_with(script: &str, opts: &VmOptions) -> Result<VmRun> {
     cmd.env("METROBLK_VM_QUIET", "1");
 
     let _serialized = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _machine_wide = lock_machine_wide()?;
     let captured = capture::run(cmd, "vm| ", Duration::from_secs(timeout_s) + PREPARE_ALLOWANCE)?;
+    drop(_machine_wide);
     drop(_serialized);
 
     let rc = captured.status.and_then(|s| s.code());

@@ -4,13 +4,14 @@
 use std::time::{Duration, Instant};
 
 use metroblk::config::VolumeConfig;
-use metroblk::volume::{QueueDriver, ReqKind, Request, Volume};
+use metroblk::lifecycle::parts::PrimaryEngine;
+use metroblk::volume::{QueueDriver, ReqKind, Request};
 use rand::{Rng, SeedableRng};
 
 pub const BLOCK: u32 = 4096;
 
 pub struct TestPrimary {
-    pub vol: Volume,
+    pub vol: PrimaryEngine,
     pub drv: QueueDriver,
     bufs: Vec<Vec<u8>>,
     busy: Vec<bool>,
@@ -20,7 +21,7 @@ pub struct TestPrimary {
 
 impl TestPrimary {
     pub fn open(cfg: &VolumeConfig, node: &str, depth: u16, seed: u64) -> TestPrimary {
-        let vol = Volume::open_primary(cfg, node, 1).expect("open the primary");
+        let vol = PrimaryEngine::open(cfg, node, 1).expect("open the primary");
         let drv = QueueDriver::new(vol.queue(0, depth)).unwrap();
         TestPrimary {
             vol,

@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use metroblk::config::NodeConfig;
-use metroblk::volume::{QueueDriver, ReqKind, Request, Volume};
+use metroblk::lifecycle::parts::PrimaryEngine;
+use metroblk::volume::{QueueDriver, ReqKind, Request};
 use metroblk_tests::cluster::{pair_configs, NodeProcess, PairConfigs};
 use rand::{Rng, SeedableRng};
 
@@ -29,7 +30,7 @@ struct Op {
 /// Runs one queue's writer: random overlapping writes at full depth. On each completion the
 /// request's bytes are applied to the shared model, under its lock, inside the engine's
 /// completion callback — the order the engine reported them done.
-fn writer(vol: &Volume, qid: u16, model: Arc<Mutex<Vec<u8>>>) -> u64 {
+fn writer(vol: &PrimaryEngine, qid: u16, model: Arc<Mutex<Vec<u8>>>) -> u64 {
     let mut drv = QueueDriver::new(vol.queue(qid, DEPTH)).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while !drv.queue().link_is_up() {
@@ -95,7 +96,7 @@ fn overlapping_writes_on_several_queues_leave_identical_copies() {
     secondary.wait_ready(Duration::from_secs(10));
 
     let cfg = NodeConfig::load(&alpha).unwrap();
-    let vol = Volume::open_primary(&cfg.volumes[0], "alpha", QUEUES).unwrap();
+    let vol = PrimaryEngine::open(&cfg.volumes[0], "alpha", QUEUES).unwrap();
     let model = Arc::new(Mutex::new(vec![0u8; VOLUME as usize]));
     let waits: u64 = std::thread::scope(|sc| {
         let handles: Vec<_> = (0..QUEUES)

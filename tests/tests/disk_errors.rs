@@ -9,8 +9,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use metroblk::config::NodeConfig;
+use metroblk::lifecycle::parts::PrimaryEngine;
 use metroblk::volume::disk::DiskState;
-use metroblk::volume::{QueueDriver, ReqKind, Request, Volume};
+use metroblk::volume::{QueueDriver, ReqKind, Request};
 use metroblk_tests::cluster::{pair_configs, NodeProcess, PairConfigs};
 
 const VOLUME: u64 = 16 << 20;
@@ -70,7 +71,7 @@ fn a_local_write_error_on_the_primary_latches_failed_and_nothing_writes_after_it
 
     let mut cfg = NodeConfig::load(&alpha).unwrap().volumes[0].clone();
     cfg.backing_file = small.join("alpha-vol0.img");
-    let vol = Volume::open_primary(&cfg, "alpha", 1).unwrap();
+    let vol = PrimaryEngine::open(&cfg, "alpha", 1).unwrap();
     let mut drv = QueueDriver::new(vol.queue(0, 4)).unwrap();
     let mut mem = vec![0x5Au8; (1 << 20) + 4096];
     let buf = ((mem.as_mut_ptr() as usize + 4095) & !4095) as *mut u8;
@@ -128,7 +129,7 @@ fn a_secondary_out_of_space_gets_nothing_completed_and_shows_failed() {
     secondary.wait_ready(Duration::from_secs(10));
 
     let cfg = NodeConfig::load(&alpha).unwrap().volumes[0].clone();
-    let vol = Volume::open_primary(&cfg, "alpha", 1).unwrap();
+    let vol = PrimaryEngine::open(&cfg, "alpha", 1).unwrap();
     let mut drv = QueueDriver::new(vol.queue(0, 4)).unwrap();
     let mut mem = vec![0x3Cu8; (1 << 20) + 4096];
     let buf = ((mem.as_mut_ptr() as usize + 4095) & !4095) as *mut u8;

@@ -1,6 +1,6 @@
 //! Model check of a consistency group: two volumes under one witness record, the real pure
-//! machines — the group's [`Fence`], its [`GroupAlone`] and [`group_facts`] on each node, the
-//! witness's [`Registry`] — driven by stateright over every interleaving (BFS, bounded time)
+//! machines — the group's [`Fence`], its [`GroupAlone`] and [`group_facts`] and its
+//! [`Lifecycle`] on each node, the witness's [`Registry`] — driven by stateright over every interleaving (BFS, bounded time)
 //! of a dependent-write workload, each volume's own replication link cut and healed (so one
 //! member's replication can stop while the other's goes on), the links to the witness cut and
 //! healed, the primary's crash, the witness's crash and restart, and the passing of time.
@@ -28,11 +28,17 @@
 //! present only if every volume's link is). The workload is sequential, as dependent writes
 //! are: at most one write in flight. Data per node and volume is the highest sequence number
 //! applied (writes to one volume are in order, each supersedes the one before).
+//! A role change (promotion, deposition) goes to the node's [`Lifecycle`] as `runner.rs`
+//! feeds it; the runner's record, close and open are separate steps, interleaved with
+//! everything else, and a node does I/O only while its lifecycle serves it as primary (the
+//! lifecycle's own asserts check that one role's parts are open at a time).
 
 use std::time::Instant;
 
+use metroblk::config::Role;
 use metroblk::fencing::group::{group_facts, GroupAlone, VolumeFacts};
 use metroblk::fencing::{Answer, Ask, Fence, Io, NodeRole};
+use metroblk::lifecycle::{Change, Command, Lifecycle};
 use metroblk_protocol::witness::{DiskState, Reply, Request, VolumeId};
 use metroblk_tests::model_clock::{instant, lease_clock, A, B, DRIFT_PPM, LEASE_MS, NAMES, STEP_MS};
 use metroblk_witness::registry::Registry;
@@ -72,6 +78,9 @@ struct Node {
     /// Per volume: the highest write applied to this copy.
     data: [u8; VOLUMES],
     flight: Option<Flight>,
+    /// The group's lifecycle on this node (`lifecycle/`): a role change closes the old role's
+    /// parts and opens the new one's, a step at a time; only a serving primary does I/O.
+    life: Lifecycle,
 }
 
 /// The application's next write: `seq` on `volume` (X on 0, then Y of the same seq on 1).
@@ -95,6 +104,8 @@ struct State {
     alone_beside_a_live_link: bool,
     dependent_ahead: bool,
     both_served: bool,
+    /// The promoted node's lifecycle closed its secondary parts and serves as primary.
+    promoted_serves: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -105,6 +116,8 @@ enum Action {
     Lose(usize),
     Write,
     Resync(usize),
+    /// Node `i`'s group runner executes its lifecycle's next command.
+    Lifecycle(usize),
     Tick,
     Cut(Link),
     Heal(Link),
@@ -168,7 +181,7 @@ fn reachable(s: &State, i: usize) -> bool {
 /// Node `i` serves I/O now.
 fn serving(s: &State, i: usize) -> bool {
     let n = &s.nodes[i];
-    if !n.alive || n.fence.role() != NodeRole::Primary {
+    if !n.alive || n.fence.role() != NodeRole::Primary || n.life.serving() != Some(Role::Primary) {
         return false;
     }
     match n.fence.io(instant(s.now)) {
@@ -234,7 +247,18 @@ impl GroupModel {
         let now = instant(s.now);
         let before = s.nodes[i].fence.role();
         s.nodes[i].fence.handle_answer(now, a);
-        if before == NodeRole::Secondary && s.nodes[i].fence.role() == NodeRole::Primary {
+        let (after, epoch) = (s.nodes[i].fence.role(), s.nodes[i].fence.epoch());
+        // `client.rs` raises the role change; the group's runner feeds it to the lifecycle.
+        let change = match (before, after) {
+            (NodeRole::Secondary, NodeRole::Primary) => Some(Change::Promoted { epoch }),
+            (NodeRole::Primary, NodeRole::Deposed) => Some(Change::Deposed { epoch }),
+            _ => None,
+        };
+        if let Some(c) = change {
+            let applied = s.nodes[i].life.handle_role_change(now, c);
+            assert!(applied, "node {i}: {c:?} while {:?}", s.nodes[i].life.phase());
+        }
+        if before == NodeRole::Secondary && after == NodeRole::Primary {
             s.promoted = true;
             let d = s.nodes[i].data;
             // One point in time: a Y of seq k (volume 1) only with its X (volume 0, seq >= k).
@@ -263,6 +287,12 @@ impl Model for GroupModel {
             may_go_alone: [false; VOLUMES],
             data: [0; VOLUMES],
             flight: None,
+            life: {
+                let mut life = Lifecycle::new(if primary { Role::Primary } else { Role::Secondary });
+                assert!(matches!(life.poll_command(), Some(Command::Open(_))));
+                life.handle_opened(instant(0));
+                life
+            },
         };
         let (mut a, mut b) = (node(true), node(false));
         let mut witness = Registry::new();
@@ -288,6 +318,7 @@ impl Model for GroupModel {
             alone_beside_a_live_link: false,
             dependent_ahead: false,
             both_served: false,
+            promoted_serves: false,
         }]
     }
 
@@ -309,8 +340,18 @@ impl Model for GroupModel {
             }
         }
         let a = &s.nodes[A];
-        if a.alive && a.fence.role() == NodeRole::Primary && !s.promoted && s.seq <= self.writes_max {
+        if a.alive
+            && a.fence.role() == NodeRole::Primary
+            && a.life.serving() == Some(Role::Primary)
+            && !s.promoted
+            && s.seq <= self.writes_max
+        {
             actions.push(Action::Write);
+        }
+        for i in 0..2 {
+            if s.nodes[i].alive && s.nodes[i].life.clone().poll_command().is_some() {
+                actions.push(Action::Lifecycle(i));
+            }
         }
         for v in 0..VOLUMES {
             let (a, b) = (&s.nodes[A], &s.nodes[B]);
@@ -394,6 +435,18 @@ impl Model for GroupModel {
                 }
                 n
             }
+            Action::Lifecycle(i) => {
+                let mut n = s.clone();
+                let life = &mut n.nodes[i].life;
+                match life.poll_command()? {
+                    // The metadata records the role; the model's copy is its fence.
+                    Command::Record(_) => {}
+                    Command::Close { .. } => life.handle_closed(),
+                    Command::Open(_) => life.handle_opened(instant(s.now)),
+                }
+                n.promoted_serves |= i == B && n.nodes[B].life.serving() == Some(Role::Primary);
+                n
+            }
             Action::Tick => {
                 let mut n = s.clone();
                 n.now += 1;
@@ -435,6 +488,10 @@ impl Model for GroupModel {
             ),
             Property::always("never two nodes serve at once", |_, s: &State| !s.both_served),
             Property::sometimes("a promotion", |_, s: &State| s.promoted),
+            Property::sometimes(
+                "the promoted node serves after its lifecycle reopened it as primary",
+                |_, s: &State| s.promoted_serves,
+            ),
             Property::sometimes("a write completes alone while the other volume's link is up", |_, s: &State| {
                 s.alone_beside_a_live_link
             }),

@@ -10,7 +10,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use metroblk::config::NodeConfig;
-use metroblk::volume::{QueueDriver, Volume};
+use metroblk::lifecycle::parts::PrimaryEngine;
+use metroblk::volume::QueueDriver;
 use metroblk_tests::cluster::{
     admit_fake_primary, hello_for, metroblk_bin, pair_configs, wait_until, NodeProcess, TEST_KEY,
 };
@@ -26,7 +27,7 @@ fn configs(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, u16) {
 fn time_to_link(alpha: &Path) -> Duration {
     let cfg = NodeConfig::load(alpha).unwrap();
     let t0 = Instant::now();
-    let vol = Volume::open_primary(&cfg.volumes[0], "alpha", 1).unwrap();
+    let vol = PrimaryEngine::open(&cfg.volumes[0], "alpha", 1).unwrap();
     let mut drv = QueueDriver::new(vol.queue(0, 4)).unwrap();
     while !drv.queue().link_is_up() {
         assert!(t0.elapsed() < Duration::from_secs(20), "the primary's link did not come up");

@@ -5,7 +5,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use metroblk::config::NodeConfig;
-use metroblk::volume::{QueueDriver, ReqKind, Request, Volume};
+use metroblk::lifecycle::parts::PrimaryEngine;
+use metroblk::volume::{QueueDriver, ReqKind, Request};
 use metroblk_tests::cluster::{free_port, wait_until, write_config, NodeProcess, NodeSpec, TEST_KEY};
 use rand::{Rng, SeedableRng};
 
@@ -19,6 +20,11 @@ struct Pair {
 }
 
 fn pair(beta_size: u64, beta_key: &str) -> Pair {
+    pair_with(beta_size, beta_key, "", "")
+}
+
+/// A pair whose volume sections get `alpha_extra` and `beta_extra` (TOML lines).
+fn pair_with(beta_size: u64, beta_key: &str, alpha_extra: &str, beta_extra: &str) -> Pair {
     let dir = tempfile::tempdir().unwrap();
     let (pa, pb) = (free_port(), free_port());
     let alpha = write_config(
@@ -31,7 +37,7 @@ fn pair(beta_size: u64, beta_key: &str) -> Pair {
             listen_port: pa,
             peer_port: pb,
             key: TEST_KEY,
-            extra: "",
+            extra: alpha_extra,
         },
     );
     let beta = write_config(
@@ -44,15 +50,15 @@ fn pair(beta_size: u64, beta_key: &str) -> Pair {
             listen_port: pb,
             peer_port: pa,
             key: beta_key,
-            extra: "",
+            extra: beta_extra,
         },
     );
     Pair { dir, alpha, beta }
 }
 
-fn open_primary(p: &Pair, depth: u16) -> (Volume, QueueDriver) {
+fn open_primary(p: &Pair, depth: u16) -> (PrimaryEngine, QueueDriver) {
     let cfg = NodeConfig::load(&p.alpha).unwrap();
-    let vol = Volume::open_primary(&cfg.volumes[0], "alpha", 1).unwrap();
+    let vol = PrimaryEngine::open(&cfg.volumes[0], "alpha", 1).unwrap();
     let drv = QueueDriver::new(vol.queue(0, depth)).unwrap();
     (vol, drv)
 }
@@ -197,6 +203,12 @@ fn assert_file_equals_model(path: &Path, model: &[u8]) {
     }
 }
 
+/// Both nodes' backing files hold exactly the model.
+fn assert_both_copies_equal_model(p: &Pair, model: &[u8]) {
+    assert_file_equals_model(&p.dir.path().join("alpha-vol0.img"), model);
+    assert_file_equals_model(&p.dir.path().join("beta-vol0.img"), model);
+}
+
 fn wait_link(drv: &mut QueueDriver) {
     let deadline = Instant::now() + Duration::from_secs(15);
     while !drv.queue().link_is_up() {
@@ -225,7 +237,7 @@ fn twenty_thousand_random_writes_are_mirrored_exactly() {
     assert_eq!(v["role"], "secondary");
     assert_eq!(v["link_state"], "connected");
     assert!(v["local_write_requests"].as_u64().unwrap() > 15_000, "{v}");
-    let peer_writes = metroblk::control::volume_status(&metroblk::control::VolumeHandle {
+    let peer_writes = metroblk::control::volume_status(&metroblk::lifecycle::runner::VolumeHandle {
         shared: vol.shared.clone(),
         role: metroblk::config::Role::Primary,
         handoffs: vol.handoffs().to_vec(),
@@ -237,8 +249,75 @@ fn twenty_thousand_random_writes_are_mirrored_exactly() {
 
     drop(drv);
     drop(vol);
-    assert_file_equals_model(&p.dir.path().join("alpha-vol0.img"), &w.model);
-    assert_file_equals_model(&p.dir.path().join("beta-vol0.img"), &w.model);
+    assert_both_copies_equal_model(&p, &w.model);
+}
+
+const NO_CHECKSUM: &str = "payload_checksum = \"none\"\n";
+
+/// `payload_checksum = "none"` on both nodes: the primary sends its payloads unchecked, and a
+/// mixed workload is mirrored exactly.
+#[test]
+fn writes_without_a_payload_checksum_are_mirrored_exactly() {
+    let p = pair_with(VOLUME, TEST_KEY, NO_CHECKSUM, NO_CHECKSUM);
+    let mut beta = NodeProcess::start(&p.beta);
+    beta.wait_ready(Duration::from_secs(10));
+    let (vol, mut drv) = open_primary(&p, 32);
+    wait_link(&mut drv);
+    let mut w = Workload::new(32, 3);
+    while w.submitted < 3000 {
+        while w.submitted < 3000 && w.submit_one(&mut drv) {}
+        w.reap(&mut drv, Duration::from_secs(10));
+    }
+    w.flush(&mut drv);
+    drop(drv);
+    drop(vol);
+    assert_both_copies_equal_model(&p, &w.model);
+    drop(beta);
+}
+
+/// A secondary set to `crc32c` refuses the unchecked payloads of a primary set to `none`, in
+/// one line naming the setting, and writes none of them: the writes are held. Restarted with
+/// the same setting as the primary, it takes them, and the copies end identical.
+#[test]
+fn a_secondary_requiring_checksums_refuses_unchecked_payloads() {
+    let p = pair_with(VOLUME, TEST_KEY, NO_CHECKSUM, "");
+    // Both copies start equal (fresh metadata on both says so): the same pattern.
+    let seed = seed_secondary_file(&p, VOLUME);
+    std::fs::write(p.dir.path().join("alpha-vol0.img"), &seed).unwrap();
+    let mut beta = NodeProcess::start(&p.beta);
+    beta.wait_ready(Duration::from_secs(10));
+    let (vol, mut drv) = open_primary(&p, 4);
+    let mut w = Workload::new(4, 4);
+    // The first write goes out once the data link is up; the secondary refuses its payload.
+    w.model.copy_from_slice(&seed);
+    while w.submit_one(&mut drv) {}
+    let want = "set payload_checksum the same on both nodes";
+    wait_until(Duration::from_secs(15), "the secondary to refuse the unchecked payload", || {
+        w.reap(&mut drv, Duration::from_millis(20));
+        beta.log_text().contains(want)
+    });
+    let line = beta.log_text().lines().find(|l| l.contains(want)).unwrap_or_default().to_string();
+    assert!(line.contains("none") && line.contains("crc32c"), "names both settings: {line}");
+    assert_eq!(w.completed, 0, "a write completed without the peer");
+    drop(beta);
+    assert_eq!(
+        std::fs::read(p.dir.path().join("beta-vol0.img")).unwrap(),
+        seed,
+        "the secondary wrote a refused payload"
+    );
+
+    // The operator sets the secondary like the primary: the held writes complete.
+    let text = std::fs::read_to_string(&p.beta)
+        .unwrap()
+        .replace("role = \"secondary\"\n", &format!("role = \"secondary\"\n{NO_CHECKSUM}"));
+    std::fs::write(&p.beta, text).unwrap();
+    let mut beta = NodeProcess::start(&p.beta);
+    beta.wait_ready(Duration::from_secs(10));
+    w.flush(&mut drv);
+    drop(drv);
+    drop(vol);
+    assert_both_copies_equal_model(&p, &w.model);
+    drop(beta);
 }
 
 #[test]
@@ -304,8 +383,7 @@ fn writes_are_held_while_the_secondary_is_dead_and_complete_after_it_returns() {
     w.flush(&mut drv);
     drop(drv);
     drop(vol);
-    assert_file_equals_model(&p.dir.path().join("alpha-vol0.img"), &w.model);
-    assert_file_equals_model(&p.dir.path().join("beta-vol0.img"), &w.model);
+    assert_both_copies_equal_model(&p, &w.model);
     drop(beta);
 }
 
@@ -387,7 +465,7 @@ fn a_standalone_volume_completes_writes_locally() {
         }
     }
     w.flush(&mut drv);
-    let st = metroblk::control::volume_status(&metroblk::control::VolumeHandle {
+    let st = metroblk::control::volume_status(&metroblk::lifecycle::runner::VolumeHandle {
         shared: vol.shared.clone(),
         role: metroblk::config::Role::Primary,
         handoffs: vol.handoffs().to_vec(),

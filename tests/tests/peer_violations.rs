@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use metroblk::config::NodeConfig;
-use metroblk::volume::{QueueDriver, ReqKind, Request, Volume};
+use metroblk::lifecycle::parts::PrimaryEngine;
+use metroblk::volume::{QueueDriver, ReqKind, Request};
 use metroblk_protocol::{decode_header, run_handshake, Frame, FrameKind, Geometry, Handshake, Role, HEADER_LEN};
 use metroblk_tests::cluster::{answer_sync_as_fake_secondary, free_port, hello_for, write_config, NodeSpec, TEST_KEY};
 
@@ -126,7 +127,7 @@ fn acks_for_frames_not_sent_or_of_the_wrong_kind_drop_the_link_and_complete_noth
         }
     });
 
-    let vol = Volume::open_primary(&cfg_of(&alpha), "alpha", 1).unwrap();
+    let vol = PrimaryEngine::open(&cfg_of(&alpha), "alpha", 1).unwrap();
     let mut drv = QueueDriver::new(vol.queue(0, 4)).unwrap();
     let mut mem = vec![0xA5u8; 8192];
     let buf = ((mem.as_mut_ptr() as usize + 4095) & !4095) as *mut u8;
@@ -186,7 +187,7 @@ fn hostile_error_text_from_the_peer_is_sanitised_before_logs_and_status() {
             closed_by_primary(&mut s, Duration::from_secs(5))
         }
     });
-    let vol = Volume::open_primary(&cfg, "alpha", 1).unwrap();
+    let vol = PrimaryEngine::open(&cfg, "alpha", 1).unwrap();
     let mut drv = QueueDriver::new(vol.queue(0, 4)).unwrap();
     let h = vol.handoff(0).clone();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -243,7 +244,7 @@ fn a_peer_that_ends_every_link_with_an_error_is_redialled_at_the_longest_backoff
             links
         }
     });
-    let vol = Volume::open_primary(&cfg, "alpha", 1).unwrap();
+    let vol = PrimaryEngine::open(&cfg, "alpha", 1).unwrap();
     let mut drv = QueueDriver::new(vol.queue(0, 4)).unwrap();
     while !counter.is_finished() {
         drv.poll(Some(Duration::from_millis(10)), |_, _| {}).unwrap();

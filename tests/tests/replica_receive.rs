@@ -18,7 +18,7 @@ const VOLUME: u64 = 16 << 20;
 fn write_frame(seq: u64, offset: u64, len: usize) -> Vec<u8> {
     let data: Vec<u8> = (0..len).map(|i| (seq as usize * 31 + i * 7 + i / 4096) as u8).collect();
     let mut h = [0u8; HEADER_LEN];
-    Frame::write(seq, 1, offset, &data, false).encode(&mut h);
+    Frame::write(seq, 1, offset, &data, false, true).encode(&mut h);
     let mut out = h.to_vec();
     out.extend_from_slice(&data);
     out

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use metroblk::config::NodeConfig;
 use metroblk::resync::SyncState;
-use metroblk_tests::cluster::{free_port, metroblk_bin, wait_until, write_config, NodeProcess, NodeSpec, TEST_KEY};
+use metroblk_tests::cluster::{metroblk_bin, site_pair_configs, wait_until, NodeProcess};
 use metroblk_tests::netns::Sites;
 use metroblk_tests::writer::TestPrimary;
 
@@ -28,28 +28,8 @@ struct Pair {
 /// `ips`: listen on these addresses (site A, site B) instead of loopback.
 fn pair(alpha_extra: &str, beta_extra: &str, ips: Option<(&str, &str)>) -> Pair {
     let dir = tempfile::tempdir().unwrap();
-    let (pa, pb) = (free_port(), free_port());
-    let spec = |name, peer, role, listen_port, peer_port, extra| NodeSpec {
-        name,
-        peer,
-        role,
-        size: VOLUME,
-        listen_port,
-        peer_port,
-        key: TEST_KEY,
-        extra,
-    };
-    let alpha = write_config(dir.path(), &spec("alpha", "beta", "primary", pa, pb, alpha_extra));
-    let beta = write_config(dir.path(), &spec("beta", "alpha", "secondary", pb, pa, beta_extra));
-    if let Some((a, b)) = ips {
-        for (path, me, peer) in [(&alpha, a, b), (&beta, b, a)] {
-            let t = std::fs::read_to_string(path).unwrap();
-            let t = t.replacen("listen = \"127.0.0.1:", &format!("listen = \"{me}:"), 1);
-            let t = t.replacen("address = \"127.0.0.1:", &format!("address = \"{peer}:"), 1);
-            std::fs::write(path, t).unwrap();
-        }
-    }
-    Pair { dir, alpha, beta }
+    let c = site_pair_configs(dir.path(), VOLUME, alpha_extra, beta_extra, ips);
+    Pair { dir, alpha: c.alpha, beta: c.beta }
 }
 
 fn volume_cfg(path: &Path) -> (metroblk::config::VolumeConfig, String) {
@@ -564,7 +544,7 @@ fn resynced_zero_bytes(p: &TestPrimary) -> u64 {
 /// commands (`status`, `resume-alone`, `resync`, `verify`) run as real processes against it.
 fn serve_control(config: &Path, a: &TestPrimary) {
     let cfg = NodeConfig::load(config).unwrap();
-    let handle = metroblk::control::VolumeHandle {
+    let handle = metroblk::lifecycle::runner::VolumeHandle {
         shared: a.vol.shared.clone(),
         role: metroblk::config::Role::Primary,
         handoffs: a.vol.handoffs().to_vec(),

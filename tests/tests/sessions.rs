@@ -16,7 +16,7 @@ const BLOCK: u64 = 8 << 20;
 fn write_frame(seq: u64, fill: u8) -> ([u8; HEADER_LEN], Vec<u8>) {
     let data = vec![fill; 4096];
     let mut h = [0u8; HEADER_LEN];
-    Frame::write(seq, 1, BLOCK, &data, false).encode(&mut h);
+    Frame::write(seq, 1, BLOCK, &data, false, true).encode(&mut h);
     (h, data)
 }
 

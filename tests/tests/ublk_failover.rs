@@ -10,22 +10,9 @@ use metroblk_tests::ublk_script::{self, Opts};
 
 /// Shell helpers of these scenarios (after the prelude).
 const HELPERS: &str = r#"
-promoted() { field_is "$1" role primary && [ -b "$(status_field "$1" ublk_device)" ]; }
-leased() { [ "$(status_field "$1" lease_left_ms)" -gt 0 ] 2>/dev/null; }
 acked() { grep -cv '^error' "$1" || true; }
 not_running() { ! kill -0 "$1" 2>/dev/null; }
 last_ack_ms() { grep -v '^error' "$1" | tail -n 1 | cut -d' ' -f3; }
-in_sync_as() { # PRIMARY SECONDARY
-    field_is "$1" sync_state in-sync && field_is "$2" disk_state up-to-date && field_is "$1" alone false
-}
-start_all() {
-    start_witness
-    start beta ""
-    start alpha ""
-    wait_device alpha
-    wait_for 30 "alpha's lease" leased alpha
-    DEV_A=$DEV
-}
 # fio_verify NAME MIB: random writes of 4k-64k at iodepth 16 over the first MIB MiB of
 # $DEV_A, then a crc32c verify pass; the JSON report goes to $W/NAME.json. Run it with `&`
 # to inject a fault under it.
@@ -50,7 +37,7 @@ start_writer() {
 "#;
 
 fn run(body: &str, alpha_extra: &str, steps: &[&str]) {
-    let body = format!("{HELPERS}\n{body}");
+    let body = format!("{}\n{HELPERS}\n{body}", ublk_script::SITE_HELPERS);
     ublk_script::run(&body, &Opts { sites: true, alpha_extra, lease_ms: 2000, ..Opts::default() }, steps);
 }
 

@@ -68,8 +68,10 @@ fn run(body: &str, timeout: Duration, steps: &[&str]) {
 /// alpha is connected and succeeds once it is not (its copy is up to date as far as it knows,
 /// so no --force); a writer on beta's new device. The link heals: both nodes are primary,
 /// meet on the sync link and report `split-brain`, naming `--discard-local`. The operator
-/// drops alpha's changes: `resync vol0 --discard-local` on alpha deletes its device, makes it
-/// secondary and resyncs it from beta. At the end beta holds every write its writer
+/// drops alpha's changes while the link is down again: `resync vol0 --discard-local` on alpha
+/// deletes its device and makes it secondary; alpha restarts (its config still says primary)
+/// and comes back secondary and outdated, the decision kept in its metadata; the link heals
+/// and beta resyncs alpha. At the end beta holds every write its writer
 /// acknowledged, the copies are identical, and alpha's marker is gone from both.
 const RUNBOOK: &str = r#"
 start beta ""
@@ -113,14 +115,23 @@ expect_roles="$(vol_field alpha role) $(vol_field beta role)"
 [ "$expect_roles" = "primary primary" ]
 writer_ok alpha "$WA" "$W/wa.log"
 writer_ok beta "$WB" "$W/wb.log"
-# The operator stops alpha's application, then drops alpha's changes.
+# The operator stops alpha's application, then drops alpha's changes while the link is
+# down again, and alpha restarts before it meets beta: the decision must survive the restart.
 kill "$WA"; wait "$WA" || true
+cut_link sa ab
 T_DISCARD=$(now_ms)
 "$BIN" resync --config "$W/alpha.toml" vol0 --discard-local > "$W/discard.txt"
 step "resync --discard-local on alpha: $(tr '\n' ' ' < "$W/discard.txt")"
 [ ! -e "$DEVA" ]
 expect_alpha="$(vol_field alpha role) $(vol_field alpha ublk_device)"
 [ "$expect_alpha" = "secondary null" ]
+stop alpha
+start alpha ""
+wait_for 30 "alpha to run again" eval '[ "$(vol_field alpha role)" = secondary ]'
+expect_alpha="$(vol_field alpha role) $(vol_field alpha ublk_device) $(vol_field alpha disk_state)"
+[ "$expect_alpha" = "secondary null outdated" ]
+step "alpha restarted as secondary (config says primary): $expect_alpha"
+heal_link sa ab
 wait_for 90 "alpha to be resynced from beta" in_sync beta alpha
 step "alpha is beta's secondary, resynced $(( $(now_ms) - T_DISCARD )) ms after the command ($(vol_field beta resynced_bytes) bytes copied)"
 sleep 1
@@ -153,6 +164,7 @@ fn runbook_without_a_witness_split_brain_then_discard_local_on_the_old_primary()
             "beta promoted",
             "both report split-brain",
             "resync --discard-local on alpha",
+            "alpha restarted as secondary",
             "alpha is beta's secondary, resynced",
             "writes its writer acknowledged",
             "the two copies are identical",

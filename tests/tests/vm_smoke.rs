@@ -14,6 +14,7 @@ set -euo pipefail
 trap 'echo "FAILED: line $LINENO: $BASH_COMMAND (status $?)"' ERR
 step() { echo "--- $*"; }
 
+step "kernel $(uname -r)"
 step "ublk_drv is loaded"
 test -c /dev/ublk-control
 grep -qw ublk_drv /proc/modules
@@ -73,6 +74,11 @@ fn vm_has_ublk_filesystems_network_and_fio() {
     for step in ["ublk_drv is loaded", "ext4 on a loop device", "xfs on a loop device", "tc netem", "all good"] {
         assert!(run.output.contains(step), "step {step:?} missing from the output:\n{}", run.output);
     }
+    // The kernel asked for (tests/vm/prepare.sh: METROBLK_VM_KERNEL, 6.12 unless set) is the
+    // one that ran.
+    let series = std::env::var("METROBLK_VM_KERNEL").unwrap_or_else(|_| "6.12".into());
+    let want = format!("--- kernel {series}.");
+    assert!(run.output.contains(&want), "expected {want:?} in the output:\n{}", run.output);
 }
 
 #[test]

@@ -2,7 +2,7 @@
 # /init of the metroblk test VM's initramfs (busybox-static; see tests/vm/prepare.sh).
 #
 # 1. mounts proc/sys/devtmpfs and loads the modules listed in /etc/metroblk-modules
-#    (ublk_drv, 9p, ext4, xfs, loop, veth, sch_netem and their dependencies);
+#    (ublk_drv, 9p, ext4, xfs, loop, veth, sch_netem, tls and their dependencies);
 # 2. mounts the host's root read-only over virtio-9p on /host, with fresh proc, sysfs,
 #    devtmpfs, devpts and tmpfs scratch space (/tmp, /run, /var/tmp, /dev/shm) on top;
 # 3. chroots into /host and runs the script named by metroblk.script= on the kernel command

@@ -20,6 +20,11 @@
 # Environment:
 #   METROBLK_VM_CACHE          cache directory (default: <repo>/.vm-cache). It must be visible
 #                              inside the VM, so not under /tmp, /run, /var/tmp or /dev/shm.
+#   METROBLK_VM_KERNEL         which kernel: 6.12 (default: Debian 12's stock kernel, the floor)
+#                              or 7 (the newest 7.x of Debian's trixie-backports: ublk zero
+#                              copy, auto buffer registration; its linux-binary and
+#                              linux-modules packages, fetched through a private apt list in
+#                              the cache, so the machine's sources stay as they are)
 #   METROBLK_VM_KERNEL_PKG     use this exact kernel package instead of the newest one
 #   METROBLK_VM_EXTRA_MODULES  more modules to put into the initramfs (space separated)
 set -euo pipefail
@@ -33,12 +38,28 @@ CACHE=${METROBLK_VM_CACHE:-$REPO/.vm-cache}
 INIT=$HERE/init.sh
 
 # Modules the init loads (modprobe adds their dependencies). loop is skipped when built in.
-MODULES=(ublk_drv 9p 9pnet 9pnet_virtio netfs ext4 xfs loop veth sch_netem)
+# tls and its ciphers (AES-GCM, ChaCha20-Poly1305): kernel TLS, for transport = "tls"
+# (tests/tests/tls.rs); the VM cannot load a cipher on demand (its root is the host's).
+MODULES=(ublk_drv 9p 9pnet 9pnet_virtio netfs ext4 xfs loop veth sch_netem tls gcm ghash_generic aesni_intel chacha20poly1305)
+# Modules a newer kernel no longer has as such (7.x folded ghash_generic into its crypto
+# library): skipped, with a line, where the kernel's package lacks them.
+MODULES_OPTIONAL=(ghash_generic)
+# Exports (tests/tests/ublk_export.rs): LIO's iSCSI target on block devices, the kernel's
+# iSCSI initiator and SCSI disks, nvmet's and the host's NVMe/TCP, a bridge for the host's link.
+MODULES+=(target_core_iblock iscsi_target_mod iscsi_tcp sd_mod sg nvmet_tcp nvme_tcp bridge)
 # shellcheck disable=SC2206
 MODULES+=(${METROBLK_VM_EXTRA_MODULES:-})
 
 PACKAGES=(qemu-system-x86 busybox-static cpio kmod xz-utils fio e2fsprogs xfsprogs iproute2 util-linux)
-KERNEL_RE='^linux-image-6\.12\.[0-9.]+\+deb12-amd64-unsigned$'
+SERIES=${METROBLK_VM_KERNEL:-6.12}
+case "$SERIES" in
+6.12) KERNEL_RE='^linux-image-6\.12\.[0-9.]+\+deb12-amd64-unsigned$' ;;
+7) KERNEL_RE='^linux-binary-7\.[0-9.]+\+deb13-amd64$' ;;
+*)
+	echo "prepare.sh: error: METROBLK_VM_KERNEL=$SERIES: use 6.12 or 7" >&2
+	exit 1
+	;;
+esac
 
 log() { echo "prepare.sh: $*" >&2; }
 die() {
@@ -48,12 +69,15 @@ die() {
 
 is_root() { [ "$(id -u)" -eq 0 ]; }
 
+# apt options: none for the machine's own sources; a private list for trixie-backports (set
+# once the cache directory is known).
+APT_OPTS=()
 apt_updated=
 apt_update() {
 	[ -n "$apt_updated" ] && return 0
 	is_root || return 1
-	log "apt-get update"
-	apt-get update -qq >&2 || return 1
+	log "apt-get update ${APT_OPTS[*]:+(trixie-backports)}"
+	apt-get "${APT_OPTS[@]}" update -qq >&2 || return 1
 	apt_updated=1
 }
 
@@ -87,12 +111,21 @@ exec 9>"$CACHE/.lock"
 flock 9
 
 # 3. Kernel package -----------------------------------------------------------------------------
+if [ "$SERIES" = 7 ]; then
+	apt_dir=$CACHE/apt-trixie-backports
+	mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial"
+	echo "deb http://deb.debian.org/debian trixie-backports main" >"$apt_dir/sources.list"
+	APT_OPTS=(-o "Dir::Etc::SourceList=$apt_dir/sources.list" -o "Dir::Etc::SourceParts=-"
+		-o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache")
+	# The private list is fetched once; later runs use it (and refetch if nothing matches).
+	compgen -G "$apt_dir/lists/*Packages*" >/dev/null || apt_update || true
+fi
 resolve_kernel_pkg() {
-	apt-cache search --names-only "$KERNEL_RE" 2>/dev/null | awk '{print $1}' | sort -V | tail -n 1
+	apt-cache "${APT_OPTS[@]}" search --names-only "$KERNEL_RE" 2>/dev/null | awk '{print $1}' | sort -V | tail -n 1
 }
 newest_cached_kver() {
 	local d
-	for d in "$CACHE"/kernel-*/.complete; do
+	for d in "$CACHE"/kernel-"$SERIES".*/.complete; do
 		[ -e "$d" ] && basename "$(dirname "$d")"
 	done | sed 's/^kernel-//' | sort -V | tail -n 1
 }
@@ -107,30 +140,50 @@ fi
 if [ -n "$pkg" ]; then
 	[[ "$pkg" =~ $KERNEL_RE ]] || [ -n "${METROBLK_VM_KERNEL_PKG:-}" ] || die "unexpected package name $pkg"
 	kver=${pkg#linux-image-}
+	kver=${kver#linux-binary-}
 	kver=${kver%-unsigned}
 else
 	kver=$(newest_cached_kver)
 	[ -n "$kver" ] || die "no package matches $KERNEL_RE (apt-cache search, after apt-get update); is bookworm-security in the apt sources?"
 	log "warning: no kernel package found by apt-cache; using the cached $kver"
-	pkg=linux-image-$kver-unsigned
+	case "$SERIES" in
+	7) pkg=linux-binary-$kver ;;
+	*) pkg=linux-image-$kver-unsigned ;;
+	esac
 fi
+# 7.x comes as two packages: the kernel (linux-binary) and its modules.
+pkgs=("$pkg")
+if [ "$SERIES" = 7 ]; then pkgs+=("linux-modules-$kver"); fi
 
 KTREE=$CACHE/kernel-$kver
 if [ ! -e "$KTREE/.complete" ]; then
 	work=$(mktemp -d "$CACHE/tmp.XXXXXX")
 	trap 'rm -rf "$work"' EXIT
-	log "downloading $pkg"
-	# Exact name only. (The filtered warning says the _apt user cannot write into $work.)
+	log "downloading ${pkgs[*]}"
+	# Exact names only. (The filtered warning says the _apt user cannot write into $work.)
 	download() {
-		(cd "$work" && apt-get download -q "$pkg") 2>&1 |
+		(cd "$work" && apt-get "${APT_OPTS[@]}" download -q "${pkgs[@]}") 2>&1 |
 			{ grep -v 'Download is performed unsandboxed' || true; } >&2
 	}
-	download || { apt_update && download; } || die "apt-get download $pkg failed"
-	deb=$(find "$work" -maxdepth 1 -name '*.deb' | head -n 1)
-	[ -n "$deb" ] || die "apt-get download $pkg produced no .deb"
-	log "unpacking $(basename "$deb")"
+	download || { apt_update && download; } || die "apt-get download ${pkgs[*]} failed"
 	mkdir "$work/root"
-	dpkg-deb -x "$deb" "$work/root"
+	# apt names the files after the pool (a '+' may be %2b): find each by its Package field.
+	deb=
+	for p in "${pkgs[@]}"; do
+		found=
+		for f in "$work"/*.deb; do
+			[ -e "$f" ] && [ "$(dpkg-deb -f "$f" Package)" = "$p" ] && found=$f
+		done
+		[ -n "$found" ] || die "apt-get download $p produced no .deb"
+		log "unpacking $(basename "$found")"
+		dpkg-deb -x "$found" "$work/root"
+		[ "$p" = "$pkg" ] && deb=$found
+	done
+	# 6.12 ships /boot/vmlinuz-KVER; 7.x usr/lib/modules/KVER/vmlinuz: one place for the rest.
+	if [ ! -f "$work/root/boot/vmlinuz-$kver" ] && [ -f "$work/root/usr/lib/modules/$kver/vmlinuz" ]; then
+		mkdir -p "$work/root/boot"
+		mv "$work/root/usr/lib/modules/$kver/vmlinuz" "$work/root/boot/vmlinuz-$kver"
+	fi
 	[ -f "$work/root/boot/vmlinuz-$kver" ] || die "$pkg has no /boot/vmlinuz-$kver"
 	# The package ships no modules.dep: make one for the whole tree (also modules.softdep).
 	moddir=$work/root/lib/modules/$kver
@@ -177,8 +230,11 @@ if [ ! -e "$OUT/.complete" ]; then
 	declare -A seen=()
 	load_order=()
 	for m in "${MODULES[@]}"; do
-		deps=$(modprobe -d "$KROOT" -S "$kver" --show-depends "$m" 2>&1) ||
-			die "module $m: $deps"
+		if ! deps=$(modprobe -d "$KROOT" -S "$kver" --show-depends "$m" 2>&1); then
+			[[ " ${MODULES_OPTIONAL[*]} " == *" $m "* ]] || die "module $m: $deps"
+			log "module $m: not in $kver (optional, skipped)"
+			continue
+		fi
 		while read -r kind path _; do
 			case "$kind" in
 			builtin) ;; # built into the kernel: nothing to load
@@ -226,7 +282,7 @@ if [ ! -e "$OUT/.complete" ]; then
 	log "initramfs: $(du -h "$OUT/initrd.gz" | cut -f1), modules: ${load_order[*]}"
 
 	# Drop what no current build uses (older kernels, initramfs of older init scripts).
-	for d in "$CACHE"/kernel-* "$CACHE"/vm-*; do
+	for d in "$CACHE"/kernel-"$SERIES".* "$CACHE"/vm-"$SERIES".*; do
 		if [ -e "$d" ] && [ "$d" != "$KTREE" ] && [ "$d" != "$OUT" ]; then rm -rf "$d"; fi
 	done
 fi

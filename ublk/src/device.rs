@@ -22,6 +22,20 @@
 //! done. (Linux 6.13 adds `UBLK_F_USER_RECOVERY_FAIL_IO`, the opposite policy; 6.12 does not
 //! know it, and it is not what we want.)
 //!
+//! # Zero copy: detected, asked for, and what a recovered device decides
+//!
+//! Where the driver offers `UBLK_F_AUTO_BUF_REG` (Linux 6.16+; `GET_FEATURES`, never a kernel
+//! version check) and [`DeviceParams::zero_copy`] asks for it, the device is added with it
+//! (and `UBLK_F_SUPPORT_ZERO_COPY`, as rublk `-z` does): the kernel registers each READ and
+//! WRITE request's own pages in the queue's io_uring as fixed buffer `tag` before the
+//! request reaches us (`ublk_auto_buf_reg`, no fallback flag: a failed registration fails the
+//! request), and unregisters it when we commit the request; the request itself ends only once
+//! every io_uring operation holding that buffer has let go of it (a `SEND_ZC` whose
+//! notification is still to come). No buffer of ours, no copy by `ublk_map_io`. Elsewhere
+//! (Debian 12's 6.12, the floor) the device copies as before. The mode is the device's: a
+//! recovered device keeps the flags it was created with, whatever the new server wants
+//! ([`Device::zero_copy`]).
+//!
 //! A recovered device keeps its id, so the next server must find it: the caller passes a
 //! stable `dev_id`, and [`DeviceParams::owner_tag`] (stored in the device's
 //! `ublksrv_flags`, which the driver keeps for the device's lifetime) tells our device from
@@ -116,6 +130,10 @@ pub struct DeviceParams {
     pub target_sqes_per_tag: u16,
     /// Submission entries the target may have in flight per queue, independent of requests.
     pub target_sqes_per_queue: u16,
+    /// Asks for zero copy (`UBLK_F_AUTO_BUF_REG`) when the device is added, where the driver
+    /// offers it (see the module doc). The target then gets [`BlockIo::buf_index`] instead of
+    /// a buffer it can read.
+    pub zero_copy: bool,
 }
 
 impl DeviceParams {
@@ -134,6 +152,7 @@ impl DeviceParams {
             owner_tag: 0,
             target_sqes_per_tag: 1,
             target_sqes_per_queue: 0,
+            zero_copy: false,
         }
     }
 
@@ -276,7 +295,7 @@ impl Device {
                 "recovering with the device's own queue count and depth, not the configured ones"
             );
         }
-        let ctrl = builder(params, id, queues, depth, info.max_io_buf_bytes)
+        let ctrl = builder(params, id, queues, depth, info.max_io_buf_bytes, 0)
             .dev_flags(dev_flags(params, UblkFlags::UBLK_DEV_F_RECOVER_DEV))
             .build()
             .map_err(|e| Error::command(id, "GET_DEV_INFO", e))?;
@@ -300,9 +319,10 @@ impl Device {
 
     fn add(params: &DeviceParams, id: i32) -> Result<Device, Error> {
         let queues = if params.queues == 0 { DeviceParams::default_queues() } else { params.queues };
+        let zero_copy = if params.zero_copy && zero_copy_supported() { ZERO_COPY_FLAGS } else { 0 };
         // Only reached for an id that does not exist (or -1): libublk deletes the device of
         // the id it was given when ADD_DEV fails, which must never be someone else's.
-        let ctrl = builder(params, id, queues, params.depth, params.max_io_bytes)
+        let ctrl = builder(params, id, queues, params.depth, params.max_io_bytes, zero_copy)
             .dev_flags(dev_flags(params, UblkFlags::UBLK_DEV_F_ADD_DEV))
             .build()
             .map_err(|e| Error::command(id, "ADD_DEV", e))?;
@@ -315,7 +335,13 @@ impl Device {
                 message: "the ublk driver does not support user recovery (UBLK_F_USER_RECOVERY_REISSUE)".into(),
             });
         }
-        tracing::info!(dev_id, queues = info.nr_hw_queues, depth = info.queue_depth, "added ublk device");
+        tracing::info!(
+            dev_id,
+            queues = info.nr_hw_queues,
+            depth = info.queue_depth,
+            zero_copy = info.flags & sys::UBLK_F_AUTO_BUF_REG as u64 != 0,
+            "added ublk device"
+        );
         Ok(Device {
             ctrl,
             params: params.clone(),
@@ -346,6 +372,12 @@ impl Device {
 
     pub fn depth(&self) -> u16 {
         self.depth
+    }
+
+    /// Whether the device runs in zero copy (`UBLK_F_AUTO_BUF_REG`): asked for and offered
+    /// when it was added, or, recovered, whatever it was created with.
+    pub fn zero_copy(&self) -> bool {
+        self.ctrl.dev_info().flags & sys::UBLK_F_AUTO_BUF_REG as u64 != 0
     }
 
     /// True when this is a previous server's device being recovered.
@@ -438,6 +470,9 @@ impl Device {
             }
         }
         set_io_timeout(id);
+        if self.zero_copy() {
+            set_stable_writes(id);
+        }
         tracing::info!(
             dev_id = id,
             device = %self.path().display(),
@@ -593,14 +628,35 @@ fn dev_flags(params: &DeviceParams, mode: UblkFlags) -> UblkFlags {
     }
 }
 
-fn builder(params: &DeviceParams, id: i32, queues: u16, depth: u16, io_buf_bytes: u32) -> UblkCtrlBuilder<'_> {
+/// The device flags zero copy adds: the request's pages registered for us
+/// (`UBLK_F_AUTO_BUF_REG`), with the zero-copy capability it builds on (rublk `-z` sets both).
+const ZERO_COPY_FLAGS: u64 = (sys::UBLK_F_AUTO_BUF_REG | sys::UBLK_F_SUPPORT_ZERO_COPY) as u64;
+
+/// Whether the ublk driver offers zero copy with automatic buffer registration: asked of the
+/// driver (`GET_FEATURES`, Linux 6.5+), so a backported feature counts and a kernel without it
+/// (6.12) answers no. Not fatal: an unanswered question is a no, and the device copies.
+pub fn zero_copy_supported() -> bool {
+    if check_driver().is_err() || ensure_ctrl_ring().is_err() {
+        return false;
+    }
+    UblkCtrl::get_features().is_some_and(|f| f & sys::UBLK_F_AUTO_BUF_REG as u64 != 0)
+}
+
+fn builder(
+    params: &DeviceParams,
+    id: i32,
+    queues: u16,
+    depth: u16,
+    io_buf_bytes: u32,
+    extra_flags: u64,
+) -> UblkCtrlBuilder<'_> {
     UblkCtrlBuilder::default()
         .name(params.name.as_str())
         .id(id)
         .nr_queues(queues)
         .depth(depth)
         .io_buf_bytes(io_buf_bytes)
-        .ctrl_flags((sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64)
+        .ctrl_flags((sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64 | extra_flags)
         .ctrl_target_flags(params.owner_tag)
 }
 
@@ -645,11 +701,11 @@ pub fn decode_io(op_flags: u32, nr_sectors: u32, start_sector: u64) -> Result<Bl
     };
     let fua = op_flags & sys::UBLK_IO_F_FUA != 0;
     if op == BlockOp::Flush {
-        return Ok(BlockIo { op, offset: 0, len: 0, fua, buf: std::ptr::null_mut() });
+        return Ok(BlockIo { op, offset: 0, len: 0, fua, buf: std::ptr::null_mut(), buf_index: None });
     }
     let len = u32::try_from(nr_sectors as u64 * 512).map_err(|_| -libc::EINVAL)?;
     let offset = start_sector.checked_mul(512).ok_or(-libc::EINVAL)?;
-    Ok(BlockIo { op, offset, len, fua, buf: std::ptr::null_mut() })
+    Ok(BlockIo { op, offset, len, fua, buf: std::ptr::null_mut(), buf_index: None })
 }
 
 /// The queue's io_uring (libublk's per-thread ring), as the target sees it.
@@ -676,7 +732,7 @@ impl SqeSink for RingSink<'_> {
 /// One queue's state on its thread.
 struct QueueLoop<'a> {
     queue: &'a UblkQueue<'a>,
-    bufs: &'a [IoBuf<u8>],
+    bufs: Bufs<'a>,
     /// ublk io commands (FETCH / COMMIT_AND_FETCH) the kernel holds for us. When the queue is
     /// stopping and this reaches 0, the queue is done. (libublk's own check also wants an
     /// empty submission queue, which a target with a periodic timer never has.)
@@ -684,12 +740,12 @@ struct QueueLoop<'a> {
 }
 
 impl QueueLoop<'_> {
-    fn handle(&mut self, target: &mut dyn QueueTarget, user_data: u64, res: i32) {
+    fn handle(&mut self, target: &mut dyn QueueTarget, user_data: u64, res: i32, flags: u32) {
         let queue = self.queue;
         let mut sink = RingSink { queue };
         if user_data & UD_TARGET != 0 {
             let (bufs, cmds) = (self.bufs, &mut self.commands_in_kernel);
-            target.complete(&mut sink, user_data, res, &mut |tag, r| commit(queue, bufs, cmds, tag, r));
+            target.complete(&mut sink, user_data, res, flags, &mut |tag, r| commit(queue, bufs, cmds, tag, r));
             return;
         }
         self.commands_in_kernel = self.commands_in_kernel.saturating_sub(1);
@@ -701,7 +757,12 @@ impl QueueLoop<'_> {
         let tag = user_data as u16;
         let iod = queue.get_iod(tag);
         let io = decode_io(iod.op_flags, iod.nr_sectors, iod.start_sector).map(|mut io| {
-            io.buf = self.bufs[tag as usize].as_mut_ptr();
+            match self.bufs {
+                Bufs::Copy(bufs) => io.buf = bufs[tag as usize].as_mut_ptr(),
+                // Only requests with data have pages registered (`ublk_need_map_req`).
+                Bufs::AutoReg(_) if matches!(io.op, BlockOp::Read | BlockOp::Write) => io.buf_index = Some(tag),
+                Bufs::AutoReg(_) => {}
+            }
             io
         });
         let res = match io {
@@ -726,11 +787,31 @@ impl QueueLoop<'_> {
     }
 }
 
+/// Where a queue's requests keep their data.
+#[derive(Clone, Copy)]
+enum Bufs<'a> {
+    /// One buffer per tag, which the kernel copies a WRITE into and a READ out of.
+    Copy(&'a [IoBuf<u8>]),
+    /// Zero copy: the kernel registers each request's pages as fixed buffer `tag`, as each
+    /// tag's entry asks (the next request's registration rides on FETCH and COMMIT_AND_FETCH).
+    AutoReg(&'a [sys::ublk_auto_buf_reg]),
+}
+
+/// The registration each tag asks for under zero copy: fixed buffer index = tag (libublk
+/// registered a sparse table of `depth` entries on the queue's ring), no fallback flag (a
+/// request whose pages cannot be registered fails instead of arriving without a buffer).
+fn auto_buf_regs(depth: u16) -> Vec<sys::ublk_auto_buf_reg> {
+    (0..depth).map(|tag| sys::ublk_auto_buf_reg { index: tag, ..Default::default() }).collect()
+}
+
 /// Completes request `tag` to the kernel (COMMIT_AND_FETCH, which also fetches the tag's next
 /// request). libublk queues nothing once the queue is stopping.
-fn commit(queue: &UblkQueue, bufs: &[IoBuf<u8>], commands_in_kernel: &mut u32, tag: u16, res: i32) {
+fn commit(queue: &UblkQueue, bufs: Bufs, commands_in_kernel: &mut u32, tag: u16, res: i32) {
     let queued = !queue.is_stopping();
-    let buf = BufDesc::Slice(bufs[tag as usize].as_slice());
+    let buf = match bufs {
+        Bufs::Copy(bufs) => BufDesc::Slice(bufs[tag as usize].as_slice()),
+        Bufs::AutoReg(regs) => BufDesc::AutoReg(regs[tag as usize]),
+    };
     match queue.complete_io_cmd_unified(tag, buf, Ok(UblkIORes::Result(res))) {
         Ok(()) if queued => *commands_in_kernel += 1,
         Ok(()) => {}
@@ -751,16 +832,27 @@ fn queue_thread(dev: Arc<UblkDev>, qid: u16, target: Box<dyn QueueTarget>, tx: m
         Ok(q) => q,
         Err(e) => return fail(describe(&e)),
     };
-    let bufs = dev.alloc_queue_io_bufs();
-    let queue = match queue.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))) {
+    let zero_copy = dev.dev_info.flags & sys::UBLK_F_AUTO_BUF_REG as u64 != 0;
+    let (copy_bufs, regs) = if zero_copy {
+        (Vec::new(), auto_buf_regs(dev.dev_info.queue_depth))
+    } else {
+        (dev.alloc_queue_io_bufs(), Vec::new())
+    };
+    let (bufs, list) = if zero_copy {
+        (Bufs::AutoReg(&regs), BufDescList::AutoRegs(&regs))
+    } else {
+        (Bufs::Copy(&copy_bufs), BufDescList::Slices(Some(&copy_bufs)))
+    };
+    let queue = match queue.submit_fetch_commands_unified(list) {
         Ok(q) => q,
         Err(e) => return fail(describe(&e)),
     };
-    let mut state = QueueLoop { queue: &queue, bufs: &bufs, commands_in_kernel: queue.nr_tags() };
+    let mut state = QueueLoop { queue: &queue, bufs, commands_in_kernel: queue.nr_tags() };
     let mut target = target;
     target.start(&mut RingSink { queue: &queue });
     loop {
-        let r = queue.flush_and_wake_io_tasks(|ud, cqe, _last| state.handle(&mut *target, ud, cqe.result()), 1);
+        let r = queue
+            .flush_and_wake_io_tasks(|ud, cqe, _last| state.handle(&mut *target, ud, cqe.result(), cqe.flags()), 1);
         state.end_batch(&mut *target);
         match r {
             Ok(_) if queue.is_stopping() && state.commands_in_kernel == 0 => break,
@@ -851,6 +943,26 @@ fn set_io_timeout(id: i32) {
             dev_id = id,
             "cannot set {path}: {e}; after a crash under full load, recovery waits for the kernel's \
              request timeout (30 s by default)"
+        );
+    }
+}
+
+/// Asks writers through the page cache to keep a page unchanged while it is being written
+/// (`/sys/block/ublkbN/queue/stable_writes`: `folio_wait_stable` before a page under writeback
+/// is changed again), for a device in zero copy. There the local write and the send to the
+/// peer each read the request's pages, at different times: a file system or an mmap writer
+/// that changed a page between the two would leave the copies different. (In copy mode ublk
+/// copies the pages once, and both go from that copy.) A client that changes its own O_DIRECT
+/// buffer mid-write is not covered: no kernel setting stops that (README, "Zero copy").
+///
+/// Not fatal: without it such a page is found by `verify` instead.
+fn set_stable_writes(id: i32) {
+    let path = format!("/sys/block/ublkb{id}/queue/stable_writes");
+    if let Err(e) = std::fs::write(&path, "1") {
+        tracing::warn!(
+            dev_id = id,
+            "cannot set {path}: {e}; a page changed while it is written can reach the two copies in \
+             different versions (an online verify finds and resyncs it)"
         );
     }
 }

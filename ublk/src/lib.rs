@@ -12,7 +12,9 @@
 //! - [`Device::open`] adds a new device, or finds the device of a previous incarnation of this
 //!   server by its id (and the owner tag stored in it) and prepares to recover it
 //!   (`UBLK_F_USER_RECOVERY`, see [`device`] for the reasoning about REISSUE).
-//! - [`Device::start`] runs the queue threads and makes the device LIVE.
+//! - [`Device::start`] runs the queue threads and makes the device LIVE. Where the driver
+//!   offers it and the target asks, requests come in zero copy: their pages registered in
+//!   the queue's io_uring ([`BlockIo::buf_index`]), not copied into a buffer of ours.
 //! - [`Device::stop`] stops and deletes it (clean shutdown); [`Device::abandon`] leaves it
 //!   for the next incarnation to recover, as `kill -9` does.
 //! - [`TermSignals`] blocks SIGINT/SIGTERM in every thread and waits for them, so a clean
@@ -25,7 +27,8 @@ pub mod signals;
 pub mod target;
 
 pub use device::{
-    delete_orphan, device_in_use, serve, Device, DeviceParams, DEFAULT_DEPTH, DEFAULT_MAX_IO_BYTES, QUEUES_DEFAULT,
+    delete_orphan, device_in_use, serve, zero_copy_supported, Device, DeviceParams, DEFAULT_DEPTH,
+    DEFAULT_MAX_IO_BYTES, QUEUES_DEFAULT,
 };
 pub use driver::{check_driver, UBLK_CONTROL};
 pub use error::Error;

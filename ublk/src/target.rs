@@ -28,8 +28,15 @@ pub struct BlockIo {
     /// Forced unit access: the write must be durable when it completes.
     pub fua: bool,
     /// The request's data buffer (4 KiB aligned, `len` bytes used for READ and WRITE). It
-    /// stays valid, and for WRITE unchanged, until the request is reported done.
+    /// stays valid, and for WRITE unchanged, until the request is reported done. Null under
+    /// zero copy (see `buf_index`).
     pub buf: *mut u8,
+    /// Zero copy (`UBLK_F_AUTO_BUF_REG`): the kernel registered the request's own pages in
+    /// the queue's io_uring as this fixed buffer (READ and WRITE only; the index is the tag).
+    /// The target moves the data with `READ_FIXED` / `WRITE_FIXED` / `SEND_ZC` on that index,
+    /// addresses counted from 0; it cannot read the bytes itself (that would take
+    /// `UBLK_F_USER_COPY`, a copy). The registration ends when the request is reported done.
+    pub buf_index: Option<u16>,
 }
 
 /// Somewhere to put submission entries: the queue's io_uring. Entries are handed to the
@@ -52,11 +59,20 @@ pub trait SqeSink {
 ///   [`complete`](QueueTarget::complete): the byte count for READ/WRITE, 0 for the other
 ///   kinds, or a negative errno.
 /// - Every SQE the target pushes must carry [`UD_TARGET`] in its `user_data`; its completion
-///   is passed to [`complete`](QueueTarget::complete) with that `user_data` and result.
+///   is passed to [`complete`](QueueTarget::complete) with that `user_data`, result and CQE
+///   flags (a `SEND_ZC` completes twice: `IORING_CQE_F_MORE`, then the notification with
+///   `IORING_CQE_F_NOTIF`, both with its `user_data`).
 pub trait QueueTarget: Send {
     fn start(&mut self, sink: &mut dyn SqeSink);
     fn submit(&mut self, sink: &mut dyn SqeSink, tag: u16, io: BlockIo) -> Result<(), i32>;
-    fn complete(&mut self, sink: &mut dyn SqeSink, user_data: u64, res: i32, done: &mut dyn FnMut(u16, i32));
+    fn complete(
+        &mut self,
+        sink: &mut dyn SqeSink,
+        user_data: u64,
+        res: i32,
+        cqe_flags: u32,
+        done: &mut dyn FnMut(u16, i32),
+    );
     /// Called once after each batch of requests and completions, before the queue thread
     /// waits for the next: for work the target deferred to do once per batch. Requests may
     /// be reported done here too.

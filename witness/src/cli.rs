@@ -144,7 +144,8 @@ fn status(config: &Path, json: bool) -> Result<(), String> {
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
     let reply = rt.block_on(async {
         let t = Duration::from_secs(5);
-        let mut c = crate::client::Client::connect(addr, STATUS_CLIENT_NAME, &key, t).await?;
+        let tls = cfg.tls_setup(&key, &ip.to_string())?;
+        let mut c = crate::client::Client::connect_over(addr, STATUS_CLIENT_NAME, &key, tls.as_ref(), t).await?;
         c.request(&Request::Status, t).await
     })?;
     let (volumes, nodes) = match reply {

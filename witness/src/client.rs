@@ -7,27 +7,60 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use metroblk_protocol::witness::{ClientHello, Reply, Request, ServerHello, ServerVerdict};
+use metroblk_tls::TlsSetup;
 use rand::RngCore;
 use tokio::net::TcpStream;
 
-use crate::io::{read_message, write_message};
+use crate::io::{read_message, write_message, BoxStream};
 
 /// An authenticated connection to the witness.
-#[derive(Debug)]
 pub struct Client {
-    stream: TcpStream,
+    stream: BoxStream,
     addr: SocketAddr,
 }
 
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("addr", &self.addr).finish_non_exhaustive()
+    }
+}
+
 impl Client {
-    /// Connects to the witness at `addr` as `node` and runs the mutual authentication, all
-    /// within `timeout`.
+    /// Connects to the witness at `addr` as `node` over plain TCP and runs the mutual
+    /// authentication, all within `timeout`.
     pub async fn connect(addr: SocketAddr, node: &str, key: &[u8], timeout: Duration) -> Result<Client, String> {
+        Self::connect_over(addr, node, key, None, timeout).await
+    }
+
+    /// [`Client::connect`], over TLS 1.3 (tokio-rustls) where `tls` is given; the HMAC
+    /// authentication then runs inside the encrypted stream.
+    pub async fn connect_over(
+        addr: SocketAddr,
+        node: &str,
+        key: &[u8],
+        tls: Option<&TlsSetup>,
+        timeout: Duration,
+    ) -> Result<Client, String> {
         let fail = |m: String| format!("witness {addr}: {m}");
         tokio::time::timeout(timeout, async {
-            let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-            let _ = stream.set_nodelay(true);
-            let hello: ServerHello = read_message(&mut stream).await?;
+            let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+            let _ = tcp.set_nodelay(true);
+            let mut stream: BoxStream = match tls {
+                None => Box::new(tcp),
+                Some(t) => Box::new(
+                    tokio_rustls::TlsConnector::from(t.client.clone())
+                        .connect(t.server_name.clone(), tcp)
+                        .await
+                        .map_err(|e| format!("TLS handshake: {}", metroblk_tls::handshake_error_text(&e)))?,
+                ),
+            };
+            let hello: ServerHello = read_message(&mut stream).await.map_err(|e| match tls {
+                // A TLS witness waits for a ClientHello and closes a plaintext link.
+                None if e.contains("closed") => {
+                    format!("{e} before its hello (is the witness's transport \"tls\"? ours is \"tcp\")")
+                }
+                _ => e,
+            })?;
             let server_nonce = hello.check().map_err(|e| e.to_string())?;
             let mut client_nonce = [0u8; 32];
             rand::rngs::OsRng.fill_bytes(&mut client_nonce);

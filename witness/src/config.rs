@@ -5,6 +5,7 @@
 //! port = 9095                 # default 9095
 //! authkey_file = "authkey"    # the shared key, mode 0600; relative to this file's directory
 //! state_file = "state.json"   # where decisions are kept
+//! metrics_listen = "127.0.0.1:9943"  # Prometheus /metrics (optional)
 //! ```
 //!
 //! Parsing is strict (an unknown field is an error, so a typo is not silently ignored) and every
@@ -13,10 +14,13 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use metroblk_tls::{TlsKeys, TlsSetup, Transport};
 use serde::Deserialize;
 
 /// Default TCP port of the witness.
 pub const WITNESS_PORT_DEFAULT: u16 = 9095;
+/// What the witness link derives its TLS keys for (`metroblk_tls::keys`).
+pub const WITNESS_TLS_LABEL: &str = "metroblk-witness";
 /// Shortest authkey accepted, in bytes (the node config's rule).
 pub const AUTHKEY_BYTES_MIN: usize = 16;
 
@@ -31,6 +35,14 @@ pub struct WitnessConfig {
     pub authkey_file: PathBuf,
     /// Resolved against the config file's directory.
     pub state_file: PathBuf,
+    /// The nodes' links: "tcp" (default) or "tls" (TLS 1.3, keys from the authkey unless
+    /// `tls_cert`, `tls_key` and `tls_ca` are set, resolved like the other paths).
+    pub transport: Transport,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    /// Where Prometheus metrics are served on `/metrics` (`metrics.rs`); `None`: nowhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Deserialize)]
@@ -40,6 +52,11 @@ struct RawConfig {
     port: Option<u16>,
     authkey_file: PathBuf,
     state_file: PathBuf,
+    transport: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
+    metrics_listen: Option<String>,
 }
 
 impl WitnessConfig {
@@ -69,13 +86,49 @@ impl WitnessConfig {
         if port == 0 {
             return Err(err("port", "0 is not a port a node can reach".into()));
         }
+        let transport = match &raw.transport {
+            None => Transport::Tcp,
+            Some(t) => Transport::parse(t).map_err(|m| err("transport", m))?,
+        };
+        let r = |p: &Option<PathBuf>| p.as_ref().map(|p| resolve(path, p));
+        let (tls_cert, tls_key, tls_ca) = (r(&raw.tls_cert), r(&raw.tls_key), r(&raw.tls_ca));
+        match (transport, TlsKeys::from_fields(&[], tls_cert.clone(), tls_key.clone(), tls_ca.clone())) {
+            (_, Err((field, m))) => return Err(err(field, m)),
+            (Transport::Tcp, Ok(TlsKeys::Files { .. })) => {
+                return Err(err("tls_cert", "certificates need transport = \"tls\"".into()))
+            }
+            _ => {}
+        }
+        let metrics_listen = match &raw.metrics_listen {
+            None => None,
+            Some(s) => Some(s.parse().map_err(|_| {
+                err("metrics_listen", format!("'{s}' is not an address like 127.0.0.1:9943 or [::]:9943"))
+            })?),
+        };
         Ok(WitnessConfig {
             path: path.to_path_buf(),
             listen,
             port,
+            metrics_listen,
             authkey_file: resolve(path, &raw.authkey_file),
             state_file: resolve(path, &raw.state_file),
+            transport,
+            tls_cert,
+            tls_key,
+            tls_ca,
         })
+    }
+
+    /// The TLS configs of this witness (None with transport = "tcp"), keys derived from
+    /// `authkey` unless certificate files are set. `name`: what a client (`status`) expects
+    /// the certificate to name.
+    pub fn tls_setup(&self, authkey: &[u8], name: &str) -> Result<Option<TlsSetup>, String> {
+        if self.transport == Transport::Tcp {
+            return Ok(None);
+        }
+        let keys = TlsKeys::from_fields(authkey, self.tls_cert.clone(), self.tls_key.clone(), self.tls_ca.clone())
+            .map_err(|(f, m)| format!("{}: {f}: {m}", self.path.display()))?;
+        TlsSetup::new(&keys, WITNESS_TLS_LABEL, name).map(Some).map_err(|m| format!("{}: {m}", self.path.display()))
     }
 
     /// Reads the authkey: `FILE: authkey_file: problem` on error.
@@ -131,6 +184,7 @@ mod tests {
         assert_eq!(c.port, 9095);
         assert_eq!(c.authkey_file, Path::new("/etc/mb/k"));
         assert_eq!(c.state_file, Path::new("/var/s"));
+        assert_eq!(c.metrics_listen, None);
         let c = WitnessConfig::parse(
             Path::new("w.toml"),
             "listen = \"::1\"\nport = 7000\nauthkey_file = \"k\"\nstate_file = \"s\"\n",
@@ -148,6 +202,13 @@ mod tests {
             ("authkey_file = \"k\"\nstate_file = \"s\"\nprot = 1\n", "w.toml: unknown field `prot`"),
             ("authkey_file = \"k\"\n", "w.toml: missing field `state_file`"),
             ("authkey_file = \"k\"\nstate_file = \"s\"\nport = 70000\n", "w.toml: "),
+            ("authkey_file = \"k\"\nstate_file = \"s\"\ntransport = \"ssl\"\n", "w.toml: transport: 'ssl'"),
+            (
+                "authkey_file = \"k\"\nstate_file = \"s\"\ntls_cert = \"c\"\ntls_key = \"k\"\ntls_ca = \"a\"\n",
+                "w.toml: tls_cert: certificates need",
+            ),
+            ("authkey_file = \"k\"\nstate_file = \"s\"\ntransport = \"tls\"\ntls_cert = \"c\"\n", "w.toml: tls_key: "),
+            ("authkey_file = \"k\"\nstate_file = \"s\"\nmetrics_listen = \"9943\"\n", "w.toml: metrics_listen: '9943'"),
         ] {
             let e = WitnessConfig::parse(p, text).unwrap_err();
             assert!(e.starts_with(want) && !e.contains('\n'), "{text:?}: {e}");

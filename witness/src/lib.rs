@@ -3,6 +3,7 @@
 //!
 //! [`registry`] decides (pure, sans-I/O); [`state`] keeps the decisions in a checksummed state
 //! file; [`server`] serves nodes over TCP (tokio) and [`client`] is what a data node uses to ask;
+//! [`metrics`] serves Prometheus metrics (its HTTP server serves the node's too);
 //! [`cli`] is the operator's `metroblk witness ...`. The crate depends on the protocol crate only
 //! (never on the daemon or ublk), so a witness host needs no ublk.
 
@@ -10,6 +11,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 mod io;
+pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod state;

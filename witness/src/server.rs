@@ -20,18 +20,25 @@ use std::time::{Duration, Instant};
 use metroblk_protocol::witness::{
     ClientHello, ConnectedNode, Reply, Request, ServerHello, ServerVerdict, WitnessError,
 };
+use metroblk_tls::{Sniffed, Transport};
 use rand::RngCore;
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::config::WitnessConfig;
-use crate::io::{read_message, write_message};
+use crate::io::{io_text, read_body, read_message, write_message, BoxStream};
+use crate::metrics::WitnessMetrics;
 use crate::registry::Registry;
 use crate::state;
 
 /// Time a connection has to authenticate.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A TLS node sends its ClientHello as soon as it connected; a connection silent this long at
+/// a TLS witness is a plaintext node waiting for the witness's hello (well within a node's
+/// connect timeout, so the node is refused before it gives up).
+const CLIENT_HELLO_WAIT: Duration = Duration::from_secs(1);
 /// An authenticated connection without a request for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most connections served at once.
@@ -46,9 +53,12 @@ struct Inner {
 struct Shared {
     inner: Mutex<Inner>,
     key: Vec<u8>,
+    /// With transport = "tls": every connection is TLS first (tokio-rustls).
+    tls: Option<tokio_rustls::TlsAcceptor>,
     state_file: std::path::PathBuf,
     /// The registry's clock: milliseconds since the server started (monotonic).
     start: Instant,
+    metrics: Arc<WitnessMetrics>,
 }
 
 impl Shared {
@@ -87,6 +97,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
     let key = config.read_authkey()?;
+    let tls = config.tls_setup(&key, &config.listen.to_string())?.map(|t| tokio_rustls::TlsAcceptor::from(t.server));
     let path = config.state_file.clone();
     let loaded = tokio::task::spawn_blocking(move || state::load(&path))
         .await
@@ -99,20 +110,43 @@ pub async fn serve(
         None => Registry::new(),
     };
     let volumes = registry.to_state().volumes.len();
+    let metrics = Arc::new(WitnessMetrics::default());
+    metrics.set_volumes(volumes);
+    if let Some(addr) = config.metrics_listen {
+        let m = metrics.clone();
+        let bound = crate::metrics::serve(addr, "witness-metrics", move || m.render())?;
+        info!("metrics on http://{bound}/metrics");
+    }
     let shared = Arc::new(Shared {
         inner: Mutex::new(Inner { registry, connected: BTreeMap::new() }),
         key,
+        tls,
         state_file: config.state_file.clone(),
         start,
+        metrics,
     });
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     info!("witness listening on {local}, {volumes} volume(s) in {}", config.state_file.display());
+    // systemd (Type=notify): serving now; the watchdog is fed from this loop, after taking
+    // the registry's lock, so a witness whose decisions are stuck is restarted.
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    let mut watchdog =
+        tokio::time::interval(sd_notify::watchdog_enabled().map_or(Duration::from_secs(3600), |d| d / 3));
     let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
     let mut next_id = 0u64;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            _ = &mut shutdown => return Ok(()),
+            _ = &mut shutdown => {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+                return Ok(());
+            }
+            _ = watchdog.tick() => {
+                if sd_notify::watchdog_enabled().is_some() {
+                    drop(shared.inner.lock().await);
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                }
+            }
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
                     Ok(a) => a,
@@ -132,15 +166,46 @@ pub async fn serve(
                 tokio::spawn(async move {
                     let _permit = permit;
                     let _ = stream.set_nodelay(true);
-                    connection(shared.clone(), stream, peer, id).await;
-                    shared.inner.lock().await.connected.remove(&id);
+                    if let Some(stream) = secure(&shared, stream, peer).await {
+                        connection(shared.clone(), stream, peer, id).await;
+                    }
+                    let mut inner = shared.inner.lock().await;
+                    inner.connected.remove(&id);
+                    shared.metrics.set_nodes_connected(inner.connected.len());
                 });
             }
         }
     }
 }
 
-async fn connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id: u64) {
+/// With TLS: refuses a plaintext node (naming both transports) and runs the TLS handshake.
+async fn secure(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> Option<BoxStream> {
+    let Some(acceptor) = &shared.tls else { return Some(Box::new(stream)) };
+    let mut first = [0u8; 2];
+    let theirs = match tokio::time::timeout(CLIENT_HELLO_WAIT, stream.peek(&mut first)).await {
+        Ok(Ok(n)) if n > 0 => metroblk_tls::sniff(&first[..n]),
+        Ok(_) => return None,
+        // Silent: a plaintext node waits for the witness to speak first.
+        Err(_) => Sniffed::Plain,
+    };
+    if theirs == Sniffed::Plain {
+        warn!("{peer}: refused: {}", metroblk_tls::transport_mismatch(Transport::Tls, Transport::Tcp));
+        return None;
+    }
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => Some(Box::new(s)),
+        Ok(Err(e)) => {
+            warn!("{peer}: refused: TLS handshake: {}", metroblk_tls::handshake_error_text(&e));
+            None
+        }
+        Err(_) => {
+            debug!("{peer}: no TLS handshake within {} s", HANDSHAKE_TIMEOUT.as_secs());
+            None
+        }
+    }
+}
+
+async fn connection(shared: Arc<Shared>, mut stream: BoxStream, peer: SocketAddr, id: u64) {
     let node = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&shared, &mut stream)).await {
         Err(_) => {
             debug!("{peer}: no handshake within {} s", HANDSHAKE_TIMEOUT.as_secs());
@@ -150,6 +215,10 @@ async fn connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
             warn!("{peer}: refused node {node}: authentication failed (wrong authkey)");
             return;
         }
+        Ok(Err(HandshakeFail::Transport(e))) => {
+            warn!("{peer}: refused: {e}");
+            return;
+        }
         Ok(Err(HandshakeFail::Other(e))) => {
             debug!("{peer}: handshake failed: {e}");
             return;
@@ -157,7 +226,11 @@ async fn connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
         Ok(Ok(node)) => node,
     };
     debug!("{peer}: node {node} authenticated");
-    shared.inner.lock().await.connected.insert(id, (node.clone(), peer, Instant::now()));
+    {
+        let mut inner = shared.inner.lock().await;
+        inner.connected.insert(id, (node.clone(), peer, Instant::now()));
+        shared.metrics.set_nodes_connected(inner.connected.len());
+    }
     loop {
         let req: Request = match tokio::time::timeout(IDLE_TIMEOUT, read_message(&mut stream)).await {
             Err(_) => {
@@ -185,14 +258,22 @@ async fn connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
 enum HandshakeFail {
     /// The named node's proof did not verify.
     Auth(String),
+    /// The node speaks another transport (the line names both).
+    Transport(String),
     Other(String),
 }
 
-async fn handshake(shared: &Shared, stream: &mut TcpStream) -> Result<String, HandshakeFail> {
+async fn handshake(shared: &Shared, stream: &mut BoxStream) -> Result<String, HandshakeFail> {
     let mut server_nonce = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut server_nonce);
     write_message(stream, &ServerHello::new(&server_nonce)).await.map_err(HandshakeFail::Other)?;
-    let hello: ClientHello = read_message(stream).await.map_err(HandshakeFail::Other)?;
+    let mut prefix = [0u8; metroblk_protocol::witness::WITNESS_FRAME_PREFIX_LEN];
+    stream.read_exact(&mut prefix).await.map_err(|e| HandshakeFail::Other(io_text(e)))?;
+    // A plaintext witness: a TLS ClientHello is a node with transport = "tls".
+    if shared.tls.is_none() && metroblk_tls::sniff(&prefix) == Sniffed::Tls {
+        return Err(HandshakeFail::Transport(metroblk_tls::transport_mismatch(Transport::Tcp, Transport::Tls)));
+    }
+    let hello: ClientHello = read_body(stream, prefix).await.map_err(HandshakeFail::Other)?;
     match hello.verify(&shared.key, &server_nonce) {
         Ok(client_nonce) => {
             let welcome = ServerVerdict::welcome(&shared.key, &server_nonce, &client_nonce, &hello.node);
@@ -232,6 +313,15 @@ async fn decide(shared: &Shared, node: &str, req: &Request) -> Reply {
         }
     }
     log_decision(node, req, &decision.reply);
+    let outcome = match decision.reply {
+        Reply::Granted { .. } => "granted",
+        Reply::Refused { .. } => "refused",
+        Reply::Status { .. } => "status",
+    };
+    shared.metrics.decided(req.kind(), outcome);
+    if decision.changed {
+        shared.metrics.set_volumes(inner.registry.to_state().volumes.len());
+    }
     match decision.reply {
         Reply::Status { volumes, .. } => {
             let nodes_connected = inner

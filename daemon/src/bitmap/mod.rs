@@ -43,7 +43,7 @@ use std::sync::{Mutex, OnceLock};
 use std::thread::Thread;
 
 use crate::metadata::{MetadataError, MetadataFile, Superblock};
-use crate::volume::disk::DiskState;
+use metroblk_protocol::DiskState;
 
 /// A fixed-size set of bits in atomic words.
 pub struct AtomicBits {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::WriteIntent;
 use crate::metadata::{MetadataError, BLOCK_BYTES};
-use crate::volume::disk::DiskState;
+use metroblk_protocol::DiskState;
 
 /// Words of the image in one bitmap block.
 const WORDS_PER_BLOCK: usize = BLOCK_BYTES / 8;

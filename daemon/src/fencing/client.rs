@@ -15,9 +15,9 @@ use metroblk_witness::client::Client;
 use super::group::{group_facts, worst_disk, GroupAlone, VolumeFacts};
 use super::lease::LeaseClock;
 use super::{Answer, Ask, Fence, NodeRole};
-use crate::volume::disk::DiskState;
 use crate::volume::stats::{LinkState, QueueStats};
 use crate::volume::VolumeShared;
+use metroblk_protocol::DiskState;
 
 /// How often the machine is fed and polled.
 pub const TICK: Duration = Duration::from_millis(50);
@@ -108,6 +108,8 @@ fn peer_present(v: &VolumeShared, role: NodeRole, now: Instant, links_seen: &mut
 struct WitnessLink {
     addr: SocketAddr,
     key: Vec<u8>,
+    /// The witness link's TLS (`[volume.witness] transport = "tls"`).
+    tls: Option<metroblk_tls::TlsSetup>,
     node: String,
     client: Option<Client>,
     request_timeout: Duration,
@@ -116,7 +118,7 @@ struct WitnessLink {
 impl WitnessLink {
     async fn ask(&mut self, g: &Group, req: &Request) -> Result<Reply, String> {
         if self.client.is_none() {
-            let c = Client::connect(self.addr, &self.node, &self.key, CONNECT_TIMEOUT).await?;
+            let c = Client::connect_over(self.addr, &self.node, &self.key, self.tls.as_ref(), CONNECT_TIMEOUT).await?;
             tracing::info!(group = %g.name, witness = %self.addr, "witness link up");
             self.client = Some(c);
             set_info(g, |w| {
@@ -189,6 +191,7 @@ fn run(g: Group, role: NodeRole, on_change: &dyn Fn(RoleChange), stop: Arc<std::
     let mut link = witness.as_ref().map(|w| WitnessLink {
         addr: w.address,
         key: w.authkey.clone(),
+        tls: w.tls.clone(),
         node: g.first().node_name.clone(),
         client: None,
         request_timeout: REQUEST_TIMEOUT_MAX.min(lease / super::lease::RENEWALS_PER_LEASE),
@@ -454,7 +457,7 @@ pub fn query_record(
     let peer = cfg.peer.as_ref().map_or(String::new(), |p| p.name.clone());
     let volume = VolumeId::new(record.0, &record.1.to_string(), node_name, &peer);
     rt.block_on(async {
-        let mut c = Client::connect(w.address, node_name, &w.authkey, timeout).await?;
+        let mut c = Client::connect_over(w.address, node_name, &w.authkey, w.tls.as_ref(), timeout).await?;
         match c.request(&Request::Query { volume }, timeout).await? {
             Reply::Granted { record } => Ok(Some(record)),
             Reply::Refused { record, .. } => Ok(record),

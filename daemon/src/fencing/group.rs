@@ -17,7 +17,7 @@
 //!   while others still go alone stops going alone itself, unless its writes are held again
 //!   (its peer link dropped once more): then it may go alone again, and needs another resync.
 
-use crate::volume::disk::DiskState;
+use metroblk_protocol::DiskState;
 
 pub use crate::config::GROUP_VOLUMES_MAX;
 

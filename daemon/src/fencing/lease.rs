@@ -46,7 +46,7 @@ impl LeaseClock {
 
     /// Whether a renewal is due now (none in flight, and a third of a lease since the last).
     pub fn renewal_due(&self, now: Instant) -> bool {
-        self.in_flight.is_none() && self.last_sent.map_or(true, |t| now >= t + self.lease / RENEWALS_PER_LEASE)
+        self.in_flight.is_none() && self.last_sent.is_none_or(|t| now >= t + self.lease / RENEWALS_PER_LEASE)
     }
 
     /// A request that renews the lease (Lease, Outdate) is about to be sent.

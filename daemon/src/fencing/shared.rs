@@ -56,6 +56,9 @@ pub struct FenceShared {
     pub handover_requested: AtomicBool,
     /// The handover's outcome, for the operator's command: Ok(new epoch) or the refusal.
     pub handover_outcome: Mutex<Option<Result<u64, String>>>,
+    /// This node holds the volume's export service address (`export/`): a switchover waits
+    /// until it is dropped before it hands over, so no host hears this node after that.
+    pub export_address_held: AtomicBool,
 }
 
 impl FenceShared {
@@ -76,6 +79,7 @@ impl FenceShared {
             switching: AtomicBool::new(false),
             handover_requested: AtomicBool::new(false),
             handover_outcome: Mutex::new(None),
+            export_address_held: AtomicBool::new(false),
             witness: Mutex::new(WitnessInfo {
                 address: cfg.witness.as_ref().map_or(String::new(), |w| w.address.to_string()),
                 ..WitnessInfo::default()
@@ -159,6 +163,11 @@ impl FenceShared {
             self.fenced_latched.store(true, Ordering::Release);
         }
         true
+    }
+
+    /// The fence fell and only a new lease lifts it (read only; the queues set it).
+    pub fn is_latched(&self) -> bool {
+        self.fenced_latched.load(Ordering::Acquire)
     }
 
     /// Secondary: a frame from the primary arrived (one relaxed store per receive).

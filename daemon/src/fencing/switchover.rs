@@ -2,7 +2,8 @@
 //!
 //! 1. Check: this node is primary with a witness, the peer is connected and in sync.
 //! 2. Park new I/O (it waits, never fails: `FenceShared::switching`) and wait until nothing
-//!    is in flight: every write the application saw complete is on both nodes.
+//!    is in flight: every write the application saw complete is on both nodes. An exported
+//!    volume's portal closes and its service address goes (`export/`) before step 3.
 //! 3. Ask the witness (through the client thread) to hand the role to the peer: epoch + 1.
 //! 4. Answer the operator; the volume (alone: the node's other volumes are untouched) then
 //!    records its new role, deletes its device (I/O that arrived during the switch fails: the
@@ -66,6 +67,17 @@ pub fn switchover(members: &[&VolumeShared]) -> Result<String, String> {
         if start.elapsed() > DRAIN_MAX {
             return give_up(format!(
                 "volume {name}: in-flight I/O did not drain in {} s; nothing changed",
+                DRAIN_MAX.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Exports withdraw while switching (`export/`): the service address must be gone before
+    // the handover, after which the parked I/O fails here and the peer takes the address.
+    while members.iter().any(|m| m.fence.export_address_held.load(Ordering::Acquire)) {
+        if start.elapsed() > DRAIN_MAX {
+            return give_up(format!(
+                "volume {name}: the export did not withdraw its service address in {} s; nothing changed",
                 DRAIN_MAX.as_secs()
             ));
         }

@@ -24,6 +24,7 @@
 //! - A stop wins over everything: a pending reopen is dropped, an open that completes is
 //!   closed again, a failed volume is simply stopped.
 
+pub mod parts;
 pub mod runner;
 
 use std::collections::VecDeque;

@@ -19,18 +19,21 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use metroblk_protocol::DiskState;
 use metroblk_ublk::{Device, QueueTarget};
 
+use super::parts::{self, PrimaryEngine};
 use super::{Change, Closing, Command, Lifecycle, Phase};
 use crate::config::RoleGroup;
 use crate::config::{Fencing, Role, VolumeConfig, MAX_QUEUES, MAX_QUEUE_DEPTH};
-use crate::control::VolumeHandle;
+use crate::export::Exports;
 use crate::fencing::client::{FenceClient, Group, RoleChange};
 use crate::fencing::NodeRole;
 use crate::frontend::{self, EngineQueue};
+use crate::peer::handoff::LinkHandoff;
 use crate::peer::listener::{self, Listener};
 use crate::volume::stats::{LinkState, QueueStats};
-use crate::volume::{self, Volume, VolumeShared};
+use crate::volume::VolumeShared;
 
 /// How long a starting volume waits for the witness's record before it falls back to the
 /// role in its metadata.
@@ -41,6 +44,14 @@ pub const SHUTDOWN_DRAIN_MAX: Duration = Duration::from_secs(2);
 /// A primary's in-flight I/O is given this long to drain (or fail) before its device is
 /// stopped when the role is lost.
 pub const ROLE_LOST_DRAIN_MAX: Duration = Duration::from_secs(3);
+
+/// A serving volume as the control socket reports on it.
+pub struct VolumeHandle {
+    pub shared: Arc<VolumeShared>,
+    pub role: Role,
+    pub handoffs: Vec<Arc<LinkHandoff>>,
+    pub ublk_device: Option<String>,
+}
 
 /// What the control socket sees of one volume, and its way to its group's thread.
 pub struct VolumeSlot {
@@ -185,10 +196,12 @@ enum Parts {
         primaries: Vec<Primary>,
         client: Option<FenceClient>,
         exchanges: Vec<Listener>,
+        exports: Exports,
     },
     Secondary {
         secondaries: Vec<Secondary>,
         client: Option<FenceClient>,
+        exports: Exports,
     },
 }
 
@@ -362,15 +375,17 @@ fn open(
 ) -> Result<Parts, String> {
     let replicated = group.volumes[0].peer.is_some();
     let record = |members: Vec<Arc<VolumeShared>>| Group { name: group.name.clone(), uuid: group.uuid, members };
+    // Export: first removes what an earlier run of this node left in configfs.
+    let exports = Exports::open(group, &node.name)?;
     match role {
         Role::Secondary => {
             let mut secondaries = Vec::new();
             for cfg in &group.volumes {
                 let secondary = start_secondary(cfg, &node.name, &node.config_path)?;
-                if discard_local {
-                    // `resync --discard-local` on the primary that became this secondary: its
-                    // first exchange drops this copy's changes (a restart forgets it; the
-                    // exchange then reports the split brain again, and the operator repeats it).
+                if discard_local || secondary.shared.intent.superblock().discard_local {
+                    // `resync --discard-local` (on the primary that became this secondary, or
+                    // before a restart): the first exchange drops this copy's changes. The
+                    // metadata keeps it until the resync from the peer completes.
                     secondary.shared.sync.discard_local.store(true, Ordering::Release);
                     tracing::warn!(volume = %cfg.name, "this node's changes are dropped at the first exchange: it resyncs from the peer");
                 }
@@ -378,7 +393,7 @@ fn open(
             }
             let members = secondaries.iter().map(|s| s.shared.clone()).collect();
             let client = crate::fencing::client::spawn(record(members), NodeRole::Secondary, on_change)?;
-            Ok(Parts::Secondary { secondaries, client: Some(client) })
+            Ok(Parts::Secondary { secondaries, client: Some(client), exports })
         }
         Role::Primary => {
             let mut prepared = Vec::new();
@@ -411,7 +426,14 @@ fn open(
                         .ok()
                 })
                 .collect();
-            Ok(Parts::Primary { primaries, client, exchanges })
+            // Export: now serving as primary.
+            exports.serve(
+                &primaries
+                    .iter()
+                    .map(|p| (p.volume.shared.config.name.clone(), p.device.path(), Arc::downgrade(&p.volume.shared)))
+                    .collect::<Vec<_>>(),
+            );
+            Ok(Parts::Primary { primaries, client, exchanges, exports })
         }
     }
 }
@@ -422,7 +444,16 @@ fn close(parts: Parts, how: Closing, deadline: Instant) -> Result<(), (String, V
     let weak: Vec<Weak<VolumeShared>> = parts.shared().iter().map(Arc::downgrade).collect();
     let mut left_for_recovery = false;
     match parts {
-        Parts::Primary { primaries, client, exchanges } => {
+        Parts::Primary { primaries, client, exchanges, mut exports } => {
+            // Export: stopping being primary. Role lost: it withdraws while the device stops
+            // (ending its sessions waits for the I/O the stop fails). Shutdown: it goes down
+            // first, so the device is no longer in use when the shutdown looks.
+            exports.begin_close(how);
+            if how == Closing::Shutdown {
+                if let Err(e) = exports.finish_close((Instant::now() + SHUTDOWN_DRAIN_MAX).min(deadline)) {
+                    tracing::warn!("{e}");
+                }
+            }
             for l in exchanges {
                 if let Err(e) = l.stop(deadline) {
                     tracing::error!("{e}");
@@ -435,6 +466,9 @@ fn close(parts: Parts, how: Closing, deadline: Instant) -> Result<(), (String, V
             match how {
                 Closing::RoleLost => {
                     let stops: Vec<_> = primaries.into_iter().map(|p| stop_deposed_primary(p, deadline)).collect();
+                    if let Err(e) = exports.finish_close(deadline) {
+                        tracing::error!("{e}");
+                    }
                     for r in stops {
                         r.map_err(|e| (e, weak.clone()))?;
                     }
@@ -446,7 +480,11 @@ fn close(parts: Parts, how: Closing, deadline: Instant) -> Result<(), (String, V
                 }
             }
         }
-        Parts::Secondary { secondaries, client } => {
+        Parts::Secondary { secondaries, client, mut exports } => {
+            exports.begin_close(how);
+            if let Err(e) = exports.finish_close(deadline) {
+                tracing::error!("{e}");
+            }
             drop(client);
             for Secondary { shared, listener } in secondaries {
                 drop(shared);
@@ -590,17 +628,17 @@ fn record_role_change(v: &VolumeShared, change: Change) {
             sb.role = Some(Role::Primary);
             // A new line of history: the old primary's writes after our last one are not in it.
             sb.new_generation(uuid::Uuid::new_v4());
-            sb.peer_disk_state = Some(volume::disk::DiskState::Outdated);
+            sb.peer_disk_state = Some(DiskState::Outdated);
         }
         Change::Deposed { epoch } => {
             sb.epoch = sb.epoch.max(epoch);
             sb.role = Some(Role::Secondary);
             // The new primary has writes this copy lacks.
-            sb.disk_state = volume::disk::DiskState::Outdated;
+            sb.disk_state = DiskState::Outdated;
         }
         Change::Resigned => {
             sb.role = Some(Role::Secondary);
-            sb.disk_state = volume::disk::DiskState::Failed;
+            sb.disk_state = DiskState::Failed;
         }
         Change::HandedOver { epoch } => {
             // Drained and in sync: this copy stays up to date.
@@ -613,17 +651,18 @@ fn record_role_change(v: &VolumeShared, change: Change) {
             sb.epoch = sb.epoch.max(1) + 1;
             sb.role = Some(Role::Primary);
             sb.new_generation(uuid::Uuid::new_v4());
-            sb.peer_disk_state = Some(volume::disk::DiskState::Outdated);
+            sb.peer_disk_state = Some(DiskState::Outdated);
             if forced {
                 // The operator's word: this copy is the data from now on.
-                sb.disk_state = volume::disk::DiskState::UpToDate;
+                sb.disk_state = DiskState::UpToDate;
             }
         }
         Change::DemotedByOperator { discard_local } => {
             sb.role = Some(Role::Secondary);
             if discard_local {
                 // The operator dropped this copy's changes: it misses the peer's.
-                sb.disk_state = volume::disk::DiskState::Outdated;
+                sb.disk_state = DiskState::Outdated;
+                sb.discard_local = true;
             }
         }
     });
@@ -643,22 +682,9 @@ pub struct Secondary {
 
 /// Opens a volume as secondary: backing file, shared state, listener.
 pub fn start_secondary(cfg: &VolumeConfig, node_name: &str, config_path: &Path) -> Result<Secondary, String> {
-    let intent = volume::open_metadata(cfg, node_name, config_path).map_err(|e| e.to_string())?;
-    let file = volume::open_backing_file(cfg).map_err(|e| e.to_string())?;
-    let shared = Arc::new(VolumeShared {
-        config: cfg.clone(),
-        node_name: node_name.to_string(),
-        geometry: volume::geometry(cfg),
-        epoch: std::sync::atomic::AtomicU64::new(intent.superblock().epoch.max(1)),
-        fence: crate::fencing::shared::FenceShared::new(cfg),
-        file,
-        conflicts: volume::conflict::ConflictTable::new(cfg.size),
-        disk: volume::disk::DiskHealth::new(intent.superblock().disk_state),
-        intent,
-        sync: crate::resync::SyncShared::new(cfg.resync_rate_bps),
-        // One set of counters per primary queue's link; [0] also holds the link state.
-        queue_stats: (0..MAX_QUEUES).map(|_| Arc::new(QueueStats::default())).collect(),
-    });
+    let intent = parts::open_metadata(cfg, node_name, config_path)?;
+    // One set of counters per primary queue's link; [0] also holds the link state.
+    let shared = parts::open_shared(cfg, node_name, intent, MAX_QUEUES)?;
     if shared.intent.superblock().full_resync {
         // `metroblk attach` after a disk failure: the next resync copies every region.
         shared.sync.request(crate::resync::Requested { full: true, checksum: false });
@@ -673,8 +699,8 @@ pub fn start_secondary(cfg: &VolumeConfig, node_name: &str, config_path: &Path) 
 /// A node that lost its primary role (killed, then replaced) may have left its device, its
 /// I/O queued in the kernel: delete it (see `metroblk_ublk::delete_orphan`).
 fn delete_orphan_device(cfg: &VolumeConfig, node_name: &str) -> Result<(), String> {
-    let id_file = crate::node::ublk_id_file(cfg);
-    let dev_id = if cfg.ublk_id >= 0 { cfg.ublk_id } else { crate::node::read_ublk_id(&id_file)?.unwrap_or(-1) };
+    let id_file = frontend::ublk_id_file(cfg);
+    let dev_id = if cfg.ublk_id >= 0 { cfg.ublk_id } else { frontend::read_ublk_id(&id_file)?.unwrap_or(-1) };
     if dev_id < 0 {
         return Ok(());
     }
@@ -694,13 +720,13 @@ fn delete_orphan_device(cfg: &VolumeConfig, node_name: &str) -> Result<(), Strin
 /// its engine.
 pub struct Primary {
     pub device: Device,
-    pub volume: Volume,
+    pub volume: PrimaryEngine,
 }
 
 /// A primary before it serves: the device added (or found for recovery) and the engine open.
 pub struct PreparedPrimary {
     device: Device,
-    volume: Volume,
+    volume: PrimaryEngine,
 }
 
 /// Opens a volume as primary up to serving: adds the device (or finds the one a killed
@@ -710,22 +736,22 @@ pub fn prepare_primary(cfg: &VolumeConfig, node_name: &str, config_path: &Path) 
     let err = |e: &dyn std::fmt::Display| format!("volume {}: {e}", cfg.name);
     // Before the device exists: a node without usable metadata serves nothing, and neither
     // does one whose copy is not up to date.
-    let intent = volume::open_metadata(cfg, node_name, config_path).map_err(|e| e.to_string())?;
+    let intent = parts::open_metadata(cfg, node_name, config_path)?;
     let disk_state = intent.superblock().disk_state;
-    if disk_state != volume::disk::DiskState::UpToDate {
+    if disk_state != DiskState::UpToDate {
         return Err(format!(
             "volume {}: this node's copy is {disk_state} ({}), so it cannot be the primary; start it as the \
              secondary and let a resync from the peer finish",
             cfg.name,
             match disk_state {
-                volume::disk::DiskState::Inconsistent => "a resync to it did not finish",
-                volume::disk::DiskState::Failed => "its disk failed",
+                DiskState::Inconsistent => "a resync to it did not finish",
+                DiskState::Failed => "its disk failed",
                 _ => "it misses writes the peer has",
             }
         ));
     }
-    let id_file = crate::node::ublk_id_file(cfg);
-    let remembered = if cfg.ublk_id >= 0 { None } else { crate::node::read_ublk_id(&id_file)? };
+    let id_file = frontend::ublk_id_file(cfg);
+    let remembered = if cfg.ublk_id >= 0 { None } else { frontend::read_ublk_id(&id_file)? };
     let dev_id = if cfg.ublk_id >= 0 { cfg.ublk_id } else { remembered.unwrap_or(-1) };
     let params = frontend::device_params(cfg, node_name, dev_id);
     let device = match Device::open(&params) {
@@ -743,7 +769,7 @@ pub fn prepare_primary(cfg: &VolumeConfig, node_name: &str, config_path: &Path) 
         Err(e) => return Err(err(&e)),
     };
     if cfg.ublk_id < 0 && remembered != Some(device.dev_id()) {
-        crate::node::write_ublk_id(&id_file, device.dev_id(), &cfg.name)?;
+        frontend::write_ublk_id(&id_file, device.dev_id(), &cfg.name)?;
     }
     // A recovered device keeps the geometry it was created with; the engine's tables are
     // bounded by the config limits.
@@ -755,7 +781,19 @@ pub fn prepare_primary(cfg: &VolumeConfig, node_name: &str, config_path: &Path) 
             device.depth()
         )));
     }
-    let volume = Volume::open_primary_with(cfg, node_name, device.queues(), intent).map_err(|e| e.to_string())?;
+    // Only a recovered device can disagree: one is added in zero copy only where the payload
+    // goes unchecked (`frontend::device_params`), and a recovered one keeps its mode.
+    if device.zero_copy() && cfg.payload_checksum.sends_crc() {
+        return Err(err(&format!(
+            "{} runs in zero copy (it was created with payload_checksum = \"none\"), which cannot compute \
+             the crc32c that payload_checksum = \"crc32c\" asks for; set it back to \"none\" until the device \
+             is stopped and created again",
+            device.path().display()
+        )));
+    }
+    let volume = PrimaryEngine::open_with(cfg, node_name, device.queues(), intent)?;
+    // Before the queues are made: they take their data path from it.
+    volume.shared.zero_copy.store(device.zero_copy(), std::sync::atomic::Ordering::Relaxed);
     Ok(PreparedPrimary { device, volume })
 }
 
@@ -780,19 +818,21 @@ pub fn serve_primary(p: PreparedPrimary, stopping: &AtomicBool) -> Result<Primar
     Ok(Primary { device, volume })
 }
 
-/// The role a group starts in. Without a witness, the config's. With one
-/// (`fencing = "witness"`), the witness's record of the group if it answers at start, else
-/// the role the witness last gave this node (kept in each volume's metadata: primary only if
-/// every volume says so), else the config's preferred role. Primary only if every volume's
-/// copy is up to date.
+/// The role a group starts in. A standalone volume (no peer): the config's. Without a
+/// witness: the role an operator last gave it (`promote`, `demote`, `resync --discard-local`,
+/// kept in each volume's metadata), else the config's. With one (`fencing = "witness"`), the
+/// witness's record of the group if it answers at start, else the role the witness last gave
+/// this node (kept in the metadata), else the config's preferred role; primary then only if
+/// every volume's copy is up to date. Without a witness a copy that is not up to date is not
+/// demoted quietly: asked to be primary, it is refused in one line.
 pub fn start_role(group: &RoleGroup, node_name: &str, config_path: &Path) -> Result<Role, String> {
     let first = &group.volumes[0];
-    let Some(w) = first.witness.as_ref().filter(|_| first.fencing == Fencing::Witness) else {
+    if first.peer.is_none() {
         return Ok(first.role);
-    };
+    }
     let mut metadata = Vec::new();
     for cfg in &group.volumes {
-        metadata.push(volume::open_metadata(cfg, node_name, config_path).map_err(|e| e.to_string())?);
+        metadata.push(parts::open_metadata(cfg, node_name, config_path)?);
     }
     let local =
         if metadata.iter().zip(&group.volumes).all(|(m, c)| m.superblock().role.unwrap_or(c.role) == Role::Primary) {
@@ -800,6 +840,16 @@ pub fn start_role(group: &RoleGroup, node_name: &str, config_path: &Path) -> Res
         } else {
             Role::Secondary
         };
+    let Some(w) = first.witness.as_ref().filter(|_| first.fencing == Fencing::Witness) else {
+        // Without a witness the role is the operator's: the last `promote`/`demote` (or
+        // `resync --discard-local`) recorded in the metadata, else the config's. A copy that
+        // is not up to date and is asked to be primary is refused by `prepare_primary` in one
+        // line: the operator asked for it, so nothing starts in another role behind their back.
+        if local != first.role {
+            tracing::info!(group = %group.name, role = %local, config = %first.role, "starting in the role an operator last gave this node, not the config's");
+        }
+        return Ok(local);
+    };
     let asked =
         crate::fencing::client::query_record(first, (&group.name, group.uuid), node_name, w, START_QUERY_TIMEOUT);
     let role = match &asked {
@@ -813,15 +863,8 @@ pub fn start_role(group: &RoleGroup, node_name: &str, config_path: &Path) -> Res
             local
         }
     };
-    if role == Role::Primary {
-        if let Some((m, c)) = metadata
-            .iter()
-            .zip(&group.volumes)
-            .find(|(m, _)| m.superblock().disk_state != volume::disk::DiskState::UpToDate)
-        {
-            tracing::warn!(group = %group.name, volume = %c.name, disk = %m.superblock().disk_state, "this copy is not up to date: starting as secondary");
-            return Ok(Role::Secondary);
-        }
+    if role == Role::Primary && !up_to_date(group, &metadata) {
+        return Ok(Role::Secondary);
     }
     if let Ok(Some(r)) = &asked {
         // The witness's epoch is the current one: a node coming back adopts it at once, so it
@@ -836,9 +879,20 @@ pub fn start_role(group: &RoleGroup, node_name: &str, config_path: &Path) -> Res
     Ok(role)
 }
 
+/// Whether every volume's copy of the group is up to date here (else, with the reason, no).
+fn up_to_date(group: &RoleGroup, metadata: &[Arc<crate::bitmap::WriteIntent>]) -> bool {
+    match metadata.iter().zip(&group.volumes).find(|(m, _)| m.superblock().disk_state != DiskState::UpToDate) {
+        Some((m, c)) => {
+            tracing::warn!(group = %group.name, volume = %c.name, disk = %m.superblock().disk_state, "this copy is not up to date: starting as secondary");
+            false
+        }
+        None => true,
+    }
+}
+
 /// With a witness: waits until this primary holds a lease or has its peer (see
 /// [`start_primary`]). A stop request ends the wait.
-fn wait_until_unfenced(volume: &Volume, stopping: &AtomicBool) {
+fn wait_until_unfenced(volume: &PrimaryEngine, stopping: &AtomicBool) {
     let v = &volume.shared;
     if !v.fence.enabled {
         return;

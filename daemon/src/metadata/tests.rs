@@ -112,6 +112,9 @@ fn every_field_survives_an_update() {
     s.disk_state = DiskState::Inconsistent;
     s.peer_disk_state = Some(DiskState::Outdated);
     s.clean_shutdown = false;
+    s.full_resync = true;
+    s.role = Some(crate::config::Role::Secondary);
+    s.discard_local = true;
     f.write_superblock(&s).unwrap();
     let mut block = [0u8; BLOCK_BYTES];
     block[0] = 0b1000_0001;

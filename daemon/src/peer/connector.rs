@@ -1,18 +1,20 @@
 //! Dialling the peer: connection set-up is control plane, off the queue threads.
 //!
-//! Each primary queue has a [`LinkHandoff`]. When the queue needs a link it calls
+//! Each primary queue has a [`LinkHandoff`] (`handoff.rs`). When the queue needs a link it calls
 //! [`LinkHandoff::request`]; a connector thread dials the peer with capped exponential
 //! backoff, runs the authenticated handshake, puts the ready socket in the hand-off and
 //! signals the queue's eventfd, which the queue's ring is watching. The queue picks the socket
 //! up on its own thread, so the data path never waits on a lock or on connection set-up.
 
 use std::net::TcpStream;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::{Arc, Condvar, Mutex};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
 use std::time::Duration;
 
 use metroblk_protocol::{run_handshake, Handshake, HandshakeError, HelloInfo, Role};
 
+use super::handoff::LinkHandoff;
+use super::transport::{secure_client, HANDSHAKE_TIMEOUT};
 use crate::volume::VolumeShared;
 
 /// Backoff between dial attempts: starts small so a restarted peer is picked up quickly,
@@ -22,110 +24,9 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// A link must stay up this long to reset the backoff: one that ends sooner is a failure
 /// cycle and keeps backing off.
 pub const LINK_HEALTHY_AFTER: Duration = Duration::from_secs(10);
-/// Bounds on connection set-up so a half-open peer cannot stall the connector.
+/// Bound on the TCP connect so a half-open peer cannot stall the connector (the set-up after
+/// it is bounded by [`HANDSHAKE_TIMEOUT`]).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-
-#[derive(Default)]
-struct HandoffInner {
-    wanted: bool,
-    ready: Option<OwnedFd>,
-    shutdown: bool,
-    last_error: Option<String>,
-    /// The last link ended in an error from the peer (set by the queue, read by the connector).
-    ended_by_peer: bool,
-}
-
-pub struct LinkHandoff {
-    inner: Mutex<HandoffInner>,
-    cv: Condvar,
-    eventfd: OwnedFd,
-}
-
-impl LinkHandoff {
-    pub fn new() -> std::io::Result<LinkHandoff> {
-        // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-        let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(LinkHandoff { inner: Mutex::new(HandoffInner::default()), cv: Condvar::new(), eventfd })
-    }
-
-    pub fn eventfd(&self) -> RawFd {
-        self.eventfd.as_raw_fd()
-    }
-
-    /// The queue needs a (new) link.
-    pub fn request(&self) {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        g.wanted = true;
-        self.cv.notify_all();
-    }
-
-    /// The socket the connector made ready, if any.
-    pub fn take(&self) -> Option<OwnedFd> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).ready.take()
-    }
-
-    /// The queue's link ended; `peer_error`: the peer ended it with an error of its own (an
-    /// error ack, an ERROR frame such as a stale-epoch refusal), so redialling at once would
-    /// only meet the same error.
-    pub fn link_ended(&self, peer_error: bool) {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).ended_by_peer = peer_error;
-    }
-
-    fn take_ended_by_peer(&self) -> bool {
-        std::mem::take(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner()).ended_by_peer)
-    }
-
-    pub fn set_error(&self, e: &str) {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).last_error = Some(e.to_string());
-    }
-
-    /// The last reason a link failed or was refused (for status and tests).
-    pub fn last_error(&self) -> Option<String> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).last_error.clone()
-    }
-
-    pub fn shut_down(&self) {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        g.shutdown = true;
-        self.cv.notify_all();
-    }
-
-    fn deliver(&self, sock: OwnedFd) {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        g.ready = Some(sock);
-        g.wanted = false;
-        g.last_error = None;
-        drop(g);
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64 to our eventfd.
-        let n = unsafe { libc::write(self.eventfd.as_raw_fd(), &one as *const u64 as *const _, 8) };
-        if n != 8 {
-            tracing::error!("cannot signal the queue's eventfd: {}", std::io::Error::last_os_error());
-        }
-    }
-
-    /// Blocks until a link is wanted (true) or the volume shuts down (false).
-    fn wait_wanted(&self) -> bool {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        while !g.wanted && !g.shutdown {
-            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
-        }
-        !g.shutdown
-    }
-
-    /// Sleeps for `d` unless shut down first; returns false on shutdown.
-    fn sleep(&self, d: Duration) -> bool {
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let (g, _) = self.cv.wait_timeout_while(g, d, |g| !g.shutdown).unwrap_or_else(|p| p.into_inner());
-        !g.shutdown
-    }
-}
 
 /// When the connector dials again, as pure state (time passed in as durations).
 ///
@@ -237,6 +138,11 @@ pub fn dial_stream(v: &VolumeShared, queue: u16, session: u64) -> Result<TcpStre
     let _ = stream.set_nodelay(true);
     super::set_dead_peer_detection(&stream)
         .map_err(|e| DialError::local(format!("cannot set keepalive on the link: {e}")))?;
+    // The transport (`transport.rs`): for TLS, the session is the kernel's from here on.
+    secure_client(&stream, p, std::time::Instant::now() + HANDSHAKE_TIMEOUT).map_err(|e| DialError {
+        text: format!("peer {} at {}: {e}", p.name, p.address),
+        peer_refused: e.is_refusal(),
+    })?;
     let io = |e: std::io::Error| DialError::local(format!("peer {} at {}: {e}", p.name, p.address));
     stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(io)?;
     stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(io)?;

@@ -26,9 +26,10 @@ use std::time::{Duration, Instant};
 
 use metroblk_protocol::{Handshake, HandshakeError, HelloInfo, Role};
 
-use super::connector::{local_hello, HANDSHAKE_TIMEOUT};
+use super::connector::local_hello;
 use super::replica;
 use super::sessions::SessionTable;
+use super::transport::HANDSHAKE_TIMEOUT;
 use crate::volume::stats::LinkState;
 use crate::volume::VolumeShared;
 
@@ -155,6 +156,9 @@ pub fn start(v: Arc<VolumeShared>) -> Result<Listener, String> {
 
 /// [`start`], for a secondary or (the exchange only) a primary.
 pub fn start_serving(v: Arc<VolumeShared>, serving: Serving) -> Result<Listener, String> {
+    if let Some(p) = &v.config.peer {
+        super::transport::check(p).map_err(|e| format!("volume {}: {e}", v.config.name))?;
+    }
     let listener = TcpListener::bind(v.config.listen)
         .map_err(|e| format!("volume {}: cannot listen on {}: {e}", v.config.name, v.config.listen))?;
     let local_addr = listener.local_addr().map_err(|e| e.to_string())?;
@@ -313,7 +317,10 @@ fn accept_one(v: Arc<VolumeShared>, mut stream: TcpStream, from: SocketAddr, a: 
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let expected = v.config.peer.as_ref().map(|p| p.name.clone()).unwrap_or_default();
     let hs = Handshake::new(Role::Listener, local_hello(&v, 0, 0), &v.config.authkey, &expected);
-    let result = handshake_until(&mut stream, hs, deadline);
+    // The transport (`transport.rs`): a peer of the other transport is refused here; for
+    // TLS, the session is the kernel's from here on.
+    let secured = v.config.peer.as_ref().map_or(Ok(()), |p| super::transport::secure_server(&stream, p, deadline));
+    let result = secured.and_then(|()| handshake_until(&mut stream, hs, deadline).map_err(|e| e.to_string()));
     handshakes.fetch_sub(1, Ordering::AcqRel);
     let peer = match result {
         Ok(p) => p,

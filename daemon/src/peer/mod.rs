@@ -7,8 +7,10 @@
 //! - `replica`: the secondary applies replicated writes and acknowledges them.
 //! - `replica_state`: the secondary's link rules as pure state, tested exhaustively.
 //! - `sessions`: on the secondary, a newer link for a queue supersedes the older one.
+//! - `transport`: plain TCP or TLS handed to kernel TLS, right after connect/accept.
 
 pub mod connector;
+pub mod handoff;
 pub mod link;
 pub mod listener;
 pub mod receiver;
@@ -16,6 +18,7 @@ pub mod replica;
 pub mod replica_state;
 pub mod sender;
 pub mod sessions;
+pub mod transport;
 
 use std::os::fd::AsRawFd;
 

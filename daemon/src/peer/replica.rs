@@ -353,7 +353,12 @@ impl Conn {
         }
         self.got = 0;
         let buf = self.slots[slot as usize].buf.as_ref().expect("payload slot has a buffer");
-        let crc = verify_payload(&f, &buf.as_slice()[..f.length as usize]).map_err(|e| e.to_string());
+        let crc = self
+            .v
+            .config
+            .payload_checksum
+            .admits(&f)
+            .and_then(|()| verify_payload(&f, &buf.as_slice()[..f.length as usize]).map_err(|e| e.to_string()));
         let out = self.core.on_payload(crc, self.v.disk.is_failed());
         self.act(out);
     }
@@ -385,6 +390,7 @@ impl Conn {
                     header: self.err_hdr.as_ptr(),
                     payload: self.err_text.as_ptr(),
                     payload_len: n as u32,
+                    fixed: None,
                 });
                 self.shut_socket();
             }
@@ -433,7 +439,7 @@ impl Conn {
             if f.kind == FrameKind::Flush { Frame::flush_ack(f.seq, status) } else { Frame::write_ack(f.seq, status) };
         let s = &mut self.slots[slot as usize];
         ack.encode(&mut s.ack);
-        let n = self.sender.enqueue(SendItem { header: s.ack.as_ptr(), payload: std::ptr::null(), payload_len: 0 });
+        let n = self.sender.enqueue(SendItem::header_only(s.ack.as_ptr()));
         self.ack_fifo.push_back((slot, n));
     }
 

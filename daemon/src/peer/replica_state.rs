@@ -332,7 +332,7 @@ mod tests {
                             continue;
                         }
                         let f = match kind {
-                            FrameKind::Write => Frame::write(1, e, 0, &[0u8; 512], false),
+                            FrameKind::Write => Frame::write(1, e, 0, &[0u8; 512], false, true),
                             _ => Frame::flush(1, e),
                         };
                         let (out, adopt) = core.on_header(Ok(f), epoch, disk_failed);

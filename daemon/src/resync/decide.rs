@@ -18,7 +18,7 @@
 //! possible source is such a node is refused, as is (until roles can change at run time) one
 //! that would make the primary the target: the primary serves its copy to applications.
 
-use crate::volume::disk::DiskState;
+use metroblk_protocol::DiskState;
 
 /// One node's facts, as its sync hello carries them.
 #[derive(Debug, Clone, PartialEq, Eq)]

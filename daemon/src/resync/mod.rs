@@ -36,8 +36,9 @@ use metroblk_protocol::{decode_header, verify_payload, Frame, Geometry, SyncHell
 use serde::{Deserialize, Serialize};
 
 use crate::bitmap::WriteIntent;
-use crate::volume::disk::DiskState;
+use crate::config::PayloadChecksum;
 use decide::CopyFacts;
+use metroblk_protocol::DiskState;
 
 /// What status shows about the sync link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -308,14 +309,21 @@ pub fn write_frame(s: &mut TcpStream, f: &Frame, payload: &[u8]) -> Result<(), S
 }
 
 /// Reads one frame; its payload lands in `buf` (which must be large enough for the largest
-/// payload the geometry allows). Checks the header and the payload's checksum.
-pub fn read_frame(s: &mut impl Read, geo: &Geometry, buf: &mut [u8]) -> Result<(Frame, usize), String> {
+/// payload the geometry allows). Checks the header and the payload's checksum, and that
+/// `checksum` (this node's setting) admits an unchecked one.
+pub fn read_frame(
+    s: &mut impl Read,
+    geo: &Geometry,
+    checksum: PayloadChecksum,
+    buf: &mut [u8],
+) -> Result<(Frame, usize), String> {
     let mut h = [0u8; HEADER_LEN];
     s.read_exact(&mut h).map_err(|e| format!("sync link receive failed: {e}"))?;
     let f = decode_header(&h, geo).map_err(|e| format!("malformed frame on the sync link: {e}"))?;
     let n = f.payload_len();
     let payload = buf.get_mut(..n).ok_or_else(|| format!("sync link frame payload of {n} bytes is too large"))?;
     s.read_exact(payload).map_err(|e| format!("sync link receive failed: {e}"))?;
+    checksum.admits(&f).map_err(|e| format!("refused on the sync link: {e}"))?;
     verify_payload(&f, payload).map_err(|e| format!("malformed frame on the sync link: {e}"))?;
     Ok((f, n))
 }

@@ -24,10 +24,10 @@ use super::{
 };
 use crate::peer::connector::{self, Backoff};
 use crate::volume::conflict::{GranuleRange, RESYNC_OWNER};
-use crate::volume::disk::DiskState;
 use crate::volume::local_io::AlignedBuf;
 use crate::volume::stats::{LinkState, QueueStats};
 use crate::volume::VolumeShared;
+use metroblk_protocol::DiskState;
 
 /// A silent sync link is dead after this long.
 pub const SYNC_LINK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -371,7 +371,7 @@ impl<'a> SyncLink<'a> {
         write_frame(&mut self.s, &Frame::sync_done(seq, v.epoch()), &[])?;
         let geo = v.geometry;
         loop {
-            let (f, _) = read_frame(&mut self.r, &geo, self.buf.as_mut_slice())?;
+            let (f, _) = read_frame(&mut self.r, &geo, self.v.config.payload_checksum, self.buf.as_mut_slice())?;
             match f.kind {
                 FrameKind::FlushAck if f.seq == seq && f.status == 0 => break,
                 FrameKind::Pong => continue,
@@ -496,7 +496,14 @@ impl<'a> SyncLink<'a> {
                 v.sync.bytes_resynced_as_zeros.fetch_add(n as u64, Ordering::Relaxed);
                 plan.on_sent_as_zeros(n as u64);
             } else {
-                let f = Frame::write(seq, v.epoch(), offset + done, &self.buf.as_slice()[..n], false);
+                let f = Frame::write(
+                    seq,
+                    v.epoch(),
+                    offset + done,
+                    &self.buf.as_slice()[..n],
+                    false,
+                    v.config.payload_checksum.sends_crc(),
+                );
                 write_frame(&mut self.s, &f, &self.buf.as_slice()[..n])?;
             }
             done += n as u64;
@@ -513,7 +520,7 @@ impl<'a> SyncLink<'a> {
     ) -> Result<(), Ended> {
         let v = self.v;
         let geo = v.geometry;
-        let (f, _) = read_frame(&mut self.r, &geo, self.buf.as_mut_slice())?;
+        let (f, _) = read_frame(&mut self.r, &geo, self.v.config.payload_checksum, self.buf.as_mut_slice())?;
         if f.status != 0 {
             return Err(format!("the peer failed a resync {}: status {}", f.kind, f.status).into());
         }
@@ -675,7 +682,8 @@ impl<'a> SyncLink<'a> {
                 write_frame(&mut self.s, &Frame::hash_request(seq, offset, len as u32), &[])?;
                 let geo = v.geometry;
                 loop {
-                    let (f, n) = read_frame(&mut self.r, &geo, self.buf.as_mut_slice())?;
+                    let (f, n) =
+                        read_frame(&mut self.r, &geo, self.v.config.payload_checksum, self.buf.as_mut_slice())?;
                     match f.kind {
                         FrameKind::Pong => continue,
                         FrameKind::HashReply if f.seq == seq => {
@@ -732,7 +740,7 @@ impl<'a> SyncLink<'a> {
     fn wait_for(&mut self, kind: FrameKind, seq: u64) -> Result<(), Ended> {
         let geo = self.v.geometry;
         loop {
-            let (f, _) = read_frame(&mut self.r, &geo, self.buf.as_mut_slice())?;
+            let (f, _) = read_frame(&mut self.r, &geo, self.v.config.payload_checksum, self.buf.as_mut_slice())?;
             if f.kind == kind && f.seq == seq {
                 if f.status != 0 {
                     return Err(format!("the peer failed a {kind}: status {}", f.status).into());

@@ -14,9 +14,9 @@ use super::decide::{decide, Decision};
 use super::source::SYNC_LINK_TIMEOUT;
 use super::{facts, local_hello, read_frame, read_hello, send_hello, write_frame, SyncState};
 use crate::peer::sessions::{SessionTable, SUPERSEDE_WAIT_MAX};
-use crate::volume::disk::DiskState;
 use crate::volume::local_io::AlignedBuf;
 use crate::volume::VolumeShared;
+use metroblk_protocol::DiskState;
 
 /// Serves one sync link from the primary until it ends; returns why it ended.
 pub fn serve(v: Arc<VolumeShared>, mut s: TcpStream, sessions: &SessionTable) -> String {
@@ -128,7 +128,7 @@ fn apply(v: &VolumeShared, s: &mut TcpStream, source: &SyncHello) -> Result<(), 
     let mut hash_buf = vec![0u8; v.intent.region_size() as usize];
     let mut hashes: Vec<u8> = Vec::with_capacity(metroblk_protocol::MAX_PAYLOAD as usize);
     loop {
-        let (f, n) = match read_frame(&mut r, &geo, buf.as_mut_slice()) {
+        let (f, n) = match read_frame(&mut r, &geo, v.config.payload_checksum, buf.as_mut_slice()) {
             Ok(x) => x,
             Err(e) if e.contains("failed to fill whole buffer") || e.contains("UnexpectedEof") => {
                 return Ok(());
@@ -227,6 +227,7 @@ fn become_up_to_date(v: &VolumeShared, source: &SyncHello) -> Result<(), String>
             sb.disk_state = DiskState::UpToDate;
             sb.peer_disk_state = Some(DiskState::UpToDate);
             sb.full_resync = false;
+            sb.discard_local = false;
         })
         .map_err(|e| e.to_string())?;
     v.disk.set(DiskState::UpToDate);

@@ -47,6 +47,24 @@ pub fn sqe(fd: RawFd, op: LocalOp, offset: u64, len: u32, buf: *mut u8, done: u3
     }
 }
 
+/// [`sqe`] for a READ or WRITE whose data is the ring's fixed buffer `buf_index` (zero copy:
+/// the request's own pages, which ublk registered in the queue's ring; addresses in such a
+/// buffer count from 0, so the resumed part starts at `done`). Other ops as [`sqe`].
+pub fn sqe_fixed(fd: RawFd, op: LocalOp, offset: u64, len: u32, buf_index: u16, done: u32) -> squeue::Entry {
+    assert!(done <= len);
+    // An address inside the registered buffer, not a pointer to our memory.
+    let at = std::ptr::null_mut::<u8>().wrapping_add(done as usize);
+    let pos = offset + done as u64;
+    match op {
+        LocalOp::Read => opcode::ReadFixed::new(types::Fd(fd), at, len - done, buf_index).offset(pos).build(),
+        LocalOp::Write { fua } => {
+            let flags = if fua { libc::RWF_DSYNC } else { 0 };
+            opcode::WriteFixed::new(types::Fd(fd), at, len - done, buf_index).offset(pos).rw_flags(flags).build()
+        }
+        LocalOp::Flush | LocalOp::PunchHole => sqe(fd, op, offset, len, std::ptr::null_mut(), done),
+    }
+}
+
 /// What writing a buffer on the calling thread came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InlineWrite {

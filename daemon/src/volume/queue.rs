@@ -27,7 +27,7 @@ use super::stats::{LinkState, QueueStats};
 use super::VolumeShared;
 use crate::bitmap::Mark;
 use crate::fencing::shared::PEER_FRESH;
-use crate::peer::connector::LinkHandoff;
+use crate::peer::handoff::LinkHandoff;
 use crate::peer::link::{LinkMachine, LinkPhase, TickAction};
 use crate::peer::receiver::FrameReceiver;
 use crate::peer::sender::{FrameSender, PongSlot, SendItem};
@@ -47,7 +47,9 @@ pub enum ReqKind {
 }
 
 /// One block request. `buf` must stay valid (and, for WRITE, unchanged) until the request
-/// completes; for O_DIRECT volumes it must be 4 KiB aligned.
+/// completes; for O_DIRECT volumes it must be 4 KiB aligned. On a zero-copy queue a READ's
+/// or WRITE's data is the ring's fixed buffer of the request's tag instead, and `buf` is
+/// unused.
 #[derive(Debug, Clone, Copy)]
 pub struct Request {
     pub kind: ReqKind,
@@ -70,6 +72,8 @@ struct Slot {
     range: Option<GranuleRange>,
     /// Fenced under `on_fence = "io-error"` while its peer half was held: completes with EIO.
     fail_fenced: bool,
+    /// When a WRITE was submitted (its latency histograms; `None` for other kinds).
+    submitted: Option<Instant>,
 }
 
 /// The link's I/O state; its phases and keepalive decisions are the pure [`LinkMachine`].
@@ -101,6 +105,14 @@ pub struct Queue {
     inline_writes: Vec<u16>,
     /// Buffered non-FUA writes are made on the queue thread (`end_batch`), not on the ring.
     write_inline: bool,
+    /// WRITE frames carry a crc32c (`payload_checksum`).
+    payload_crc: bool,
+    /// Zero copy (`VolumeShared::zero_copy`): a READ's or WRITE's data is the ring's fixed
+    /// buffer of its tag (the request's pages, which ublk registered), moved with
+    /// READ_FIXED / WRITE_FIXED and sent with SEND_ZC; never read by us, so WRITE frames
+    /// carry no crc32c (only a volume with `payload_checksum = "none"` runs so) and no write
+    /// is made inline (a pwrite needs the bytes in our memory).
+    zero_copy: bool,
     inline_writer: InlineWriter,
     /// Tags done on both nodes whose completion came after the fence fell (`suspend`): they
     /// complete once it is lifted by a new lease (see `hold_completion_while_fenced`).
@@ -175,12 +187,15 @@ impl Queue {
                 header: [0; HEADER_LEN],
                 range: None,
                 fail_fenced: false,
+                submitted: None,
             })
             .collect();
         shared.conflicts.register_queue(qid, handoff.eventfd());
         let stats = shared.queue_stats[qid as usize].clone();
         let replicate = shared.config.peer.is_some();
-        let write_inline = shared.config.io_mode == crate::config::IoMode::Buffered;
+        let zero_copy = shared.zero_copy.load(std::sync::atomic::Ordering::Relaxed);
+        let write_inline = shared.config.io_mode == crate::config::IoMode::Buffered && !zero_copy;
+        let payload_crc = shared.config.payload_checksum.sends_crc() && !zero_copy;
         stats.set_link(if replicate { LinkState::Connecting } else { LinkState::Standalone });
         Queue {
             qid,
@@ -194,6 +209,8 @@ impl Queue {
             fenced_done: Vec::with_capacity(depth as usize),
             inline_writes: Vec::with_capacity(depth as usize),
             write_inline,
+            payload_crc,
+            zero_copy,
             inline_writer: InlineWriter::default(),
             link: Link {
                 machine: LinkMachine::new(Instant::now(), PEER_TIMEOUT),
@@ -229,6 +246,11 @@ impl Queue {
     pub fn without_conflict_ordering_for_benchmark(mut self) -> Queue {
         self.order_conflicts = false;
         self
+    }
+
+    /// Whether READ and WRITE data are the ring's fixed buffers (see the field).
+    pub fn zero_copy(&self) -> bool {
+        self.zero_copy
     }
 
     pub fn depth(&self) -> u16 {
@@ -314,6 +336,7 @@ impl Queue {
         self.next_seq += 1;
         slot.local_done = 0;
         slot.local_res = 0;
+        slot.submitted = (req.kind == ReqKind::Write).then(Instant::now);
         // Not started: nothing to hold, re-send or complete until `start`.
         slot.state = RequestState { local: Half::None, peer: Half::None };
         self.inflight += 1;
@@ -541,7 +564,11 @@ impl Queue {
             ReqKind::Flush => LocalOp::Flush,
             ReqKind::Discard | ReqKind::WriteZeroes => LocalOp::PunchHole,
         };
-        let sqe = local_io::sqe(self.fd, op, r.offset, r.len, r.buf, slot.local_done);
+        let sqe = if self.zero_copy {
+            local_io::sqe_fixed(self.fd, op, r.offset, r.len, tag, slot.local_done)
+        } else {
+            local_io::sqe(self.fd, op, r.offset, r.len, r.buf, slot.local_done)
+        };
         s.push(sqe.user_data(ring::user_data(op::LOCAL, tag, 0)));
     }
 
@@ -550,10 +577,11 @@ impl Queue {
         let slot = &mut self.slots[tag as usize];
         let r = slot.req;
         let frame = match r.kind {
+            ReqKind::Write if self.zero_copy => Frame::write_unchecked(slot.seq, epoch, r.offset, r.len, r.fua),
             ReqKind::Write => {
                 // SAFETY: the caller's buffer holds `len` initialised bytes until completion.
                 let payload = unsafe { std::slice::from_raw_parts(r.buf, r.len as usize) };
-                Frame::write(slot.seq, epoch, r.offset, payload, r.fua)
+                Frame::write(slot.seq, epoch, r.offset, payload, r.fua, self.payload_crc)
             }
             ReqKind::Flush => Frame::flush(slot.seq, epoch),
             ReqKind::Discard => Frame::discard(slot.seq, epoch, r.offset, r.len),
@@ -571,7 +599,8 @@ impl Queue {
         } else {
             (std::ptr::null(), 0)
         };
-        self.link.sender.enqueue(SendItem { header: slot.header.as_ptr(), payload, payload_len });
+        let fixed = (self.zero_copy && payload_len > 0).then_some(tag);
+        self.link.sender.enqueue(SendItem { header: slot.header.as_ptr(), payload, payload_len, fixed });
     }
 
     fn kick_send(&mut self, s: &mut impl Submitter) {
@@ -579,8 +608,13 @@ impl Queue {
             return;
         }
         let fd = self.link.sock.as_ref().map(|f| f.as_raw_fd()).expect("an up link has a socket");
-        if let Some(sqe) = self.link.sender.next_sqe(fd, ring::user_data(op::SEND, 0, self.link.machine.generation())) {
-            s.push(sqe);
+        let sqes = self.link.sender.next_sqes(fd, ring::user_data(op::SEND, 0, self.link.machine.generation()));
+        if sqes.len() > 1 {
+            // A chain of linked sends goes onto an empty submission queue, in one piece.
+            s.submit_now();
+        }
+        for sqe in sqes {
+            s.push(sqe.clone());
         }
     }
 
@@ -625,17 +659,32 @@ impl Queue {
             next = end;
         }
         self.inline_writes.clear();
+        // A write made inline completes no ring operation: while the volume goes on alone,
+        // its held peer half is waived here, not at the next tick (500 ms later).
+        if self.replicate && !self.link.machine.is_up() {
+            self.maybe_complete_alone(s, done);
+        }
     }
 
-    /// Feeds one completion that carries the engine's mark (see `ring::UD_ENGINE`). Finished
-    /// requests are reported through `done(tag, result)`: bytes for READ/WRITE, 0 for the
-    /// others, or a negative errno.
-    pub fn handle_completion(&mut self, s: &mut impl Submitter, ud: u64, res: i32, done: &mut impl FnMut(u16, i32)) {
+    /// Feeds one completion that carries the engine's mark (see `ring::UD_ENGINE`), with its
+    /// CQE flags. Finished requests are reported through `done(tag, result)`: bytes for
+    /// READ/WRITE, 0 for the others, or a negative errno.
+    pub fn handle_completion(
+        &mut self,
+        s: &mut impl Submitter,
+        ud: u64,
+        res: i32,
+        cqe_flags: u32,
+        done: &mut impl FnMut(u16, i32),
+    ) {
         match ring::ud_op(ud) {
             op::LOCAL => self.local_done(s, ring::ud_index(ud), res, done),
+            // A SEND_ZC's notification: it may come after its link was replaced, and nothing
+            // waits for it (`sender.rs`).
+            op::SEND if io_uring::cqueue::notif(cqe_flags) => {}
             op::SEND => {
                 debug_assert_eq!(ring::ud_aux(ud), self.link.machine.generation());
-                match self.link.sender.complete(res) {
+                match self.link.sender.complete_cqe(ring::ud_index(ud), res, cqe_flags) {
                     Ok(()) => self.kick_send(s),
                     Err(errno) => self.link_failed(s, &format!("send failed: {}", errno_text(errno))),
                 }
@@ -727,6 +776,9 @@ impl Queue {
             ReqKind::Write => {
                 QueueStats::add(&self.stats.local_write_requests, 1);
                 QueueStats::add(&self.stats.local_write_bytes, r.len as u64);
+                if let Some(t) = slot.submitted {
+                    self.stats.write_local.observe(t.elapsed());
+                }
             }
             ReqKind::Flush => QueueStats::add(&self.stats.flushes, 1),
             _ => {}
@@ -773,6 +825,9 @@ impl Queue {
         let range = slot.range.take();
         self.inflight -= 1;
         QueueStats::sub(&self.stats.inflight, 1);
+        if let Some(t) = slot.submitted.take() {
+            self.stats.write_whole.observe(t.elapsed());
+        }
         done(tag, if slot.fail_fenced { -libc::EIO } else { slot.local_res });
         // Released after `done`, so whoever waited for this range is issued, and completes,
         // strictly after this request has been reported complete.
@@ -848,6 +903,9 @@ impl Queue {
                     if slot.req.kind == ReqKind::Write {
                         QueueStats::add(&self.stats.peer_write_requests, 1);
                         QueueStats::add(&self.stats.peer_write_bytes, slot.req.len as u64);
+                        if let Some(t) = slot.submitted {
+                            self.stats.write_peer.observe(t.elapsed());
+                        }
                     }
                     self.maybe_complete(s, tag, done);
                 }
@@ -870,7 +928,7 @@ impl Queue {
     }
 
     fn tick(&mut self, s: &mut impl Submitter) {
-        let header_free = !self.link.ping_frame.is_some_and(|n| self.link.sender.frames_sent <= n);
+        let header_free = self.link.ping_frame.is_none_or(|n| self.link.sender.frames_sent > n);
         let seq = match self.link.machine.on_tick(Instant::now(), header_free) {
             TickAction::Nothing => return,
             TickAction::Fail(why) => {
@@ -881,11 +939,7 @@ impl Queue {
             TickAction::SendPing(seq) => seq,
         };
         Frame::ping(seq).encode(&mut self.link.ping_header);
-        let n = self.link.sender.enqueue(SendItem {
-            header: self.link.ping_header.as_ptr(),
-            payload: std::ptr::null(),
-            payload_len: 0,
-        });
+        let n = self.link.sender.enqueue(SendItem::header_only(self.link.ping_header.as_ptr()));
         self.link.ping_frame = Some(n);
         self.kick_send(s);
     }
@@ -1042,7 +1096,7 @@ impl QueueDriver {
                 Some(c) => c,
                 None => break,
             };
-            self.queue.handle_completion(&mut self.ring, cqe.user_data(), cqe.result(), &mut count);
+            self.queue.handle_completion(&mut self.ring, cqe.user_data(), cqe.result(), cqe.flags(), &mut count);
         }
         self.queue.end_batch(&mut self.ring, &mut count);
         self.ring.ring.submit()?;
@@ -1064,7 +1118,11 @@ impl Drop for QueueDriver {
             while let Some(cqe) = self.ring.ring.completion().next() {
                 match ring::ud_op(cqe.user_data()) {
                     op::SEND => {
-                        let _ = self.queue.link.sender.complete(cqe.result());
+                        let _ = self.queue.link.sender.complete_cqe(
+                            ring::ud_index(cqe.user_data()),
+                            cqe.result(),
+                            cqe.flags(),
+                        );
                     }
                     op::RECV => {
                         let _ = self.queue.link.receiver.complete(cqe.result());

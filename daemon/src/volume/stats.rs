@@ -73,6 +73,64 @@ pub struct QueueStats {
     pub reconnects: AtomicU64,
     /// Requests that waited for an overlapping request to complete on both nodes.
     pub conflict_waits: AtomicU64,
+    /// WRITE latency from submission: the local half done, the peer's ack, the request
+    /// completed (`metroblk_write_duration_seconds`).
+    pub write_local: LatencyHistogram,
+    pub write_peer: LatencyHistogram,
+    pub write_whole: LatencyHistogram,
+}
+
+/// Upper bounds of the latency buckets, in nanoseconds (50 µs to 10 s; the last bucket is
+/// everything above).
+pub const LATENCY_BUCKETS_NS: [u64; 17] = [
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    5_000_000_000,
+    10_000_000_000,
+];
+
+/// A latency histogram written by one thread (its queue's): a fixed array of relaxed
+/// counters, no allocation, no lock; a reader sees each counter whole but not all of them
+/// at one instant (a scrape is a sample).
+#[derive(Default)]
+pub struct LatencyHistogram {
+    /// Per bucket (not cumulative); the last one counts what is above every bound.
+    buckets: [AtomicU64; LATENCY_BUCKETS_NS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl LatencyHistogram {
+    /// Records one duration. Only the owning thread calls it, so a load and a store suffice
+    /// (no read-modify-write on the hot path).
+    #[inline]
+    pub fn observe(&self, d: std::time::Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let i = LATENCY_BUCKETS_NS.iter().position(|&b| ns <= b).unwrap_or(LATENCY_BUCKETS_NS.len());
+        let bump = |c: &AtomicU64, v: u64| c.store(c.load(Relaxed).wrapping_add(v), Relaxed);
+        bump(&self.buckets[i], 1);
+        bump(&self.sum_ns, ns);
+    }
+
+    /// Adds this histogram's counts into `buckets` (per bucket) and returns the sum in ns.
+    pub fn add_to(&self, buckets: &mut [u64; LATENCY_BUCKETS_NS.len() + 1]) -> u64 {
+        for (acc, c) in buckets.iter_mut().zip(&self.buckets) {
+            *acc += c.load(Relaxed);
+        }
+        self.sum_ns.load(Relaxed)
+    }
 }
 
 impl QueueStats {

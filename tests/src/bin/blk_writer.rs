@@ -40,6 +40,12 @@
 //! `max_latency_ms` (the slowest acknowledged write) and `max_latency_at_ms` (when it
 //! completed), `threads` (that logged a write) and `stalest_last_ack_ms` (the oldest of the
 //! threads' last acknowledgements: a thread stuck in a write shows as a stale one).
+//!
+//! `blk_writer scribble DEV BLOCKS WRITES`: a client that changes its buffer while its write
+//! is in flight (a VM's guest, a database reusing a page): WRITES O_DIRECT writes of 64 KiB,
+//! the k-th to 64 KiB block `k % BLOCKS`, from one buffer that a second thread rewrites
+//! without pause the whole time. What lands on the device is some mix of versions; the mirror
+//! must land the same mix on both copies. Prints `scribbled N writes, M buffer changes`.
 
 use std::io::{BufRead, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -300,11 +306,55 @@ fn check_dependent(dev_x: &str, dev_y: &str, log: &str, blocks: u64) -> ! {
     std::process::exit(if orphans == 0 && lost == 0 && ys > 0 { 0 } else { 1 });
 }
 
+/// The bytes of one scribbled write.
+const SCRIBBLE_BYTES: usize = 64 << 10;
+
+/// A page-aligned buffer that one thread writes through atomics while the kernel reads it for
+/// a write: no Rust reference to its bytes exists while the kernel reads.
+#[repr(C, align(4096))]
+struct ScribbleBuf([std::sync::atomic::AtomicU64; SCRIBBLE_BYTES / 8]);
+
+fn scribble(dev: &str, blocks: u64, writes: u64) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    let buf: &'static ScribbleBuf = Box::leak(Box::new(ScribbleBuf(std::array::from_fn(|_| AtomicU64::new(0)))));
+    let done: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
+    let scribbler = std::thread::spawn(move || {
+        let mut changes = 0u64;
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        while !done.load(Relaxed) {
+            for w in &buf.0 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                w.store(x, Relaxed);
+            }
+            changes += 1;
+        }
+        changes
+    });
+    let f = open(dev, true, false);
+    for k in 0..writes {
+        let offset = (k % blocks) * SCRIBBLE_BYTES as u64;
+        let ptr = buf.0.as_ptr() as *const libc::c_void;
+        // SAFETY: `buf` is leaked (lives for the process) and SCRIBBLE_BYTES long; the kernel
+        // reads it while the scribbler stores to it through atomics, which is the point.
+        let n = unsafe { libc::pwrite(std::os::fd::AsRawFd::as_raw_fd(&f), ptr, SCRIBBLE_BYTES, offset as i64) };
+        if n != SCRIBBLE_BYTES as isize {
+            eprintln!("write {k} at {offset}: {}", std::io::Error::last_os_error());
+            std::process::exit(3);
+        }
+    }
+    done.store(true, Relaxed);
+    let changes = scribbler.join().expect("the scribbler");
+    println!("scribbled {writes} writes, {changes} buffer changes");
+}
+
 fn usage() -> ! {
     eprintln!(
         "usage: blk_writer write DEV LOG BLOCKS [--control DIR] [--threads N] [--dsync] \
          [--interval-ms MS] | blk_writer check DEV LOG | blk_writer stats LOG \
-         | blk_writer dependent DEV_X DEV_Y LOG BLOCKS | blk_writer check-dependent DEV_X DEV_Y LOG BLOCKS"
+         | blk_writer dependent DEV_X DEV_Y LOG BLOCKS | blk_writer check-dependent DEV_X DEV_Y LOG BLOCKS \
+         | blk_writer scribble DEV BLOCKS WRITES"
     );
     std::process::exit(2);
 }
@@ -348,6 +398,9 @@ fn main() {
         [_, "dependent", x, y, log, blocks] => dependent(x, y, log, blocks.parse().expect("BLOCKS")),
         [_, "check-dependent", x, y, log, blocks] => check_dependent(x, y, log, blocks.parse().expect("BLOCKS")),
         [_, "stats", log] => stats(log),
+        [_, "scribble", dev, blocks, writes] => {
+            scribble(dev, blocks.parse().expect("BLOCKS"), writes.parse().expect("WRITES"))
+        }
         _ => usage(),
     }
 }

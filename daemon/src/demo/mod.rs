@@ -8,6 +8,12 @@
 //! write, sync, umount, both copies compared; then a failover: the primary is killed, the
 //! witness promotes the secondary, whose device shows the same files; the old primary
 //! returns as secondary and is resynced.
+//!
+//! `--export` adds the iSCSI export to both nodes and a host (this machine's open-iscsi)
+//! that writes through it across a planned switchover (`export.rs`, which says why not a
+//! kill -9); without it, everything here runs as before.
+
+mod export;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -28,9 +34,14 @@ pub struct DemoOptions {
     pub scripted: bool,
     /// Run inside the VM even if this kernel has ublk.
     pub force_vm: bool,
+    /// Export the volume over iSCSI and show a host writing through it across a switchover.
+    pub export: bool,
 }
 
 pub fn run(opts: DemoOptions) -> Result<(), String> {
+    if opts.export {
+        export::check_tools()?;
+    }
     if opts.force_vm {
         return run_in_vm(&opts);
     }
@@ -52,7 +63,7 @@ fn write_key(path: &Path, key: &str) -> Result<(), String> {
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(|e| e.to_string())
 }
 
-fn write_configs(dir: &Path) -> Result<Configs, String> {
+fn write_configs(dir: &Path, export: bool) -> Result<Configs, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     write_key(&dir.join("demo.key"), DEMO_KEY)?;
     write_key(&dir.join("witness.key"), DEMO_WITNESS_KEY)?;
@@ -88,8 +99,9 @@ fn write_configs(dir: &Path) -> Result<Configs, String> {
         crate::metadata::create_md_command(&p, "demo", true)?;
         Ok(p)
     };
-    let primary = cfg("site-a", "site-b", "primary", 7801, 7802, "ublk_id = 0\nqueues = 2\n")?;
-    let secondary = cfg("site-b", "site-a", "secondary", 7802, 7801, "ublk_id = 1\nqueues = 2\n")?;
+    let section = if export { export::config_section() } else { String::new() };
+    let primary = cfg("site-a", "site-b", "primary", 7801, 7802, &format!("ublk_id = 0\nqueues = 2\n{section}"))?;
+    let secondary = cfg("site-b", "site-a", "secondary", 7802, 7801, &format!("ublk_id = 1\nqueues = 2\n{section}"))?;
     Ok(Configs { primary, secondary, witness })
 }
 
@@ -151,6 +163,18 @@ extern "C" fn on_signal(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
+/// Returns on Ctrl-C (or SIGTERM).
+fn wait_for_interrupt() {
+    // SAFETY: installs an async-signal-safe handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    while !INTERRUPTED.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn sh(cmd: &str) -> Result<String, String> {
     let out = Command::new("sh").arg("-c").arg(cmd).output().map_err(|e| format!("{cmd}: {e}"))?;
     if !out.status.success() {
@@ -161,7 +185,7 @@ fn sh(cmd: &str) -> Result<String, String> {
 
 fn run_native(opts: &DemoOptions) -> Result<(), String> {
     let dir = &opts.dir;
-    let cfgs = write_configs(dir)?;
+    let cfgs = write_configs(dir, opts.export)?;
     let (pcfg, scfg) = (cfgs.primary.clone(), cfgs.secondary.clone());
     println!("metroblk demo: state in {}", dir.display());
     let mut witness =
@@ -184,7 +208,9 @@ fn run_native(opts: &DemoOptions) -> Result<(), String> {
         println!(
             "mirrored device {dev} is up: primary site-a -> secondary site-b over 127.0.0.1, witness on 127.0.0.1:{DEMO_WITNESS_PORT}"
         );
-        if opts.scripted {
+        if opts.export {
+            export::host_leg(dir, &cfgs, opts.scripted)
+        } else if opts.scripted {
             let sum = showcase(dev, dir, &pcfg)?;
             failover(dir, &cfgs, &mut primary, &sum)
         } else {
@@ -194,14 +220,7 @@ fn run_native(opts: &DemoOptions) -> Result<(), String> {
             println!("  {} status --config {}", std::env::current_exe().unwrap_or_default().display(), scfg.display());
             println!("Both backing files ({0}/site-a.img, {0}/site-b.img) hold the same bytes.", dir.display());
             println!("\nCtrl-C stops both nodes (unmount first).");
-            // SAFETY: installs an async-signal-safe handler that only stores to an atomic.
-            unsafe {
-                libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-                libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-            }
-            while !INTERRUPTED.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(200));
-            }
+            wait_for_interrupt();
             println!("\nstopping");
             Ok(())
         }
@@ -314,7 +333,12 @@ fn run_in_vm(opts: &DemoOptions) -> Result<(), String> {
     println!("(Debian 6.12 kernel with ublk_drv, this machine's files shared read-only; the first run downloads the kernel).");
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let script = root.join("target/demo-vm.sh");
-    let text = format!("#!/bin/bash\nset -e\n{} demo --scripted --dir {}\n", exe.display(), opts.dir.display());
+    let export = if opts.export { " --export" } else { "" };
+    let text = format!("#!/bin/bash\nset -e\n{} demo --scripted{export} --dir {}\n", exe.display(), opts.dir.display());
+    // target/ is missing when the binary was built with CARGO_TARGET_DIR elsewhere.
+    if let Some(parent) = script.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    }
     std::fs::write(&script, text).map_err(|e| format!("cannot write {}: {e}", script.display()))?;
     let st = Command::new("bash")
         .arg(&run_sh)
@@ -325,6 +349,12 @@ fn run_in_vm(opts: &DemoOptions) -> Result<(), String> {
     if !st.success() {
         return Err(format!("the demo in the VM failed ({st})"));
     }
-    println!("demo done (in the VM). On a host with ublk_drv, `metroblk demo` keeps /dev/ublkb0 up until Ctrl-C.");
+    if opts.export {
+        println!(
+            "demo done (in the VM). On a host with ublk_drv, `metroblk demo --export` keeps the host logged in to the export until Ctrl-C."
+        );
+    } else {
+        println!("demo done (in the VM). On a host with ublk_drv, `metroblk demo` keeps /dev/ublkb0 up until Ctrl-C.");
+    }
     Ok(())
 }
