@@ -188,6 +188,19 @@ wait_for() {
 }
 field_is() { [ "$(status_field "$1" "$2")" = "$3" ]; }
 now_ms() { date +%s%3N; }
+# served_ms LOG VOLUME...: when LOG (a node's log under $W) last said it serves each VOLUME as
+# primary, the latest of them, in ms since the epoch; nothing (and failure) if one never did.
+# The daemon's own time: a status poll under TCG can see it seconds later.
+served_ms() {
+    local log=$1 v t last=0; shift
+    for v in "$@"; do
+        t=$(grep -F "primary serving its block device volume=$v device=" "$W/$log" | tail -n 1 | cut -d' ' -f1)
+        [ -n "$t" ] || return 1
+        t=$(date -d "$t" +%s%3N)
+        [ "$t" -gt "$last" ] && last=$t
+    done
+    echo "$last"
+}
 # COUNT files of SIZE random bytes (one process, quick under TCG): write_files DIR PREFIX COUNT SIZE
 write_files() {
     head -c $(( $3 * $4 )) /dev/urandom | split -b "$4" -a 3 - "$1/$2"
