@@ -32,12 +32,14 @@ if [ ! -e /dev/ublk-control ] && ! modprobe ublk_drv 2>/dev/null; then
 	exec "$ROOT/tests/vm/run.sh" "$HERE/threads.sh" --timeout 900 --mem 3072 \
 		--env ROUNDS="$ROUNDS" --env METROBLK_BIN="$BIN" --env METROBLK_FIO_DIR="$HERE"
 fi
-DRBDSETUP=/usr/lib/drbd/drbdsetup-84
 modprobe drbd 2>/dev/null || true
 grep -q '^version: 8\.4' /proc/drbd || { echo "no DRBD 8.4 module" >&2; exit 1; }
 W=$(mktemp -d /tmp/metroblk-threads.XXXXXX)
 cd "$W"
-trap 'cd /; rm -rf "$W"' EXIT
+SIZE_MB=256
+# shellcheck source=benches/fio/drbd.sh
+source "$HERE/drbd.sh"
+trap 'drbd_down; cd /; rm -rf "$W"' EXIT
 echo "metroblk-fio-bench-authkey-0123456789" >key
 chmod 600 key
 echo "# kernel $(uname -r), $(head -n 1 /proc/drbd)"
@@ -90,20 +92,6 @@ measure() { # label dev
 	paste s0 s1 | awk '{t=($13+$14+$15+$16+$17+$18+$19)-($2+$3+$4+$5+$6+$7+$8); printf "idle %.0f%% user %.0f%% sys %.0f%% softirq %.0f%%\n", 100*($16-$5)/t, 100*($13-$2)/t, 100*($15-$4)/t, 100*($19-$8)/t}'
 	awk '/^top -/{n++} n==2 && $1 ~ /^[0-9]+$/ && $9+0 > 1.5 {print "  ", $9"%", $12}' top.txt | head -14
 }
-drbd_up() {
-	truncate -s 256M drbd-a.img drbd-b.img
-	la=$(losetup -f --show drbd-a.img); lb=$(losetup -f --show drbd-b.img)
-	drbdmeta --force 0 v08 "$la" internal create-md >/dev/null
-	drbdmeta --force 1 v08 "$lb" internal create-md >/dev/null
-	$DRBDSETUP new-resource bench-a && $DRBDSETUP new-minor bench-a 0 0 && $DRBDSETUP attach 0 "$la" "$la" internal
-	$DRBDSETUP new-resource bench-b && $DRBDSETUP new-minor bench-b 1 0 && $DRBDSETUP attach 1 "$lb" "$lb" internal
-	$DRBDSETUP connect bench-a ipv4:127.0.0.1:7789 ipv4:127.0.0.1:7790 --protocol=C
-	$DRBDSETUP connect bench-b ipv4:127.0.0.1:7790 ipv4:127.0.0.1:7789 --protocol=C
-	for _ in $(seq 1 100); do [ "$(grep -c 'cs:Connected' /proc/drbd)" = 2 ] && break; sleep 0.1; done
-	$DRBDSETUP new-current-uuid 0 --clear-bitmap
-	$DRBDSETUP primary 0
-}
-drbd_down() { $DRBDSETUP down bench-a; $DRBDSETUP down bench-b; losetup -d "$la" "$lb"; rm -f drbd-*.img; }
 mb() { # label ck
 	cfg site-b site-a secondary 7912 7911 "$2"
 	cfg site-a site-b primary 7911 7912 "$2"

@@ -233,13 +233,17 @@ fn one_part(a: &Args, method: &str, round: usize) -> Result<(f64, f64), String> 
         }
     }
     let (secs, cpu) = (t0.elapsed().as_secs_f64(), cpu_ns(libc::RUSAGE_SELF) - c0);
-    let mib = (count * a.size) as f64 / (1 << 20) as f64;
-    let (mibps, cpu_us_per_mib) = (mib / secs, cpu as f64 / 1000.0 / mib);
+    Ok(report(method, round, a.size, count, secs, cpu))
+}
+
+/// Prints one round's JSON line; returns its MiB/s and CPU µs per MiB.
+fn report(method: &str, round: usize, size: usize, count: usize, secs: f64, cpu_ns: u64) -> (f64, f64) {
+    let mib = (count * size) as f64 / (1 << 20) as f64;
+    let (mibps, cpu_us_per_mib) = (mib / secs, cpu_ns as f64 / 1000.0 / mib);
     println!(
-        "{{\"method\":\"{method}\",\"round\":{round},\"size\":{},\"MiBps\":{mibps:.1},\"cpu_us_per_MiB\":{cpu_us_per_mib:.0}}}",
-        a.size
+        "{{\"method\":\"{method}\",\"round\":{round},\"size\":{size},\"MiBps\":{mibps:.1},\"cpu_us_per_MiB\":{cpu_us_per_mib:.0}}}"
     );
-    Ok((mibps, cpu_us_per_mib))
+    (mibps, cpu_us_per_mib)
 }
 
 fn one_round(a: &Args, method: &str, round: usize) -> Result<(f64, f64), String> {
@@ -277,13 +281,7 @@ fn one_round(a: &Args, method: &str, round: usize) -> Result<(f64, f64), String>
     r?;
     let sender_cpu = sender.join().map_err(|_| "the sender panicked".to_string())??;
     let cpu = (cpu_ns(libc::RUSAGE_SELF) - c0).saturating_sub(sender_cpu);
-    let mib = (count * a.size) as f64 / (1 << 20) as f64;
-    let (mibps, cpu_us_per_mib) = (mib / secs, cpu as f64 / 1000.0 / mib);
-    println!(
-        "{{\"method\":\"{method}\",\"round\":{round},\"size\":{},\"MiBps\":{mibps:.1},\"receiver_cpu_us_per_MiB\":{cpu_us_per_mib:.0}}}",
-        a.size
-    );
-    Ok((mibps, cpu_us_per_mib))
+    Ok(report(method, round, a.size, count, secs, cpu))
 }
 
 fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
