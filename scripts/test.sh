@@ -18,6 +18,7 @@ cargo test --workspace --no-fail-fast -- --test-threads=2
 # The newest kernel too (7.x from Debian's trixie-backports: ublk zero copy, auto buffer
 # registration), on a part of the VM tests to stay within CI's hour: the VM smoke, the
 # data-centre partition failover and the zero-copy write path (payload_checksum = "none": fio
-# verify and ext4 on both nodes, kill -9 recovery, a scribbled buffer).
-METROBLK_VM_KERNEL=7 cargo test -p metroblk-tests --no-fail-fast --test vm_smoke --test ublk_failover \
+# verify and ext4 on both nodes, kill -9 recovery, a scribbled buffer). `--workspace`, as
+# above: `-p metroblk-tests` alone unifies features differently and rebuilds every dependency.
+METROBLK_VM_KERNEL=7 cargo test --workspace --no-fail-fast --test vm_smoke --test ublk_failover \
     --test ublk_workloads -- --test-threads=2 vm_has_ublk data_centre_partition zero_copy
