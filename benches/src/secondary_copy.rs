@@ -28,8 +28,9 @@ use std::time::Instant;
 const METHODS: [&str; 3] = ["recv-pwrite", "uring-fixed", "splice"];
 /// With `--parts`: what one copy of each kind costs, without the network: `pwrite` from our
 /// buffer into the page cache (a copy from user space), and `copy_file_range` from one tmpfs
-/// file into another (the kernel's own copy, as an in-kernel mirror's is).
-const PARTS: [&str; 2] = ["pwrite-only", "kernel-copy-only"];
+/// file into another (the kernel's own copy, as an in-kernel mirror's is); and the payload
+/// checksum alone (`crc32c` of each payload, what each node computes per WRITE by default).
+const PARTS: [&str; 3] = ["pwrite-only", "kernel-copy-only", "crc32c-only"];
 /// The pipe's capacity for `splice`: a payload of up to this many bytes moves in one go.
 const PIPE_BYTES: usize = 1 << 20;
 
@@ -216,11 +217,15 @@ fn one_part(a: &Args, method: &str, round: usize) -> Result<(f64, f64), String> 
     let (src, dst) = (open("src")?, open("dst")?);
     let count = (a.mib << 20) / a.size;
     let slots = (a.file_mib << 20) / a.size;
-    let buf = vec![0x5au8; a.size];
+    let buf: Vec<u8> = (0..a.size).map(|i| (i * 7 + i / 4096) as u8).collect();
     let (t0, c0) = (Instant::now(), cpu_ns(libc::RUSAGE_SELF));
+    let mut crc_sum = 0u32;
     for i in 0..count {
         let off = ((i % slots) * a.size) as libc::loff_t;
-        let n = if method == "pwrite-only" {
+        let n = if method == "crc32c-only" {
+            crc_sum ^= crc32c::crc32c(&buf);
+            a.size as isize
+        } else if method == "pwrite-only" {
             // SAFETY: buf is ours and `size` long.
             unsafe { libc::pwrite(dst.as_raw_fd(), buf.as_ptr().cast(), a.size, off) }
         } else {
@@ -233,6 +238,7 @@ fn one_part(a: &Args, method: &str, round: usize) -> Result<(f64, f64), String> 
         }
     }
     let (secs, cpu) = (t0.elapsed().as_secs_f64(), cpu_ns(libc::RUSAGE_SELF) - c0);
+    std::hint::black_box(crc_sum);
     Ok(report(method, round, a.size, count, secs, cpu))
 }
 

@@ -19,6 +19,7 @@
 #
 # Environment: METROBLK_VM_CACHE (see prepare.sh), METROBLK_VM_TIMEOUT, METROBLK_VM_MEM,
 # METROBLK_VM_CPUS (defaults of the options), METROBLK_VM_ACCEL (default tcg,thread=multi),
+# METROBLK_VM_CPU (QEMU's -cpu, default max,-erms,-fsrm,-sse4.2: see below),
 # METROBLK_VM_LOGLEVEL (kernel console loglevel, default 3), METROBLK_VM_DEBUG=1 (kernel
 # messages and the init's steps), METROBLK_VM_QUIET=1 (no final status line).
 set -euo pipefail
@@ -160,7 +161,18 @@ boot_once() {
 	local qemu=(
 		qemu-system-x86_64
 		-accel "${METROBLK_VM_ACCEL:-tcg,thread=multi}"
-		-cpu max
+		# QEMU's most capable CPU less three features whose instructions its TCG emulates far
+		# slower than anything around them, so that the VM's costs keep a real CPU's
+		# proportions (benches `secondary_copy --parts`, CPU per MiB in this VM / natively):
+		# - ERMS, FSRM: Linux then copies to and from user space by `rep movsb`, which TCG
+		#   runs a byte per step: pwrite 4.7 ms/MiB with them, 1.7 without, the kernel's own
+		#   page copy 2.2 and 1.7 (natively 0.19 and 0.22). A user-space server's copies
+		#   (metroblk, rublk) would cost 2.7x their share against an in-kernel one's (DRBD).
+		# - SSE 4.2: its `crc32` instruction is emulated bit by bit: crc32c 8.2 ms/MiB, 9x a
+		#   pwrite (natively 0.05 ms/MiB, a quarter of one); without it the table-driven
+		#   fallback of the same crates takes 2.2 ms/MiB.
+		# DRBD and the loop device are not slower without them (fio, same boot: README).
+		-cpu "${METROBLK_VM_CPU:-max,-erms,-fsrm,-sse4.2}"
 		-m "$mem"
 		-smp "$cpus"
 		-nographic
