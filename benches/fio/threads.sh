@@ -4,7 +4,9 @@
 # depth 8 for 7 s; over 3 s of it `top -H` shows the busiest threads and /proc/stat the VM's
 # idle share. The figures under "Where the mirror's time goes" in the README come from here.
 #
-#   benches/fio/threads.sh [--rounds N] [--kernel 6.12|7]
+#   benches/fio/threads.sh [--rounds N] [--kernel 6.12|7] [--job 128k-qd8|4k-qd32]
+#
+# --job 4k-qd32: random 4 KiB writes at depth 32 instead (where 7.3 loses most).
 #
 # Runs itself in the QEMU VM of tests/vm when this kernel has no ublk_drv (as run.sh does).
 # Uses target/release/metroblk (built when missing) unless METROBLK_BIN is set.
@@ -12,13 +14,20 @@ set -euo pipefail
 HERE=${METROBLK_FIO_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}
 ROOT=$(cd "$HERE/../.." && pwd)
 ROUNDS=${ROUNDS:-2}
+JOB=${JOB:-128k-qd8}
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--rounds) ROUNDS=$2; shift 2 ;;
 	--kernel) export METROBLK_VM_KERNEL=$2; shift 2 ;;
+	--job) JOB=$2; shift 2 ;;
 	*) echo "threads.sh: unknown argument $1" >&2; exit 2 ;;
 	esac
 done
+case "$JOB" in
+128k-qd8) RW=write BS=128k DEPTH=8 ;;
+4k-qd32) RW=randwrite BS=4k DEPTH=32 ;;
+*) echo "threads.sh: --job is 128k-qd8 or 4k-qd32, not $JOB" >&2; exit 2 ;;
+esac
 BIN=${METROBLK_BIN:-$ROOT/target/release/metroblk}
 if [ ! -x "$BIN" ]; then
 	(cd "$ROOT" && cargo build --release -p metroblk)
@@ -30,7 +39,7 @@ if [ ! -e /dev/ublk-control ] && ! modprobe ublk_drv 2>/dev/null; then
 	[ "${METROBLK_IN_VM:-0}" = 1 ] && { echo "no ublk_drv even in the VM" >&2; exit 1; }
 	export METROBLK_VM_EXTRA_MODULES="${METROBLK_VM_EXTRA_MODULES:-} drbd"
 	exec "$ROOT/tests/vm/run.sh" "$HERE/threads.sh" --timeout 900 --mem 3072 \
-		--env ROUNDS="$ROUNDS" --env METROBLK_BIN="$BIN" --env METROBLK_FIO_DIR="$HERE"
+		--env ROUNDS="$ROUNDS" --env JOB="$JOB" --env METROBLK_BIN="$BIN" --env METROBLK_FIO_DIR="$HERE"
 fi
 modprobe drbd 2>/dev/null || true
 grep -q '^version: 8\.4' /proc/drbd || { echo "no DRBD 8.4 module" >&2; exit 1; }
@@ -71,9 +80,9 @@ job() { # device
 filename=$1
 ioengine=io_uring
 direct=1
-rw=write
-bs=128k
-iodepth=8
+rw=$RW
+bs=$BS
+iodepth=$DEPTH
 size=200M
 time_based=1
 runtime=7
