@@ -59,8 +59,9 @@ for m in $(cat /etc/metroblk-modules); do
 		*"No such device"*) [ -n "$debug" ] && echo "metroblk-vm: $m is not for this CPU: $out" ;;
 		*) echo "$out"; echo "metroblk-vm: warning: modprobe $m failed" ;;
 		esac
+	elif [ -n "$debug" ]; then
+		echo "metroblk-vm: loaded $m (uptime $(cut -d' ' -f1 /proc/uptime))"
 	fi
-	[ -n "$debug" ] && echo "metroblk-vm: loaded $m (uptime $(cut -d' ' -f1 /proc/uptime))"
 done
 
 hostname metroblk-vm

@@ -171,7 +171,8 @@ boot_once() {
 		# - SSE 4.2: its `crc32` instruction is emulated bit by bit: crc32c 8.2 ms/MiB, 9x a
 		#   pwrite (natively 0.05 ms/MiB, a quarter of one); without it the table-driven
 		#   fallback of the same crates takes 2.2 ms/MiB.
-		# DRBD and the loop device are not slower without them (fio, same boot: README).
+		# DRBD and the loop device are not slower without them (fio under each model, one boot
+		# each, back to back: docs/perf-fio-history.md, "the VM's CPU model").
 		-cpu "${METROBLK_VM_CPU:-max,-erms,-fsrm,-sse4.2}"
 		-m "$mem"
 		-smp "$cpus"
