@@ -34,7 +34,8 @@
 # Runs natively where the kernel has ublk_drv, otherwise inside the QEMU VM of tests/vm (TCG:
 # absolute numbers there are slow; compare the ratios). Uses target/release/metroblk
 # (cargo build --release -p metroblk) unless METROBLK_BIN is set, and rublk from RUBLK_BIN or
-# target/rublk/bin/rublk (installed there with cargo when missing).
+# target/rublk/bin/rublk (installed there with cargo when missing). rublk's device keeps the
+# kernel's I/O scheduler; RUBLK_IO_SCHEDULER=none gives it metroblk's default.
 set -euo pipefail
 # In the VM this script runs from a copy; METROBLK_FIO_DIR points back at the job files.
 HERE=${METROBLK_FIO_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}
@@ -92,7 +93,8 @@ if [ ! -e /dev/ublk-control ] && ! modprobe ublk_drv 2>/dev/null; then
 	export METROBLK_VM_EXTRA_MODULES="${METROBLK_VM_EXTRA_MODULES:-} drbd"
 	exec "$ROOT/tests/vm/run.sh" "$HERE/run.sh" --timeout 3000 --mem 3072 \
 		--env RUNTIME="$RUNTIME" --env ROUNDS="$ROUNDS" --env ENGINES="$ENGINES" --env TARGETS="$TARGETS" --env RTT_MS="$RTT_MS" \
-		--env METROBLK_BIN="$BIN" --env RUBLK_BIN="$RUBLK" --env METROBLK_FIO_DIR="$HERE"
+		--env METROBLK_BIN="$BIN" --env RUBLK_BIN="$RUBLK" --env METROBLK_FIO_DIR="$HERE" \
+		--env RUBLK_IO_SCHEDULER="${RUBLK_IO_SCHEDULER:-}"
 fi
 
 DRBDSETUP=/usr/lib/drbd/drbdsetup-84
@@ -148,6 +150,10 @@ results=$W/results.jsonl
 source "$HERE/drbd.sh"
 
 run_jobs() { # round target device
+	if [ "$1" = 1 ]; then
+		local q=/sys/block/${3#/dev/}/queue/scheduler
+		echo "# $2: I/O scheduler $(sed -n 's/.*\[\(.*\)\].*/\1/p' "$q" 2>/dev/null | grep . || echo none)" >&2
+	fi
 	for engine in ${ENGINES//,/ }; do
 		for job in $JOBS; do
 			DEV=$3 ENGINE=$engine fio --output-format=json "$HERE/$job.fio" >"$W/out.json"
@@ -182,6 +188,12 @@ stop_all() {
 	for _ in $(seq 1 100); do [ -e /dev/ublkb0 ] || break; sleep 0.1; done
 }
 
+# rublk keeps the kernel's I/O scheduler (mq-deadline) unless RUBLK_IO_SCHEDULER names one;
+# metroblk's device has none by default (README, "The device has no I/O scheduler").
+rublk_scheduler() {
+	[ -z "${RUBLK_IO_SCHEDULER:-}" ] || echo "$RUBLK_IO_SCHEDULER" >/sys/block/ublkb$RUBLK_ID/queue/scheduler
+}
+
 for round in $(seq 1 "$ROUNDS"); do
 	# 1. The kernel loop device.
 	if wants loop; then
@@ -200,6 +212,7 @@ for round in $(seq 1 "$ROUNDS"); do
 	RUBLK_ID=1
 	"$RUBLK" add loop -n "$RUBLK_ID" -f "$W/rublk.img" --quiet
 	wait_dev /dev/ublkb$RUBLK_ID
+	rublk_scheduler
 	run_jobs "$round" rublk /dev/ublkb$RUBLK_ID
 	"$RUBLK" del -n "$RUBLK_ID"
 	RUBLK_ID=
@@ -212,6 +225,7 @@ for round in $(seq 1 "$ROUNDS"); do
 	RUBLK_ID=1
 	if "$RUBLK" add loop -n "$RUBLK_ID" -f "$W/rublk.img" -z --quiet 2>"$W/rublk-zc.err"; then
 		wait_dev /dev/ublkb$RUBLK_ID
+		rublk_scheduler
 		run_jobs "$round" rublk-zc /dev/ublkb$RUBLK_ID
 		"$RUBLK" del -n "$RUBLK_ID"
 	else

@@ -94,6 +94,9 @@ impl PayloadChecksum {
     }
 }
 
+/// `io_scheduler` value that keeps the scheduler the kernel gives the device.
+pub const IO_SCHEDULER_KERNEL: &str = "kernel";
+
 /// Where each ublk queue's thread may run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -186,6 +189,7 @@ struct RawVolume {
     payload_checksum: Option<PayloadChecksum>,
     queues: Option<u16>,
     queue_affinity: Option<QueueAffinity>,
+    io_scheduler: Option<String>,
     depth: Option<u16>,
     ublk_id: Option<i32>,
     fencing: Option<Fencing>,
@@ -307,6 +311,9 @@ pub struct VolumeConfig {
     pub payload_checksum: PayloadChecksum,
     pub queues: u16,
     pub queue_affinity: QueueAffinity,
+    /// The device's block-layer I/O scheduler, or `None` to keep the kernel's choice
+    /// (`io_scheduler = "kernel"`). Default `none`: see `metroblk_ublk::device::set_io_scheduler`.
+    pub io_scheduler: Option<String>,
     pub depth: u16,
     /// ublk device id; -1 lets the kernel pick.
     pub ublk_id: i32,
@@ -715,6 +722,14 @@ impl NodeConfig {
                 ),
                 None => None,
             };
+            let io_scheduler = match v.io_scheduler.as_deref() {
+                None => Some(metroblk_ublk::IO_SCHEDULER_DEFAULT.to_string()),
+                Some(IO_SCHEDULER_KERNEL) => None,
+                Some(name) => {
+                    metroblk_ublk::check_io_scheduler_name(name).map_err(|m| err(&f("io_scheduler"), m))?;
+                    Some(name.to_string())
+                }
+            };
             files.push((backing_id, metadata_id));
             volumes.push(VolumeConfig {
                 name: v.name,
@@ -730,6 +745,7 @@ impl NodeConfig {
                 payload_checksum: v.payload_checksum.unwrap_or(PayloadChecksum::Crc32c),
                 queues,
                 queue_affinity: v.queue_affinity.unwrap_or(QueueAffinity::SingleCpu),
+                io_scheduler,
                 depth,
                 ublk_id,
                 fencing,
@@ -1102,6 +1118,12 @@ authkey_file = "key"
         let spread =
             good(dir.path()).replace("role = \"primary\"", "role = \"primary\"\nqueue_affinity = \"queue-cpus\"");
         assert_eq!(NodeConfig::parse(&path, &spread).unwrap().volumes[0].queue_affinity, QueueAffinity::QueueCpus);
+        assert_eq!(v.io_scheduler.as_deref(), Some("none"));
+        for (text, want) in [("kernel", None), ("mq-deadline", Some("mq-deadline"))] {
+            let c = good(dir.path())
+                .replace("role = \"primary\"", &format!("role = \"primary\"\nio_scheduler = \"{text}\""));
+            assert_eq!(NodeConfig::parse(&path, &c).unwrap().volumes[0].io_scheduler.as_deref(), want);
+        }
         assert_eq!(v.authkey, b"0123456789abcdef0123");
         assert_eq!((c.metrics_listen, c.on_event.as_deref()), (None, None));
         let ops = good(dir.path()).replace(
@@ -1128,6 +1150,11 @@ authkey_file = "key"
             ("role = \"primary\"", "role = \"primary\"\nregion_size = \"3KiB\"", "volume[0].region_size"),
             ("role = \"primary\"", "role = \"primary\"\ncolour = 1", "unknown field `colour`"),
             ("role = \"primary\"", "role = \"primary\"\nqueue_affinity = \"cpu0\"", "unknown variant `cpu0`"),
+            (
+                "role = \"primary\"",
+                "role = \"primary\"\nio_scheduler = \"../none\"",
+                "volume[0].io_scheduler: I/O scheduler \"../none\" is not a scheduler's name",
+            ),
             ("role = \"primary\"", "role = \"primary\"\npayload_checksum = \"md5\"", "unknown variant `md5`"),
             ("name = \"beta\"", "name = \"alpha\"", "the peer has this node's own name"),
             (

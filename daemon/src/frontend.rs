@@ -110,6 +110,7 @@ pub fn device_params(cfg: &VolumeConfig, node_name: &str, dev_id: i32) -> Device
     p.queues = cfg.queues;
     p.single_cpu_affinity = cfg.queue_affinity == crate::config::QueueAffinity::SingleCpu;
     p.depth = cfg.depth;
+    p.io_scheduler = cfg.io_scheduler.clone();
     p.max_io_bytes = MAX_REQUEST_BYTES;
     p.owner_tag = owner_tag(cfg, node_name);
     // Zero copy only where the payload need not be read: the crc32c of a WRITE would take a

@@ -31,6 +31,8 @@ step "device $DEV is up; mkfs.ext4"
 [ "$(cat /sys/block/${DEV#/dev/}/queue/rotational)" = 0 ]
 [ "$(cat /sys/block/${DEV#/dev/}/queue/discard_max_bytes)" -gt 0 ]
 [ "$(cat /sys/block/${DEV#/dev/}/queue/io_timeout)" = 2000 ]
+# io_scheduler = "none" (the default), not the kernel's mq-deadline.
+grep -q '\[none\]' /sys/block/${DEV#/dev/}/queue/scheduler
 # queue_affinity = "single-cpu" (the default): the queue's thread may run on one CPU only.
 QCPUS=none
 for t in /proc/$PID_alpha/task/*; do
@@ -79,6 +81,8 @@ start alpha ""
 wait_device
 FIRST_DEV=$DEV
 grep -qx "${DEV#/dev/ublkb}" "$W/alpha.meta.ublk-id"
+# The configured scheduler (this test's alpha config: io_scheduler = "mq-deadline").
+grep -q '\[mq-deadline\]' /sys/block/${DEV#/dev/}/queue/scheduler
 mkfs.ext4 -q -F "$DEV"
 mount -t ext4 "$DEV" /tmp/mnt
 mkdir /tmp/mnt/before /tmp/mnt/during
@@ -99,6 +103,7 @@ wait_device
 [ "$DEV" = "$FIRST_DEV" ]
 grep -q "recovering it" "$W/alpha-restarted.log"
 grep -q "ublk device is live.*recovered=true" "$W/alpha-restarted.log"
+grep -q '\[mq-deadline\]' /sys/block/${DEV#/dev/}/queue/scheduler
 step "the writer finishes on the recovered device"
 for _ in $(seq 600); do [ -e "$W/writer.done" ] && break; sleep 0.1; done
 [ -e "$W/writer.done" ]
@@ -175,7 +180,11 @@ fn ext4_on_the_mirrored_device_is_identical_on_both_nodes() {
 
 #[test]
 fn kill_9_of_the_primary_keeps_the_device_and_the_filesystem() {
-    run(KILL_AND_RECOVER, "", &["kill -9 the primary", "recovers", "writer finishes", "are identical", "all good"]);
+    run(
+        KILL_AND_RECOVER,
+        "io_scheduler = \"mq-deadline\"",
+        &["kill -9 the primary", "recovers", "writer finishes", "are identical", "all good"],
+    );
 }
 
 #[test]

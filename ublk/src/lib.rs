@@ -27,8 +27,8 @@ pub mod signals;
 pub mod target;
 
 pub use device::{
-    delete_orphan, device_in_use, serve, zero_copy_supported, Device, DeviceParams, DEFAULT_DEPTH,
-    DEFAULT_MAX_IO_BYTES, QUEUES_DEFAULT,
+    check_io_scheduler_name, delete_orphan, device_in_use, serve, zero_copy_supported, Device, DeviceParams,
+    DEFAULT_DEPTH, DEFAULT_MAX_IO_BYTES, IO_SCHEDULER_DEFAULT, QUEUES_DEFAULT,
 };
 pub use driver::{check_driver, UBLK_CONTROL};
 pub use error::Error;
