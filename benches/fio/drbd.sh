@@ -2,6 +2,7 @@
 # kernel mirrored to each other over 127.0.0.1, protocol C (a write completes once both disks
 # have it), each on a loop device over a tmpfs file in $W of ${SIZE_MB} MiB. The initial sync
 # is skipped (new-current-uuid --clear-bitmap): both start empty. /dev/drbd0 is the primary.
+# drbd_up's arguments are extra net options for both minors (e.g. --data-integrity-alg=crc32c).
 DRBDSETUP=/usr/lib/drbd/drbdsetup-84
 DRBD_LOOPS=
 drbd_up() {
@@ -14,8 +15,8 @@ drbd_up() {
 	drbdmeta --force 1 v08 "$lb" internal create-md >/dev/null
 	$DRBDSETUP new-resource bench-a && $DRBDSETUP new-minor bench-a 0 0 && $DRBDSETUP attach 0 "$la" "$la" internal
 	$DRBDSETUP new-resource bench-b && $DRBDSETUP new-minor bench-b 1 0 && $DRBDSETUP attach 1 "$lb" "$lb" internal
-	$DRBDSETUP connect bench-a ipv4:127.0.0.1:7789 ipv4:127.0.0.1:7790 --protocol=C
-	$DRBDSETUP connect bench-b ipv4:127.0.0.1:7790 ipv4:127.0.0.1:7789 --protocol=C
+	$DRBDSETUP connect bench-a ipv4:127.0.0.1:7789 ipv4:127.0.0.1:7790 --protocol=C "$@"
+	$DRBDSETUP connect bench-b ipv4:127.0.0.1:7790 ipv4:127.0.0.1:7789 --protocol=C "$@"
 	for _ in $(seq 1 100); do
 		[ "$(grep -c 'cs:Connected' /proc/drbd)" = 2 ] && break
 		sleep 0.1

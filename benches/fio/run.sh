@@ -8,6 +8,8 @@
 #   drbd                 DRBD 8.4 (the kernel's in-tree module), protocol C, mirrored to a
 #                        second DRBD minor in the same kernel over 127.0.0.1: the in-kernel
 #                        synchronous mirror on the same loopback TCP as metroblk-mirrored
+#   drbd-crc32c          the same with data-integrity-alg crc32c (a checksum of every
+#                        payload, like metroblk's default); only with --targets naming it
 #   metroblk-standalone  metroblk with no peer (the ublk path and the engine)
 #   metroblk-mirrored    metroblk mirrored to a secondary on loopback
 #   metroblk-mirrored-tls  the same with transport = "tls" (TLS 1.3 in the kernel: kTLS);
@@ -242,6 +244,14 @@ for round in $(seq 1 "$ROUNDS"); do
 	drbd_down
 	fi
 
+	# 2d. The same with a crc32c of every payload, checked by the receiver (DRBD's
+	# data-integrity-alg, off by default): what metroblk's default payload_checksum does.
+	if wants drbd-crc32c; then
+	drbd_up --data-integrity-alg=crc32c
+	run_jobs "$round" drbd-crc32c /dev/drbd0
+	drbd_down
+	fi
+
 	# 3. metroblk standalone: the ublk path and the engine, no peer; the same without the
 	# payload checksum (zero copy where the kernel offers it).
 	for target in metroblk-standalone metroblk-standalone-nocrc; do
@@ -318,7 +328,8 @@ for engine in sorted({r["engine"] for r in rows}):
                          ("metroblk-mirrored", "rublk"), ("metroblk-mirrored", "drbd"),
                          ("metroblk-mirrored", "metroblk-standalone"),
                          ("metroblk-mirrored-tls", "metroblk-mirrored"), ("metroblk-mirrored-nocrc", "metroblk-mirrored"),
-                         ("metroblk-standalone-nocrc", "rublk-zc"), ("metroblk-mirrored-nocrc", "drbd")]:
+                         ("metroblk-standalone-nocrc", "rublk-zc"), ("metroblk-mirrored-nocrc", "drbd"),
+                         ("drbd-crc32c", "drbd"), ("metroblk-mirrored", "drbd-crc32c")]:
             xs = ratios(engine, job, num, den)
             if not xs:
                 continue  # a target not in --targets
