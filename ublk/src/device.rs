@@ -481,7 +481,8 @@ impl Device {
             }
         }
         set_io_timeout(id);
-        if let Some(name) = &self.params.io_scheduler {
+        // Only on a device just added: see set_io_scheduler for why a recovered one keeps its own.
+        if let (Mode::Add, Some(name)) = (self.mode, &self.params.io_scheduler) {
             set_io_scheduler(id, name);
         }
         if self.zero_copy() {
@@ -976,10 +977,11 @@ fn set_io_timeout(id: i32) {
 /// 199/361 -> 396/473 MiB/s; 6.12 4k QD32 8.7k/13.1k -> 13.7k/17.6k IOPS, 4k QD1 1.4k/1.9k ->
 /// 1.9k/2.2k IOPS.
 ///
-/// A recovered device keeps its disk and so its scheduler; the write is skipped when the
-/// scheduler is already the one asked for, since switching freezes the queue: it waits for
-/// every request in flight, which a fenced volume may hold. Not fatal: a scheduler the kernel
-/// lacks is a warning, and the device works with the kernel's.
+/// Only for a device just added. A recovered device keeps its disk and so the scheduler it
+/// was given: switching freezes the queue, which waits for every request in flight, and a
+/// recovering server may hold some until its peer or the witness answers. For the same reason
+/// the write is skipped when the scheduler is already the one asked for. Not fatal: a
+/// scheduler the kernel lacks is a warning, and the device works with the kernel's.
 fn set_io_scheduler(id: i32, name: &str) {
     let path = format!("/sys/block/ublkb{id}/queue/scheduler");
     let offered = match std::fs::read_to_string(&path) {
