@@ -20,7 +20,9 @@
 # Jobs: 4k randwrite QD1, 4k randwrite QD32, 128k sequential write QD8 (direct I/O).
 # With --rtt-ms MS (metro distance: netem delays every packet on lo by MS/2, so a round trip
 # between the two nodes takes MS): 4k randwrite QD32, 128k and 1M sequential writes at QD32
-# and QD16, targets drbd and metroblk-mirrored by default.
+# and QD16, targets drbd and metroblk-mirrored by default; and each round, what the link
+# alone allows (benches/src/link_pipeline.rs: link-qd1, its real round trip; link-qd32, a
+# zero-work pipeline), against which the 4k QD32 rows are also given as depth / measured RTT.
 # Prints one JSON line per (round, engine, target, job), then per engine and job the ratios
 # against rublk and loop as median (min..max) over the rounds, and the issue-10 goals.
 #
@@ -69,6 +71,11 @@ else
 fi
 BIN=${METROBLK_BIN:-$ROOT/target/release/metroblk}
 [ -x "$BIN" ] || { echo "$BIN is missing: cargo build --release -p metroblk" >&2; exit 1; }
+LINK_PIPELINE=${LINK_PIPELINE_BIN:-$(dirname "$BIN")/link_pipeline}
+if [ "$RTT_MS" -gt 0 ] && [ ! -x "$LINK_PIPELINE" ]; then
+	echo "$LINK_PIPELINE is missing: cargo build --release -p metroblk-benches --bin link_pipeline" >&2
+	exit 1
+fi
 wants() { [[ ",$TARGETS," == *",$1,"* ]]; }
 RUBLK=${RUBLK_BIN:-$ROOT/target/rublk/bin/rublk}
 if { wants rublk || wants rublk-zc; } && [ ! -x "$RUBLK" ]; then
@@ -96,7 +103,7 @@ if [ ! -e /dev/ublk-control ] && ! modprobe ublk_drv 2>/dev/null; then
 	exec "$ROOT/tests/vm/run.sh" "$HERE/run.sh" --timeout 3000 --mem 3072 \
 		--env RUNTIME="$RUNTIME" --env ROUNDS="$ROUNDS" --env ENGINES="$ENGINES" --env TARGETS="$TARGETS" --env RTT_MS="$RTT_MS" \
 		--env METROBLK_BIN="$BIN" --env RUBLK_BIN="$RUBLK" --env METROBLK_FIO_DIR="$HERE" \
-		--env RUBLK_IO_SCHEDULER="${RUBLK_IO_SCHEDULER:-}"
+		--env RUBLK_IO_SCHEDULER="${RUBLK_IO_SCHEDULER:-}" --env LINK_PIPELINE_BIN="$LINK_PIPELINE"
 fi
 
 DRBDSETUP=/usr/lib/drbd/drbdsetup-84
@@ -196,7 +203,20 @@ rublk_scheduler() {
 	[ -z "${RUBLK_IO_SCHEDULER:-}" ] || echo "$RUBLK_IO_SCHEDULER" >/sys/block/ublkb$RUBLK_ID/queue/scheduler
 }
 
+# At metro distance, what the link alone allows (benches/src/link_pipeline.rs): its real round
+# trip (depth 1) and a zero-work pipeline's rate at depth 32, once per round.
+run_link() { # round
+	local depth
+	for depth in 1 32; do
+		"$LINK_PIPELINE" --depth "$depth" --seconds "$RUNTIME" |
+			jq -c --argjson round "$1" '{round: $round, engine: "tcp", target: "link-qd\(.depth)", job: "randwrite-4k-qd32",
+				iops: (.requests_per_s | round), lat_p50_us: (.lat_p50_ms * 1000 | round)}' | tee -a "$results"
+	done
+}
+
 for round in $(seq 1 "$ROUNDS"); do
+	[ "$RTT_MS" -gt 0 ] && run_link "$round"
+
 	# 1. The kernel loop device.
 	if wants loop; then
 	rm -f "$W/loop.img"
@@ -320,7 +340,7 @@ if rtt_ms:
     goals[("metroblk-mirrored", "drbd")]["randwrite-4k-qd32"] = 1.1
 if not any(r["target"] == "rublk-zc" for r in rows):
     goals[("metroblk-standalone", "rublk")] = {"randwrite-4k-qd1": 1.0, "randwrite-4k-qd32": 1.0, "seqwrite-128k": 1.0}
-for engine in sorted({r["engine"] for r in rows}):
+for engine in sorted({r["engine"] for r in rows} - {"tcp"}):
     for job in jobs:
         for num, den in [("rublk", "loop"), ("rublk-zc", "loop"), ("drbd", "loop"),
                          ("metroblk-standalone", "loop"), ("metroblk-mirrored", "loop"),
@@ -340,13 +360,28 @@ for engine in sorted({r["engine"] for r in rows}):
                 line["goal_met_by_median"] = xs[len(xs) // 2] >= goal
             print(json.dumps(line))
     if rtt_ms:
+        def qd32_rows(engine, target):  # the link's rows are the same for every engine
+            return [r for r in rows if r["engine"] in (engine, "tcp") and (r["target"], r["job"]) == (target, "randwrite-4k-qd32")]
         # A synchronous mirror completes at most depth / RTT writes a second: 4k QD32 within
         # 0.85 of that.
         bound = 32 / (rtt_ms / 1000)
-        for target in ["metroblk-mirrored", "drbd"]:
-            xs = sorted(r["iops"] for r in rows if (r["engine"], r["target"], r["job"]) == (engine, target, "randwrite-4k-qd32"))
+        for target in ["metroblk-mirrored", "drbd", "link-qd32"]:
+            xs = sorted(r["iops"] for r in qd32_rows(engine, target))
             if xs:
                 print(json.dumps({"ratio": f"{target}/(depth/rtt)", "engine": engine, "job": "randwrite-4k-qd32",
                                   **show([x / bound for x in xs]), "goal": 0.85,
                                   "goal_met_by_median": xs[len(xs) // 2] / bound >= 0.85}))
+        # The same against the round trip the link really has in this boot (netem's delay
+        # plus the kernel's and the VM's time: link_pipeline at depth 1, same round).
+        for target in ["metroblk-mirrored", "drbd", "link-qd32"]:
+            xs = []
+            for rnd in sorted({r["round"] for r in rows}):
+                a = [r for r in qd32_rows(engine, target) if r["round"] == rnd]
+                one = [r for r in rows if (r["round"], r["target"]) == (rnd, "link-qd1")]
+                if a and one and one[0]["iops"] > 0:
+                    xs.append(a[0]["iops"] / (32 * one[0]["iops"]))
+            xs.sort()
+            if xs:
+                print(json.dumps({"ratio": f"{target}/(depth/measured rtt)", "engine": engine, "job": "randwrite-4k-qd32",
+                                  **show(xs)}))
 PY
