@@ -23,6 +23,8 @@ const REPLY_LEN: usize = 16;
 const DEPTH_MAX: usize = 1024;
 const SIZE_MAX: usize = 1 << 20;
 const SECONDS_MAX: u64 = 600;
+/// A reply that takes longer than this ends the run with an error (a link that stopped).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 struct Args {
     depth: usize,
@@ -78,6 +80,7 @@ fn run(a: &Args) -> std::io::Result<(u64, Duration, Vec<Duration>)> {
     });
     let conn = TcpStream::connect(addr)?;
     conn.set_nodelay(true)?;
+    conn.set_read_timeout(Some(REPLY_TIMEOUT))?;
     let mut reader = conn.try_clone()?;
     let mut writer = conn.try_clone()?;
     // The writer sends a request for each reply the reader counted (`more`), stamping its
